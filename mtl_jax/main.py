@@ -1,0 +1,119 @@
+"""The ``mtl-jax`` command line: parses arguments and calls one library function each.
+
+Subcommands::
+
+    mtl-jax data build NAME [--data_dir D] [builder options]   prepare a dataset
+    mtl-jax data show NAME --out grid.png [--split val]       picture grid of examples
+    mtl-jax train --config=configs/quickstart.py[:args] --workdir=W [--config.a.b=v]
+    mtl-jax eval  --config=... --workdir=W [--step N]
+    mtl-jax params --config=...                               parameter count per part
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+_TRAINING_COMMANDS = ("train", "eval", "params")
+
+
+def _add_dataset_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="dataset name, e.g. 'synthetic'")
+    p.add_argument("--data_dir", default=None,
+                   help="where prepared datasets live (default: $TFDS_DATA_DIR or the TFDS "
+                        "default, ~/tensorflow_datasets)")
+    p.add_argument("--config", default=None,
+                   help="builder config name (synthetic: the domain, 'source' or 'target')")
+    g = p.add_argument_group("synthetic dataset options")
+    g.add_argument("--domain", default=None, choices=("source", "target"))
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--num_train", type=int, default=None)
+    g.add_argument("--num_val", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None)
+
+
+def _builder_options(args: argparse.Namespace) -> dict:
+    keys = ("domain", "height", "width", "num_train", "num_val", "seed")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def _data_build(args: argparse.Namespace) -> int:
+    from mtl_jax.data import registry
+
+    builder = registry.build(args.name, args.config, args.data_dir, **_builder_options(args))
+    splits = {k: v.num_examples for k, v in builder.info.splits.items()}
+    print(f"prepared {args.name} ({builder.builder_config.name}) in {builder.data_dir}: {splits}")
+    return 0
+
+
+def _data_show(args: argparse.Namespace) -> int:
+    from mtl_jax.data import augment, registry, visualize
+
+    src = registry.open_split(args.name, args.split, args.config, args.data_dir,
+                              **_builder_options(args))
+    n = min(args.num, len(src))
+    examples = [augment.decode(src[i]) for i in range(n)]
+    visualize.save_png(args.out, visualize.example_grid(examples))
+    print(f"wrote {args.out}: {n} examples of {args.name}/{args.split}")
+    return 0
+
+
+def _data_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtl-jax data",
+                                     description="Prepare and look at datasets.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    b = sub.add_parser("build", help="prepare a dataset as array_record (no download)")
+    _add_dataset_options(b)
+    b.set_defaults(func=_data_build)
+    s = sub.add_parser("show", help="write a PNG grid of examples and all their labels")
+    _add_dataset_options(s)
+    s.add_argument("--out", default="grid.png", help="output PNG path")
+    s.add_argument("--split", default="train")
+    s.add_argument("--num", type=int, default=6, help="number of examples (rows)")
+    s.set_defaults(func=_data_show)
+    return parser
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtl-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="{data,train,eval,params}")
+    sub.add_parser("data", help="prepare (build) and look at (show) datasets", add_help=False)
+    sub.add_parser("train", help="train and evaluate a model from a config", add_help=False)
+    sub.add_parser("eval", help="evaluate a checkpoint from a workdir", add_help=False)
+    sub.add_parser("params", help="print parameter counts of a config's model", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mtl-jax`` console script."""
+    from mtl_jax.errors import UserError
+
+    try:
+        return _dispatch(argv)
+    except UserError as e:
+        print(f"mtl-jax: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(argv: list[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        _top_parser().print_help()
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "data":
+        args = _data_parser().parse_args(rest)
+        return args.func(args)
+    if command in _TRAINING_COMMANDS:
+        from mtl_jax import cli_training
+
+        return cli_training.run(command, rest)
+    _top_parser().print_help()
+    print(f"\nmtl-jax: unknown command {command!r}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

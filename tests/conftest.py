@@ -1,0 +1,30 @@
+"""Test session setup: 4 fake CPU devices, a tiny prepared synthetic dataset.
+
+The whole suite runs with ``--xla_force_host_platform_device_count=4`` so that sharded and
+unsharded computations can be compared in one process (single-device tests build a mesh of
+``jax.devices()[:1]``).
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=4").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+#: The tiny dataset variant used across tests (fast to build, fast to train on).
+TINY = dict(height=32, width=48, num_train=24, num_val=10, seed=0)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A data dir with the tiny synthetic dataset prepared (source domain)."""
+    import tensorflow_datasets as tfds
+
+    from mtl_jax.data import registry
+
+    tfds.disable_progress_bar()
+    d = tmp_path_factory.mktemp("tfds")
+    registry.build("synthetic", data_dir=str(d), **TINY)
+    return str(d)
