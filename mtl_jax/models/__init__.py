@@ -1,0 +1,21 @@
+"""Models: encoders, decoders, interaction modules and the architectures composing them.
+
+Registries (name → constructor): ``ENCODERS``, ``DECODERS``. ``build_model(model_cfg, tasks)``
+builds a ``MultiTaskModel``; ``count_params`` reports parameter counts per part.
+"""
+
+from mtl_jax.models.decoders import DECODERS
+from mtl_jax.models.encoders import ENCODERS, encoder_out_channels
+from mtl_jax.models.multitask import MultiTaskModel, SingleTaskModel, build_model
+from mtl_jax.models.params import count_params, format_param_table
+
+__all__ = [
+    "DECODERS",
+    "ENCODERS",
+    "MultiTaskModel",
+    "SingleTaskModel",
+    "build_model",
+    "count_params",
+    "encoder_out_channels",
+    "format_param_table",
+]

@@ -1,0 +1,45 @@
+"""Encoder registry: name → constructor taking ``ResNet``-style keyword attributes.
+
+Every encoder maps a standardised image ``[B, H, W, 3]`` to a list of five feature maps
+``[stem s2, layer1 s4, layer2 s8, layer3 s16, layer4 s32]`` (see ``resnet.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+
+from mtl_jax.models.encoders.resnet import (
+    ResNet,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet101,
+)
+
+ENCODERS: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "resnet101": resnet101,
+}
+
+
+def build_encoder(name: str, **kwargs: Any) -> nn.Module:
+    """Encoder ``name`` from ``ENCODERS``; ValueError listing the valid names otherwise."""
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; valid: {sorted(ENCODERS)}")
+    return ENCODERS[name](**kwargs)
+
+
+def encoder_out_channels(name: str, **kwargs: Any) -> list[int]:
+    """Channels of the five features of encoder ``name`` built with ``kwargs``.
+
+    Only shape-relevant kwargs matter (e.g. ``width``); nothing is initialised.
+    """
+    return list(build_encoder(name, **kwargs).out_channels)
+
+
+__all__ = ["ENCODERS", "ResNet", "build_encoder", "encoder_out_channels"]

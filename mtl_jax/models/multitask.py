@@ -1,0 +1,181 @@
+"""Multi-task architectures: one shared encoder, an optional interaction module, one decoder per
+task.
+
+* Single-task learning (STL) = one ``MultiTaskModel`` with one task, trained on its own; a
+  single-task baseline is one such model per task (``SingleTaskModel`` is an alias).
+* Hard-sharing MTL = ``MultiTaskModel`` with several tasks and ``interaction=None``.
+* Interaction modules (xTAM/mTEB, PAD-Net distillation, ...) plug in between encoder and
+  decoders.
+
+Parameter tree (DESIGN.md, "Parameter tree"): ``encoder``, ``decoders/<task>``, and the
+interaction module under its own name (``interaction`` unless it was constructed with an
+explicit ``name=``, e.g. ``name='exchange'``, which is kept). Gradient-based weighting selects
+parts by these paths, and can run the two halves separately::
+
+    feats = model.apply(variables, image, train=False, method=model.encode)
+    preds, aux = model.apply(variables, feats, (H, W), train=False, method=model.decode)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtl_jax.models.decoders import DECODERS
+from mtl_jax.models.encoders import ENCODERS
+
+Dtype = Any
+Features = list[jax.Array]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _TaskDecoders(nn.Module):
+    """Container whose children are the task decoders, named by task (``decoders/<task>``)."""
+
+    decoders: tuple[tuple[str, nn.Module], ...]
+
+    def setup(self) -> None:
+        # Clone each template under its task name so the parameter path is decoders/<task>.
+        self.heads = {task: dec.clone(parent=self, name=task) for task, dec in self.decoders}
+
+    def __call__(
+        self,
+        task_features: Mapping[str, Features],
+        output_size: tuple[int, int],
+        train: bool,
+    ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        preds, aux = {}, {}
+        for task, _ in self.decoders:
+            pred, task_aux = self.heads[task](task_features[task], output_size, train=train)
+            preds[task] = pred.astype(jnp.float32)
+            aux.update({f"{task}/{key}": value for key, value in task_aux.items()})
+        return preds, aux
+
+
+class MultiTaskModel(nn.Module):
+    """Shared encoder → optional interaction → one decoder per task.
+
+    Attributes:
+      encoder: maps a standardised ``[B, H, W, 3]`` image to a list of feature maps.
+      decoders: ``{task: decoder}`` (insertion order = task order), each called as
+        ``decoder(features, (H, W), train) -> (pred_BxHxWxC, aux)``.
+      interaction: ``None``, or a module called as ``interaction(features, train) ->
+        (task_features, aux)`` where ``task_features`` is either one shared feature list or a
+        ``{task: feature list}`` dict.
+      pixel_mean, pixel_std: per-channel standardisation applied inside the model to images in
+        [0, 1] (ImageNet statistics by default).
+      dtype: computation dtype of the standardised image handed to the encoder.
+    """
+
+    encoder: nn.Module
+    decoders: Mapping[str, nn.Module]
+    interaction: nn.Module | None = None
+    pixel_mean: Sequence[float] = IMAGENET_MEAN
+    pixel_std: Sequence[float] = IMAGENET_STD
+    dtype: Dtype = jnp.float32
+
+    # Keep explicit names of adopted submodules (e.g. an interaction module named 'exchange').
+    preserve_adopted_names = True
+
+    def setup(self) -> None:
+        if not self.decoders:
+            raise ValueError("MultiTaskModel needs at least one task decoder")
+        self.task_decoders = _TaskDecoders(
+            tuple(self.decoders.items()), parent=self, name="decoders"
+        )
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """Task names in decoder order."""
+        return tuple(self.decoders.keys())
+
+    def encode(self, image_BxHxWx3: jax.Array, train: bool) -> Features:
+        """Images float32 in [0, 1], ``[B, H, W, 3]`` → shared feature list (encoder order)."""
+        mean = jnp.asarray(self.pixel_mean, jnp.float32)
+        std = jnp.asarray(self.pixel_std, jnp.float32)
+        x_BxHxWx3 = ((image_BxHxWx3.astype(jnp.float32) - mean) / std).astype(self.dtype)
+        return list(self.encoder(x_BxHxWx3, train=train))
+
+    def decode(
+        self, features: Features, output_size: Sequence[int], train: bool
+    ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """Shared features → (``{task: [B, H, W, C_task]}`` float32 at ``output_size``, aux).
+
+        Aux keys are namespaced: ``'<task>/<key>'`` for decoder outputs, ``'<module>/<key>'`` for
+        the interaction module's.
+        """
+        output_size = (int(output_size[0]), int(output_size[1]))
+        aux: dict[str, jax.Array] = {}
+        task_features: Mapping[str, Features] = {task: features for task in self.tasks}
+        if self.interaction is not None:
+            shared_or_per_task, inter_aux = self.interaction(features, train=train)
+            if isinstance(shared_or_per_task, Mapping):
+                task_features = shared_or_per_task
+            else:
+                task_features = {task: shared_or_per_task for task in self.tasks}
+            aux.update({f"{self.interaction.name}/{k}": v for k, v in inter_aux.items()})
+        preds, dec_aux = self.task_decoders(task_features, output_size, train=train)
+        aux.update(dec_aux)
+        return preds, aux
+
+    def __call__(
+        self, image_BxHxWx3: jax.Array, train: bool
+    ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """Images ``[B, H, W, 3]`` in [0, 1] → (``{task: [B, H, W, C_task]}`` float32, aux)."""
+        features = self.encode(image_BxHxWx3, train=train)
+        return self.decode(features, image_BxHxWx3.shape[1:3], train=train)
+
+
+SingleTaskModel = MultiTaskModel
+"""STL baseline: a ``MultiTaskModel`` with exactly one task, one model per task."""
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
+        return value.to_dict()
+    return dict(value)
+
+
+def build_model(model_cfg: Mapping[str, Any], tasks: Mapping[str, int]) -> MultiTaskModel:
+    """Build a ``MultiTaskModel`` from a model config and ``{task: output channels}``.
+
+    Keys read (all optional): ``encoder`` (name in ``ENCODERS``, default ``'resnet34'``),
+    ``encoder_kwargs`` (e.g. ``width``, ``replace_stride_with_dilation``), ``decoder`` (name in
+    ``DECODERS``, default ``'unet'``), ``decoder_kwargs`` (e.g. ``features``,
+    ``convs_per_block``), ``dtype`` (``'float32'`` | ``'bfloat16'``), ``param_dtype``
+    (``'float32'``), ``pixel_mean``, ``pixel_std``, ``interaction`` (must be ``None`` for now).
+    Other keys are ignored. Unknown encoder/decoder names raise ``ValueError``.
+    """
+    if not tasks:
+        raise ValueError("build_model needs at least one task")
+    encoder_name = model_cfg.get("encoder", "resnet34")
+    decoder_name = model_cfg.get("decoder", "unet")
+    if encoder_name not in ENCODERS:
+        raise ValueError(f"unknown encoder {encoder_name!r}; valid: {sorted(ENCODERS)}")
+    if decoder_name not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder_name!r}; valid: {sorted(DECODERS)}")
+    if model_cfg.get("interaction", None) is not None:
+        raise ValueError("no interaction modules are available yet; set interaction=None")
+    dtype = jnp.dtype(model_cfg.get("dtype", "float32"))
+    param_dtype = jnp.dtype(model_cfg.get("param_dtype", "float32"))
+    precision = dict(dtype=dtype, param_dtype=param_dtype)
+
+    encoder = ENCODERS[encoder_name](**_as_dict(model_cfg.get("encoder_kwargs", None)), **precision)
+    decoder_kwargs = _as_dict(model_cfg.get("decoder_kwargs", None))
+    decoders = {
+        task: DECODERS[decoder_name](out_channels=int(channels), **decoder_kwargs, **precision)
+        for task, channels in tasks.items()
+    }
+    extra = {}
+    for key in ("pixel_mean", "pixel_std"):
+        if model_cfg.get(key, None) is not None:
+            extra[key] = tuple(float(v) for v in model_cfg.get(key))
+    return MultiTaskModel(encoder=encoder, decoders=decoders, dtype=dtype, **extra)
