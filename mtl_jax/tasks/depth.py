@@ -1,0 +1,144 @@
+"""Depth estimation: L1 / berHu / per-image L1 losses, per-pixel error metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from mtl_jax.tasks.base import Batch, SumMetric, Task, count, masked_sum, pixel_mask, safe_div
+
+DEPTH_LOSSES = ("l1", "berhu", "l1_per_image")
+# Predictions at or below zero are clamped to this value (metres) in the delta ratios only.
+RATIO_EPS = 1e-6
+# berHu threshold c = BERHU_FRACTION * max |residual| over the valid pixels of the batch.
+BERHU_FRACTION = 0.2
+
+
+@flax.struct.dataclass
+class DepthStats(SumMetric):
+    """Per-pixel depth error sums over a split.
+
+    Fields: ``count`` valid pixels; ``sum_abs`` of |p-g|; ``sum_absrel`` of |p-g|/g;
+    ``sum_sq`` of (p-g)^2; ``count_d1/2/3`` pixels with max(p/g, g/p) < 1.25^k.
+    ``compute()``: ``abs_err``, ``abs_rel``, ``rmse`` (metres or the dataset's unit) and
+    ``delta1``, ``delta2``, ``delta3`` (fractions in [0, 1]); all 0 when no pixel is valid.
+    """
+
+    count: jax.Array
+    sum_abs: jax.Array
+    sum_absrel: jax.Array
+    sum_sq: jax.Array
+    count_d1: jax.Array
+    count_d2: jax.Array
+    count_d3: jax.Array
+
+    field_specs: ClassVar = {
+        "count": ((), jnp.int32),
+        "sum_abs": ((), jnp.float32),
+        "sum_absrel": ((), jnp.float32),
+        "sum_sq": ((), jnp.float32),
+        "count_d1": ((), jnp.int32),
+        "count_d2": ((), jnp.int32),
+        "count_d3": ((), jnp.int32),
+    }
+
+    def compute(self) -> dict[str, jax.Array]:
+        n = self.count.astype(jnp.float32)
+        return {
+            "abs_err": safe_div(self.sum_abs, n),
+            "abs_rel": safe_div(self.sum_absrel, n),
+            "rmse": jnp.sqrt(safe_div(self.sum_sq, n)),
+            "delta1": safe_div(self.count_d1.astype(jnp.float32), n),
+            "delta2": safe_div(self.count_d2.astype(jnp.float32), n),
+            "delta3": safe_div(self.count_d3.astype(jnp.float32), n),
+        }
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class Depth(Task):
+    """Depth regression.
+
+    Prediction: ``[B,H,W,1]`` in the target's unit. Target: ``batch['depth']`` float32
+    ``[B,H,W,1]``, 0 (or any value <= 0) = invalid.
+
+    Losses (constructor argument ``loss=``, stored as ``loss_type`` because ``loss`` is the
+    method):
+      'l1': mean |p-g| over all valid pixels of the batch.
+      'berhu': mean berHu(p-g) over valid pixels; berHu(r) = |r| if |r| <= c else
+        (r^2 + c^2) / (2c), c = 0.2 * max |r| over the valid pixels of the batch, with the
+        gradient stopped through c.
+      'l1_per_image': per-image mean |p-g| over its valid pixels, averaged over the images
+        that have at least one valid pixel (XTasC-Net).
+    """
+
+    loss_type: str = "l1"
+
+    name: ClassVar[str] = "depth"
+    label_key: ClassVar[str] = "depth"
+    resize_methods: ClassVar = {"depth": "nearest"}
+    directions: ClassVar = {
+        "abs_err": False,
+        "abs_rel": False,
+        "rmse": False,
+        "delta1": True,
+        "delta2": True,
+        "delta3": True,
+    }
+    metric_cls: ClassVar = DepthStats
+
+    def __init__(self, loss: str = "l1") -> None:
+        object.__setattr__(self, "loss_type", loss)
+        if self.loss_type not in DEPTH_LOSSES:
+            raise ValueError(f"depth loss must be one of {DEPTH_LOSSES}, got {self.loss_type!r}")
+
+    @property
+    def channels(self) -> int:
+        return 1
+
+    def _residual(self, pred: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        """Residual p - g (0 where invalid) and valid mask, both ``[B,H,W]`` float32/bool."""
+        pred_BxHxW = jnp.asarray(pred, jnp.float32)[..., 0]
+        gt_BxHxW = jnp.asarray(batch[self.label_key], jnp.float32)[..., 0]
+        valid = pixel_mask(batch, gt_BxHxW > 0)
+        return jnp.where(valid, pred_BxHxW - gt_BxHxW, 0.0), valid
+
+    def loss(self, pred: jax.Array, batch: Batch) -> jax.Array:
+        """Depth loss (see class docstring) of ``pred`` ``[B,H,W,1]``; float32 scalar."""
+        r, valid = self._residual(pred, batch)
+        abs_r = jnp.abs(r)
+        if self.loss_type == "l1_per_image":
+            per_image = safe_div(abs_r.sum(axis=(1, 2)), valid.sum(axis=(1, 2)))
+            has_pixels = valid.any(axis=(1, 2))
+            return safe_div(jnp.sum(per_image), jnp.sum(has_pixels))
+        if self.loss_type == "berhu":
+            c = jax.lax.stop_gradient(BERHU_FRACTION * jnp.max(abs_r))
+            # With c == 0 every residual is 0 and the |r| branch is taken; the guard only keeps
+            # the unused branch finite.
+            quad = (r * r + c * c) / (2.0 * jnp.maximum(c, 1e-12))
+            per_pixel = jnp.where(abs_r <= c, abs_r, quad)
+        else:
+            per_pixel = abs_r
+        return safe_div(masked_sum(per_pixel, valid), jnp.sum(valid))
+
+    def metrics(self, pred: jax.Array, batch: Batch) -> DepthStats:
+        """Per-pixel error sums of one batch."""
+        pred_BxHxW = self.postprocess(pred)[..., 0]
+        gt_BxHxW = jnp.asarray(batch[self.label_key], jnp.float32)[..., 0]
+        valid = pixel_mask(batch, gt_BxHxW > 0)
+        gt_safe = jnp.where(valid, gt_BxHxW, 1.0)
+        err = jnp.abs(pred_BxHxW - gt_safe)
+        pred_pos = jnp.maximum(pred_BxHxW, RATIO_EPS)
+        ratio = jnp.maximum(pred_pos / gt_safe, gt_safe / pred_pos)
+        return DepthStats(
+            count=count(valid),
+            sum_abs=masked_sum(err, valid),
+            sum_absrel=masked_sum(err / gt_safe, valid),
+            sum_sq=masked_sum(err * err, valid),
+            count_d1=count(valid & (ratio < 1.25)),
+            count_d2=count(valid & (ratio < 1.25**2)),
+            count_d3=count(valid & (ratio < 1.25**3)),
+        )
