@@ -1,0 +1,91 @@
+"""``mtl-jax train | eval | params``: absl flags with an ml_collections config file.
+
+Flags: ``--config=configs/x.py[:args]`` (locked: a mistyped override key is an error),
+overrides ``--config.a.b=value``, ``--workdir=DIR``, ``--data_dir=DIR`` (where prepared
+datasets live; default ``$TFDS_DATA_DIR`` or the TFDS default) and, for ``eval``,
+``--step=N`` (default: latest checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging as pylogging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mtl_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    if "config" in FLAGS:
+        return
+    config_flags.DEFINE_config_file("config", None, "experiment config file (configs/x.py:args)",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and pictures")
+    flags.DEFINE_string("data_dir", None, "data dir of prepared datasets")
+    flags.DEFINE_integer("step", None, "eval: checkpoint step (default: latest)")
+
+
+class _QuietLibraries(pylogging.Filter):
+    """Drop INFO chatter of orbax and JAX's backend probing (warnings still pass)."""
+
+    _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}")
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        if record.levelno >= pylogging.WARNING:
+            return True
+        return not any(part in record.pathname for part in self._NOISY)
+
+
+def _apply_data_dir(config) -> None:
+    if FLAGS.data_dir:
+        os.environ["TFDS_DATA_DIR"] = FLAGS.data_dir
+
+
+def _main(command: str) -> int:
+    config = FLAGS.config
+    if config is None:
+        raise UserError("--config is required, e.g. --config=configs/quickstart.py")
+    _apply_data_dir(config)
+    if command == "params":
+        from mtl_jax.models import format_param_table
+        from mtl_jax.params_report import param_counts
+
+        print(format_param_table(param_counts(config)))
+        return 0
+    if not FLAGS.workdir:
+        raise UserError(f"--workdir is required for 'mtl-jax {command}'")
+    if command == "train":
+        from mtl_jax.train import train_and_evaluate
+
+        results = train_and_evaluate(config, FLAGS.workdir)
+    else:
+        from mtl_jax.train import evaluate
+
+        results = evaluate(config, FLAGS.workdir, FLAGS.step)
+    print(json.dumps(results, indent=2, sort_keys=True))
+    return 0
+
+
+def run(command: str, argv: list[str]) -> int:
+    """Parse ``argv`` (flags after the subcommand) and run ``command``."""
+    _define_flags()
+    try:
+        FLAGS(["mtl-jax " + command, *argv])
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+        # ml_collections reports a mistyped --config.key as KeyError ("did you mean ...").
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise UserError(f"{msg}\n(see: mtl-jax {command} --helpfull)") from e
+    logging.set_verbosity(logging.INFO)
+    logging.use_absl_handler()
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    return _main(command)
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(lambda argv: run(argv[1], argv[2:])))

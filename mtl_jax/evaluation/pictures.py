@@ -1,0 +1,48 @@
+"""Pictures of predictions next to ground truth (NumPy; used by the trainer and notebooks)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from mtl_jax.data import visualize
+
+#: batch key of each task's target
+_LABEL_KEY = {"semseg": "semseg", "depth": "depth", "normals": "normals", "edges": "edges",
+              "reconstruction": "image"}
+
+
+def prediction_grid(batch: Mapping[str, np.ndarray], preds: Mapping[str, np.ndarray],
+                    max_examples: int = 4) -> np.ndarray:
+    """uint8 RGB grid: one row per example; columns ``image``, then ``<task> gt`` and
+    ``<task> pred`` for every task. ``preds`` are post-processed (class ids, unit normals,
+    edge probabilities, metric depth). Depth prediction and ground truth share one colour
+    range (the ground truth's)."""
+    batch = {k: np.asarray(v) for k, v in batch.items()}
+    preds = {k: np.asarray(v) for k, v in preds.items()}
+    mask = batch.get("example_mask")
+    n = len(batch["image"]) if mask is None else int(np.sum(mask > 0))
+    n = max(1, min(n, max_examples))
+    titles = ["image"]
+    for task in preds:
+        titles += [f"{task} gt", f"{task} pred"]
+    rows = []
+    for i in range(n):
+        row = [visualize.to_uint8_image(batch["image"][i])]
+        for task, pred in preds.items():
+            key = _LABEL_KEY.get(task, task)
+            gt = batch.get(key)
+            if task == "depth" and gt is not None:
+                valid = gt[i] > 0
+                lo, hi = (np.percentile(gt[i][valid], [1, 99]) if valid.any() else (0.0, 1.0))
+                row.append(visualize.colorize_depth(gt[i], lo, hi))
+                shown = np.maximum(pred[i], 1e-6)  # invalid (<= 0) predictions still drawn
+                row.append(visualize.colorize_depth(shown, lo, hi))
+                continue
+            field = "image" if task == "reconstruction" else task
+            blank = np.zeros_like(row[0])
+            row.append(visualize.colorize(field, gt[i]) if gt is not None else blank)
+            row.append(visualize.colorize(field, pred[i]))
+        rows.append(row)
+    return visualize.grid(rows, titles=titles)

@@ -1,0 +1,180 @@
+"""From a config to the objects a run needs: tasks, model, optimiser, mesh, compiled steps.
+
+``build_experiment(config)`` binds the pure steps of :mod:`mtl_jax.steps` to their
+dependencies and compiles them with ``jax.jit`` and explicit shardings: the batch split over
+mesh axis ``data`` (data parallelism; BatchNorm statistics are computed over the global
+batch, which is what ``jit`` on a sharded batch gives), the train state replicated, and the
+state donated to the train step. Shapes come first (``jax.eval_shape``), then the sharded
+init.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mtl_jax import optim, steps
+from mtl_jax.data import DATASETS, augment, registry
+from mtl_jax.errors import UserError
+from mtl_jax.models import build_model
+from mtl_jax.tasks import TASKS, make_task
+from mtl_jax.weighting import make_weighting
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Compiled steps and everything they close over."""
+
+    config: ml_collections.ConfigDict
+    tasks: dict[str, Any]
+    model: Any
+    weighting: Any
+    tx: Any
+    mesh: Mesh
+    abstract_state: Any
+    init_state: Callable[[], steps.TrainState]
+    train_step: Callable
+    eval_step: Callable
+    predict_step: Callable
+    augment: augment.JointAugment | None
+    eval_batch_size: int
+
+    def learning_rates(self, step: int) -> dict[str, float]:
+        return optim.learning_rates(self.config.optimizer, int(self.config.num_train_steps),
+                                    step)
+
+
+def _to_dict(cfg: Any) -> dict:
+    if cfg is None:
+        return {}
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def build_tasks(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``config.tasks``: ``{name: {task options}}`` -> ``{name: Task}`` (config order)."""
+    tasks = {}
+    for name, options in _to_dict(config.tasks).items():
+        if name not in TASKS:
+            raise UserError(f"config.tasks has unknown task {name!r}; available: {sorted(TASKS)}")
+        try:
+            tasks[name] = make_task(name, **_to_dict(options))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"config.tasks.{name}: {e}") from e
+    if not tasks:
+        raise UserError("config.tasks is empty: name at least one task")
+    return tasks
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+    """Data-parallel mesh over ``config.num_devices`` devices (-1: all)."""
+    devices = jax.devices()
+    n = int(config.get("num_devices", -1))
+    if n > len(devices):
+        raise UserError(f"config.num_devices={n} but only {len(devices)} devices are visible")
+    if n > 0:
+        devices = devices[:n]
+    return Mesh(np.array(devices), ("data",))
+
+
+def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+    """Tasks, model, weighting, optimiser, mesh and compiled steps for ``config``."""
+    tasks = build_tasks(config)
+    model = build_model(config.model, {name: task.channels for name, task in tasks.items()})
+    weighting = make_weighting(config.weighting)
+    mesh = make_mesh(config)
+    h, w = config.input_size
+    image_shape = (1, int(h), int(w), 3)
+    rng = jax.random.key(int(config.seed))
+
+    params_shape = jax.eval_shape(
+        lambda r: model.init({"params": r, "dropout": r}, np.zeros(image_shape, np.float32),
+                             train=False)["params"], rng)
+    tx = optim.make_optimizer(config.optimizer, int(config.num_train_steps), params_shape)
+    init_fn = functools.partial(steps.init_state, image_shape=image_shape, model=model, tx=tx,
+                                weighting=weighting, task_names=tuple(tasks))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    data_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    abstract = jax.eval_shape(init_fn, rng)
+    state_sharding = jax.tree.map(lambda _: replicated, abstract)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+        state_sharding)
+    init_jit = jax.jit(init_fn, out_shardings=state_sharding)
+
+    train_step = jax.jit(
+        functools.partial(steps.train_step, model=model, tasks=tasks, weighting=weighting,
+                          tx=tx),
+        in_shardings=(state_sharding, data_sharding),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=0)
+    eval_step = jax.jit(
+        lambda state, batch: steps.eval_step(state, batch, model=model, tasks=tasks)[0],
+        in_shardings=(state_sharding, data_sharding), out_shardings=replicated)
+    predict_step = jax.jit(
+        functools.partial(steps.predict_step, model=model, tasks=tasks),
+        in_shardings=(state_sharding, data_sharding), out_shardings=replicated)
+
+    aug_cfg = _to_dict(config.get("augment", None))
+    aug = None
+    if aug_cfg.get("enabled", True):
+        aug = augment.JointAugment(scales=tuple(aug_cfg.get("scales", augment.DEFAULT_SCALES)),
+                                   flip=bool(aug_cfg.get("flip", True)))
+    return Experiment(
+        config=config, tasks=tasks, model=model, weighting=weighting, tx=tx, mesh=mesh,
+        abstract_state=abstract_state, init_state=lambda: init_jit(rng),
+        train_step=train_step, eval_step=eval_step, predict_step=predict_step, augment=aug,
+        eval_batch_size=int(config.get("eval_batch_size", config.batch_size)))
+
+
+def open_data(config: ml_collections.ConfigDict, splits: Sequence[str] = ("train", "val"),
+              data_dir: str | None = None) -> list:
+    """Random-access sources of ``splits`` of ``config.dataset``.
+
+    Generated datasets (``synthetic``) are built on first use; a real dataset that is not
+    prepared raises an error with the ``mtl-jax data build`` command to run. The first
+    examples' labels are checked against the tasks (e.g. class ids within ``num_classes``).
+    """
+    ds = _to_dict(config.dataset)
+    name = ds.get("name")
+    if name not in DATASETS:
+        raise UserError(f"config.dataset.name={name!r} is not a dataset; available: "
+                        f"{sorted(DATASETS)}")
+    options = dict(ds.get("options", {}) or {})
+    builder_config = ds.get("config", None)
+    data_dir = data_dir or ds.get("data_dir", None)
+    if getattr(DATASETS[name], "GENERATED", False):
+        builder = registry.get_builder(name, builder_config, data_dir, **options)
+        if not builder.is_prepared():
+            if jax.process_index() == 0:
+                logging.info("Preparing dataset %s/%s (first use)...", name,
+                             builder.builder_config.name)
+                registry.build(name, builder_config, data_dir, **options)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("mtl_jax dataset prepared")
+    sources = [registry.open_split(name, s, builder_config, data_dir, **options)
+               for s in splits]
+    tasks = build_tasks(config)
+    for src in sources:
+        for i in range(min(4, len(src))):
+            ex = augment.decode(src[i])
+            for task_name, task in tasks.items():
+                label_key = task.label_key
+                if label_key not in ex:
+                    raise UserError(f"dataset {name!r} has no {label_key!r} field, needed by "
+                                    f"task {task_name!r}; its fields: {sorted(ex)}")
+                try:
+                    task.check_labels({k: v[None] for k, v in ex.items()
+                                       if isinstance(v, np.ndarray) and v.ndim})
+                except ValueError as e:
+                    raise UserError(f"dataset {name!r}, example {i}: {e}") from e
+    return sources

@@ -1,0 +1,219 @@
+"""The training loop: data -> step -> metrics -> checkpoints -> evals (no math here).
+
+``train_and_evaluate(config, workdir)`` trains the model a config describes, evaluates it
+periodically on the full validation split, writes TensorBoard logs, ``metrics.jsonl``,
+prediction pictures, ``results.json`` (final metrics) and checkpoints into ``workdir``, and
+resumes from the latest checkpoint there when restarted (bit-exactly: the data-iterator
+position is saved with every checkpoint). ``evaluate(config, workdir, step=None)``
+evaluates a saved checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from mtl_jax import checkpointing, writers
+from mtl_jax.data import pipeline
+from mtl_jax.evaluation import delta_m, load_baseline
+from mtl_jax.evaluation.metrics import compute_metrics, directions_for, merge_metrics
+from mtl_jax.evaluation.pictures import prediction_grid
+from mtl_jax.experiment import Experiment, build_experiment, open_data
+from mtl_jax.errors import UserError
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A task loss became NaN/inf; the update of that step was not applied."""
+
+
+class _StopFlag:
+    """Set by SIGTERM (preemption): the loop saves a checkpoint and returns."""
+
+    def __init__(self):
+        self.set = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def evaluate_state(exp: Experiment, state, val_source, *, baseline: dict | None = None
+                   ) -> dict[str, float]:
+    """Every metric of every task over the full split (each example exactly once)."""
+    acc = None
+    for batch in pipeline.eval_batches(val_source, global_batch_size=exp.eval_batch_size,
+                                       mesh=exp.mesh):
+        acc = merge_metrics(acc, exp.eval_step(state, batch))
+    results = compute_metrics(acc)
+    if baseline:
+        results["delta_m"] = delta_m(results, baseline, directions_for(exp.tasks))
+    return results
+
+
+def _write_pictures(exp: Experiment, state, val_source, writer, workdir: str, step: int,
+                    num: int) -> None:
+    if num <= 0:
+        return
+    batch = next(pipeline.eval_batches(val_source, global_batch_size=exp.eval_batch_size,
+                                       mesh=exp.mesh))
+    preds = exp.predict_step(state, batch["image"])
+    host_batch = {k: np.asarray(jax.device_get(v))[:num] for k, v in batch.items()}
+    host_preds = {k: np.asarray(jax.device_get(v))[:num] for k, v in preds.items()}
+    picture = prediction_grid(host_batch, host_preds, max_examples=num)
+    writer.write_images(step, {"predictions": picture[None]})
+    if jax.process_index() == 0:
+        from mtl_jax.data.visualize import save_png
+
+        save_png(os.path.join(workdir, f"predictions_step{step:07d}.png"), picture)
+        save_png(os.path.join(workdir, "predictions.png"), picture)
+
+
+def _baseline(config) -> dict | None:
+    paths = list(config.get("baseline_results", ()) or ())
+    if not paths:
+        return None
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise UserError(f"baseline_results files not found: {missing}. They are the "
+                        "results.json of single-task runs (configs/stl.py).")
+    return load_baseline(paths)
+
+
+def _check_nonfinite(step: int, metrics: dict, tasks, skip: bool) -> None:
+    flags = jax.device_get({k: v for k, v in metrics.items() if k.startswith("nonfinite")})
+    if not bool(flags["nonfinite"]):
+        return
+    bad = [t for t in tasks if bool(flags[f"nonfinite/{t}"])] or ["(gradient or total)"]
+    msg = (f"non-finite loss at step {step} in task(s) {', '.join(bad)}; the update of that "
+           "step was not applied and no checkpoint holds it.")
+    if skip:
+        logging.warning("%s Skipped (config.skip_nonfinite=True).", msg)
+        return
+    raise NonFiniteLossError(msg + " Lower the learning rate, check the labels, or set "
+                             "config.skip_nonfinite=True to skip such steps.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Train, evaluate and checkpoint; resume from ``workdir`` if it has checkpoints.
+
+    Returns the final evaluation metrics (``{'<task>/<metric>': value}``).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    exp = build_experiment(config)
+    train_source, val_source = open_data(config, splits=("train", "val"))
+    baseline = _baseline(config)
+    is_primary = jax.process_index() == 0
+    if is_primary:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    writer = writers.create_default_writer(workdir, just_logging=not is_primary)
+    manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints,
+                                         async_save=config.get("async_checkpoints", True))
+    train_it = pipeline.train_iterator(
+        train_source, global_batch_size=config.batch_size, mesh=exp.mesh, seed=config.seed,
+        augment=exp.augment, prefetch=config.get("prefetch", 2))
+    restored = checkpointing.restore(manager, exp.abstract_state)
+    if restored is not None:
+        state, data_state, start = restored
+        train_it.set_state(data_state)
+        logging.info("Resumed from the checkpoint of step %d in %s.", start, workdir)
+    else:
+        state, start = exp.init_state(), 0
+        writer.write_hparams(config.to_dict())
+
+    total = int(config.num_train_steps)
+    reporter = writers.ProgressReporter(total, writer=writer,
+                                        every_steps=config.get("log_every_steps", 50))
+    results: dict[str, float] = {}
+    pending: tuple[int, dict] | None = None  # metrics are fetched one step late
+    acc, acc_n = None, 0
+
+    def flush_pending():
+        nonlocal pending, acc, acc_n
+        if pending is None:
+            return
+        p_step, p_metrics = pending
+        pending = None
+        _check_nonfinite(p_step, p_metrics, exp.tasks, config.get("skip_nonfinite", False))
+        if p_step % config.log_every_steps == 0 or p_step == total:
+            means = jax.device_get(jax.tree.map(lambda a: a / acc_n, acc))
+            scalars = {f"train/{k}": float(v) for k, v in means.items()
+                       if not k.startswith("nonfinite")}
+            for part, lr in exp.learning_rates(p_step).items():
+                scalars[f"train/lr/{part}"] = lr
+            writer.write_scalars(p_step, scalars)
+            acc, acc_n = None, 0
+
+    step = start
+    with _StopFlag() as stop:
+        while step < total:
+            batch = next(train_it)
+            state, metrics = exp.train_step(state, batch)
+            flush_pending()
+            step += 1
+            acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
+            acc_n += 1
+            pending = (step, metrics)
+            reporter(step)
+            last = step == total
+            if last or step % config.eval_every_steps == 0:
+                flush_pending()
+                with reporter.timed("eval"):
+                    results = evaluate_state(exp, state, val_source, baseline=baseline)
+                    writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+                    _write_pictures(exp, state, val_source, writer, workdir, step,
+                                    config.get("num_vis_examples", 4))
+            if last or stop.set or step % config.checkpoint_every_steps == 0:
+                flush_pending()  # never save a state whose step was not checked
+                with reporter.timed("checkpoint"):
+                    checkpointing.save(manager, step, state, train_it.get_state(),
+                                       force=True)
+            if stop.set:
+                break
+        flush_pending()
+    manager.wait_until_finished()
+    manager.close()
+    train_it.close()
+    if results and is_primary and step == total:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump({"step": step, **results}, f, indent=2, sort_keys=True)
+    writer.flush()
+    writer.close()
+    return results
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None
+             ) -> dict[str, Any]:
+    """Evaluate the checkpoint of ``step`` (default: latest) in ``workdir`` on the val split."""
+    exp = build_experiment(config)
+    (val_source,) = open_data(config, splits=("val",))
+    manager = checkpointing.make_manager(workdir, read_only=True, async_save=False)
+    restored = checkpointing.restore(manager, exp.abstract_state, step)
+    if restored is None:
+        raise UserError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train first "
+                        "with: mtl-jax train --config=... --workdir=" + workdir)
+    state, _, step = restored
+    results = evaluate_state(exp, state, val_source, baseline=_baseline(config))
+    manager.close()
+    return {"step": step, **results}
