@@ -41,8 +41,8 @@ class TrainState:
     rng: jax.Array
 
 
-def init_state(rng: jax.Array, image_shape: tuple[int, ...], *, model, tx: optax.GradientTransformation,
-               weighting: Weighting, task_names) -> TrainState:
+def init_state(rng: jax.Array, image_shape: tuple[int, ...], *, model,
+               tx: optax.GradientTransformation, weighting: Weighting, task_names) -> TrainState:
     """A fresh state (pure; jit it with ``out_shardings`` for a sharded init)."""
     init_rng, state_rng = jax.random.split(rng)
     variables = model.init({"params": init_rng, "dropout": init_rng},

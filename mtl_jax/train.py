@@ -24,11 +24,11 @@ from absl import logging
 
 from mtl_jax import checkpointing, writers
 from mtl_jax.data import pipeline
+from mtl_jax.errors import UserError
 from mtl_jax.evaluation import delta_m, load_baseline
 from mtl_jax.evaluation.metrics import compute_metrics, directions_for, merge_metrics
 from mtl_jax.evaluation.pictures import prediction_grid
 from mtl_jax.experiment import Experiment, build_experiment, open_data
-from mtl_jax.errors import UserError
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -37,6 +37,7 @@ def colorize_depth(depth: np.ndarray, vmin: float | None = None,
                    vmax: float | None = None) -> np.ndarray:
     """Depth ``[H,W]`` or ``[H,W,1]`` (0 = invalid) to uint8 RGB through a colour ramp."""
     d = np.asarray(depth, np.float64).reshape(np.shape(depth)[:2])
+    d = np.where(np.isfinite(d), d, 0.0)  # NaN/inf (e.g. a diverged model) drawn as invalid
     valid = d > 0
     if vmin is None or vmax is None:
         vals = d[valid]
@@ -52,14 +53,14 @@ def colorize_depth(depth: np.ndarray, vmin: float | None = None,
 
 def colorize_normals(normals_HxWx3: np.ndarray) -> np.ndarray:
     """Unit normals to RGB via ``(n + 1) / 2``; all-zero (invalid) pixels are black."""
-    n = np.asarray(normals_HxWx3, np.float64)
+    n = np.nan_to_num(np.asarray(normals_HxWx3, np.float64))
     valid = np.any(n != 0, axis=-1, keepdims=True)
     return np.where(valid, np.clip((n + 1.0) * 127.5, 0, 255), 0).round().astype(np.uint8)
 
 
 def colorize_edges(edges_HxW: np.ndarray) -> np.ndarray:
     """Binary edge map (or edge probability in [0, 1]) to grey RGB; ignore (-1) dark red."""
-    e = np.asarray(edges_HxW, np.float64)
+    e = np.nan_to_num(np.asarray(edges_HxW, np.float64))
     grey = np.clip(e, 0, 1)[..., None].repeat(3, -1) * 255
     return np.where((e < 0)[..., None], np.array([90, 0, 0]), grey).round().astype(np.uint8)
 
@@ -69,7 +70,7 @@ def to_uint8_image(image_HxWx3: np.ndarray) -> np.ndarray:
     img = np.asarray(image_HxWx3)
     if img.dtype == np.uint8:
         return img
-    return np.clip(img * 255.0, 0, 255).round().astype(np.uint8)
+    return np.clip(np.nan_to_num(img) * 255.0, 0, 255).round().astype(np.uint8)
 
 
 def colorize(field: str, value: np.ndarray) -> np.ndarray:

@@ -1,0 +1,209 @@
+"""Train step, loop, checkpoints and resume on the smoke config."""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import TINY
+
+from mtl_jax import checkpointing, steps
+from mtl_jax.data import pipeline
+from mtl_jax.experiment import build_experiment, open_data
+from mtl_jax.train import NonFiniteLossError, evaluate, train_and_evaluate
+
+# First two steps of the smoke model (seed 0, first unaugmented batch), recorded once on CPU.
+GOLDEN = {
+    "step1": {"loss/semseg": 2.228905, "loss/depth": 4.322885, "loss/normals": 1.283633},
+    "step2_total": 7.682259,
+}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(data_dir, **overrides):
+    sys.path.insert(0, os.path.join(REPO, "configs"))
+    try:
+        import quickstart
+    finally:
+        sys.path.pop(0)
+    c = quickstart.get_config("smoke")
+    assert c.dataset.options.to_dict() == {k: TINY[k] for k in c.dataset.options}
+    c.dataset.data_dir = data_dir
+    c.num_devices = 1
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def exp_and_batch(data_dir):
+    config = smoke_config(data_dir)
+    exp = build_experiment(config)
+    (src,) = open_data(config, splits=("train",))
+    it = pipeline.train_iterator(src, global_batch_size=config.batch_size, mesh=exp.mesh,
+                                 seed=0, augment=None)
+    batch = next(it)
+    it.close()
+    return config, exp, batch
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def test_golden_train_step(exp_and_batch):
+    """Loss values of the first two steps of the smoke model are pinned (float tolerance)."""
+    _, exp, batch = exp_and_batch
+    state = exp.init_state()
+    state, m1 = exp.train_step(state, batch)
+    state, m2 = exp.train_step(state, batch)
+    got = {k: float(m1[k]) for k in ("loss/semseg", "loss/depth", "loss/normals")}
+    got2 = float(m2["loss/total"])
+    golden = GOLDEN
+    for k, v in golden["step1"].items():
+        assert got[k] == pytest.approx(v, rel=2e-3), (k, got)
+    assert got2 == pytest.approx(golden["step2_total"], rel=2e-3)
+    assert got2 < sum(got.values())  # one Adam step on the same batch lowers the loss
+    assert int(state.step) == 2
+    for t in ("semseg", "depth", "normals"):
+        assert float(m1[f"weight/{t}"]) == 1.0
+        assert float(m1[f"grad_norm/decoders/{t}"]) > 0
+    assert float(m1["update_norm"]) > 0 and not bool(m1["nonfinite"])
+
+
+def test_sharded_equals_unsharded(data_dir, exp_and_batch):
+    # SGD: the update is linear in the gradient, so summation-order noise stays tiny (Adam's
+    # m/sqrt(v) would turn noise on near-zero gradients into +-lr steps).
+    _, _, batch = exp_and_batch
+    exps = []
+    for n in (1, 4):
+        config = smoke_config(data_dir)
+        config.num_devices = n
+        config.optimizer.name = "sgd"
+        exps.append(build_experiment(config))
+    exp1, exp4 = exps
+    s1, m1 = exp1.train_step(exp1.init_state(), batch)
+    batch4 = pipeline.to_global(jax.device_get(batch), pipeline.batch_sharding(exp4.mesh))
+    s4, m4 = exp4.train_step(exp4.init_state(), batch4)
+    for k in ("loss/total", "loss/semseg", "loss/depth", "loss/normals", "grad_norm"):
+        np.testing.assert_allclose(float(m1[k]), float(m4[k]), rtol=1e-5, err_msg=k)
+    for a, b in zip(_leaves(s1.params), _leaves(s4.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(_leaves(s1.batch_stats), _leaves(s4.batch_stats)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_nonfinite_step_is_not_applied(exp_and_batch):
+    _, exp, batch = exp_and_batch
+    state = exp.init_state()
+    before = _leaves(state.params)
+    bad = dict(batch)
+    bad["depth"] = batch["depth"] * np.inf  # valid pixels become +inf: depth loss inf
+    new, m = exp.train_step(state, bad)
+    assert bool(m["nonfinite"]) and bool(m["nonfinite/depth"])
+    assert not bool(m["nonfinite/semseg"])
+    for a, b in zip(before, _leaves(new.params)):
+        np.testing.assert_array_equal(a, b)
+    assert int(new.step) == 1
+
+
+def test_train_evaluate_and_restore(data_dir, tmp_path):
+    config = smoke_config(data_dir)
+    wd = str(tmp_path / "run")
+    results = train_and_evaluate(config, wd)
+    assert set(results) >= {"semseg/miou", "depth/abs_rel", "normals/mean_angle"}
+    assert all(np.isfinite(v) for v in results.values())
+    assert os.path.exists(os.path.join(wd, "predictions.png"))
+    assert os.listdir(os.path.join(wd, "tensorboard"))
+    lines = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
+    train_lines = [x for x in lines if "train/loss/depth" in x]
+    assert train_lines and {"step", "train/weight/semseg", "train/lr/base"} <= set(train_lines[0])
+    assert [x["step"] for x in train_lines] == list(range(2, config.num_train_steps + 1, 2))
+    assert any("eval/semseg/miou" in x for x in lines)
+    saved = json.load(open(os.path.join(wd, "results.json")))
+    assert saved["step"] == config.num_train_steps
+    # Checkpoints: latest N kept, the final one evaluates to the same numbers.
+    steps_saved = sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints"))
+                         if d.isdigit())
+    assert steps_saved[-1] == config.num_train_steps
+    again = evaluate(config, wd)
+    assert again["step"] == config.num_train_steps
+    for k, v in results.items():
+        assert again[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    # A second call resumes from the final checkpoint and has nothing left to train.
+    assert train_and_evaluate(config, wd) == {}
+
+
+def test_nonfinite_loss_stops_with_named_task(data_dir, tmp_path):
+    config = smoke_config(data_dir)
+    config.optimizer.learning_rate = 1e30  # diverges within a few steps
+    config.checkpoint_every_steps = 100
+    with pytest.raises(NonFiniteLossError, match=r"step \d+ in task"):
+        train_and_evaluate(config, str(tmp_path / "nan"))
+    config.skip_nonfinite = True
+    results = train_and_evaluate(config, str(tmp_path / "skip"))
+    assert results  # finished, with the non-finite steps skipped
+
+
+def _run_cli(args, env):
+    return subprocess.Popen([sys.executable, "-m", "mtl_jax.main", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _final_params(config, wd):
+    exp = build_experiment(config)
+    mgr = checkpointing.make_manager(wd, read_only=True, async_save=False)
+    state, data_state, step = checkpointing.restore(mgr, exp.abstract_state)
+    mgr.close()
+    return state, data_state, step
+
+
+def test_sigkill_resume_is_bit_exact(data_dir, tmp_path):
+    """Kill a run with SIGKILL at a random moment after its first checkpoint, restart it:
+    the final parameters equal those of an uninterrupted run bit for bit."""
+    env = dict(os.environ, TFDS_DATA_DIR=data_dir, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    common = ["--config=configs/quickstart.py:smoke", "--config.num_devices=1",
+              "--config.num_train_steps=40", "--config.checkpoint_every_steps=4",
+              "--config.eval_every_steps=100"]
+    ref_wd, kill_wd = str(tmp_path / "ref"), str(tmp_path / "killed")
+    ref = _run_cli(["train", *common, f"--workdir={ref_wd}"], env)
+    victim = _run_cli(["train", *common, f"--workdir={kill_wd}"], env)
+    ckpt_dir = os.path.join(kill_wd, "checkpoints")
+    deadline = time.time() + 240
+    while time.time() < deadline and victim.poll() is None:
+        if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
+            break
+        time.sleep(0.05)
+    time.sleep(random.Random().uniform(0.0, 0.3))
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    out_ref = ref.communicate()[0].decode()
+    assert ref.returncode == 0, out_ref[-3000:]
+    resumed = _run_cli(["train", *common, f"--workdir={kill_wd}"], env)
+    out = resumed.communicate()[0].decode()
+    assert resumed.returncode == 0, out[-3000:]
+    config = smoke_config(data_dir, num_train_steps=40)
+    a, a_data, a_step = _final_params(config, ref_wd)
+    b, b_data, b_step = _final_params(config, kill_wd)
+    assert a_step == b_step == 40 and a_data == b_data
+    for part in ("params", "batch_stats", "opt_state", "weighting_state", "step"):
+        for x, y in zip(_leaves(getattr(a, part)), _leaves(getattr(b, part))):
+            np.testing.assert_array_equal(x, y, err_msg=part)
+    np.testing.assert_array_equal(jax.random.key_data(a.rng), jax.random.key_data(b.rng))
+    resumed_from = int(re.search(r"Resumed from the checkpoint of step (\d+)", out).group(1))
+    assert 0 < resumed_from < 40, resumed_from  # the kill really interrupted training
+
+
+def test_state_is_one_pytree(exp_and_batch):
+    _, exp, _ = exp_and_batch
+    state = exp.init_state()
+    assert isinstance(state, steps.TrainState)
+    assert set(state.params) == {"encoder", "decoders"}
+    assert set(state.params["decoders"]) == {"semseg", "depth", "normals"}
