@@ -5,8 +5,7 @@ Usage::
     python benchmarks/data_prepare.py [--domain source] [--num_train 2000] [--num_val 500]
 
 Builds into a fresh temporary data dir (so nothing is reused), prints the wall time, the
-rendering throughput and the size on disk, and with ``--record`` appends the result to
-``docs/benchmarks.md``.
+rendering throughput and the size on disk, as a Markdown table row for ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ def main() -> None:
     p.add_argument("--num_val", type=int, default=500)
     p.add_argument("--height", type=int, default=96)
     p.add_argument("--width", type=int, default=128)
-    p.add_argument("--record", action="store_true", help="append the result to docs/benchmarks.md")
     args = p.parse_args()
     tfds.disable_progress_bar()
     tmp = tempfile.mkdtemp(prefix="mtl_jax_bench_")
@@ -51,9 +49,6 @@ def main() -> None:
             f" | {dt:.1f} s | {n / dt:.0f} examples/s | {size / 2**20:.0f} MiB | "
             f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()} |")
     print(line)
-    if args.record:
-        with open(os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md"), "a") as f:
-            f.write(line + "\n")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from mtl_jax.config_utils import parse_arg, task_set
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse_arg(arg, task="s", smoke=False, steps=2000)
+    args = parse_arg(arg, task="s", smoke=False, steps=1200)
     if len(args.task) != 1:
         from mtl_jax.errors import UserError
 

@@ -28,6 +28,7 @@ from mtl_jax.errors import UserError
 from mtl_jax.evaluation import delta_m, load_baseline
 from mtl_jax.evaluation.metrics import compute_metrics, directions_for, merge_metrics
 from mtl_jax.evaluation.pictures import prediction_grid
+from mtl_jax.evaluation.trivial import trivial_baseline
 from mtl_jax.experiment import Experiment, build_experiment, open_data
 
 
@@ -141,6 +142,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     else:
         state, start = exp.init_state(), 0
         writer.write_hparams(config.to_dict())
+        if config.get("trivial_baseline", False):
+            trivial = trivial_baseline(train_source, val_source, exp.tasks)
+            writer.write_scalars(0, {f"trivial/{k}": v for k, v in trivial.items()})
+            if is_primary:
+                with open(os.path.join(workdir, "trivial_baseline.json"), "w") as f:
+                    json.dump(trivial, f, indent=2, sort_keys=True)
 
     total = int(config.num_train_steps)
     reporter = writers.ProgressReporter(total, writer=writer,

@@ -207,3 +207,19 @@ def test_state_is_one_pytree(exp_and_batch):
     assert isinstance(state, steps.TrainState)
     assert set(state.params) == {"encoder", "decoders"}
     assert set(state.params["decoders"]) == {"semseg", "depth", "normals"}
+
+
+def test_trivial_baseline_constants_and_scores(data_dir):
+    from mtl_jax.evaluation.trivial import evaluate_constants, fit_constants
+
+    config = smoke_config(data_dir)
+    tasks = build_experiment(config).tasks
+    train_src, val_src = open_data(config)
+    const = fit_constants(train_src, tasks)
+    assert int(np.argmax(const["semseg"])) in (0, 1)  # floor or wall dominates
+    assert 1.0 < float(const["depth"][0]) < 8.0
+    np.testing.assert_allclose(np.linalg.norm(const["normals"]), 1.0, rtol=1e-6)
+    scores = evaluate_constants(val_src, tasks, const, batch_size=4)
+    # A constant class: one class has non-zero IoU, so mIoU <= its IoU / #present classes.
+    assert 0 < scores["semseg/miou"] < 0.25 and 0.1 < scores["semseg/pixel_acc"] < 0.7
+    assert scores["depth/abs_rel"] > 0.2 and scores["normals/mean_angle"] > 30

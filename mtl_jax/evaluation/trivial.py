@@ -1,0 +1,85 @@
+"""Trivial predictors: what a model must beat to have learnt anything.
+
+* semseg: the majority class of the training pixels, everywhere;
+* depth: the mean valid training depth, everywhere;
+* normals: the mean valid training normal (normalised), everywhere;
+* edges: the more frequent training label (background), everywhere;
+* reconstruction: the mean training colour, everywhere.
+
+The constants are estimated on (up to) ``max_examples`` training examples and scored on the
+whole validation split with the tasks' own metrics, so the numbers are directly comparable
+with a model's ``eval/`` metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtl_jax.data.augment import decode
+from mtl_jax.evaluation.metrics import compute_metrics, merge_metrics
+
+
+def fit_constants(train_source, tasks: Mapping[str, Any], max_examples: int = 200
+                  ) -> dict[str, np.ndarray]:
+    """Per task, the constant prediction in the task's prediction format (one pixel)."""
+    n = min(len(train_source), max_examples)
+    exs = [decode(train_source[i]) for i in range(n)]
+    out: dict[str, np.ndarray] = {}
+    for name, task in tasks.items():
+        if name == "semseg":
+            labels = np.concatenate([e["semseg"].ravel() for e in exs])
+            counts = np.bincount(labels[labels >= 0], minlength=task.channels)
+            logits = np.full(task.channels, -10.0, np.float32)
+            logits[int(np.argmax(counts))] = 10.0
+            out[name] = logits
+        elif name == "depth":
+            d = np.concatenate([e["depth"].ravel() for e in exs])
+            out[name] = np.array([d[d > 0].mean()], np.float32)
+        elif name == "normals":
+            nrm = np.concatenate([e["normals"].reshape(-1, 3) for e in exs])
+            m = nrm[np.any(nrm != 0, axis=1)].mean(0)
+            out[name] = (m / np.linalg.norm(m)).astype(np.float32)
+        elif name == "edges":
+            e = np.concatenate([x["edges"].ravel() for x in exs])
+            majority = int(np.mean(e[e >= 0]) > 0.5)
+            out[name] = np.array([10.0, -10.0] if majority == 0 else [-10.0, 10.0], np.float32)
+        elif name == "reconstruction":
+            out[name] = np.concatenate([e["image"].reshape(-1, 3) for e in exs]).mean(0)
+    return out
+
+
+def evaluate_constants(val_source, tasks: Mapping[str, Any], constants: Mapping[str, Any],
+                       batch_size: int = 32) -> dict[str, float]:
+    """Metrics ``{'<task>/<metric>': value}`` of the constant predictions on ``val_source``."""
+    scored = {k: t for k, t in tasks.items() if k in constants}
+
+    # Constants are arguments, not closures: XLA would otherwise constant-fold the big
+    # broadcasts at compile time.
+    @jax.jit
+    def stats(batch, consts):
+        b, h, w = batch["image"].shape[:3]
+        preds = {k: jnp.broadcast_to(consts[k], (b, h, w, consts[k].shape[0])) for k in consts}
+        return {k: t.metrics(preds[k], batch) for k, t in scored.items()}
+
+    consts = {k: jnp.asarray(constants[k], jnp.float32) for k in scored}
+
+    acc = None
+    for start in range(0, len(val_source), batch_size):
+        exs = [decode(val_source[i]) for i in range(start, min(start + batch_size,
+                                                               len(val_source)))]
+        batch = {k: np.stack([e[k] for e in exs]) for k in exs[0]
+                 if np.ndim(exs[0][k]) >= 2 or k == "example_mask"}
+        acc = merge_metrics(acc, stats(batch, consts))
+    return compute_metrics(acc)
+
+
+def trivial_baseline(train_source, val_source, tasks: Mapping[str, Any],
+                     max_examples: int = 200) -> dict[str, float]:
+    """Fit the constants on training data and score them on the validation split."""
+    return evaluate_constants(val_source, tasks, fit_constants(train_source, tasks,
+                                                               max_examples))
