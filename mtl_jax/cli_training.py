@@ -29,6 +29,13 @@ def _define_flags() -> None:
     flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and pictures")
     flags.DEFINE_string("data_dir", None, "data dir of prepared datasets")
     flags.DEFINE_integer("step", None, "eval: checkpoint step (default: latest)")
+    flags.DEFINE_bool("distributed", False,
+                      "call jax.distributed.initialize() (multi-host; on Cloud TPU pods it "
+                      "finds its peers by itself)")
+    flags.DEFINE_string("coordinator_address", None,
+                        "multi-process runs: host:port of process 0 (implies --distributed)")
+    flags.DEFINE_integer("num_processes", None, "multi-process runs: number of processes")
+    flags.DEFINE_integer("process_id", None, "multi-process runs: this process's index")
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -52,6 +59,12 @@ def _main(command: str) -> int:
     if config is None:
         raise UserError("--config is required, e.g. --config=configs/quickstart.py")
     _apply_data_dir(config)
+    if FLAGS.distributed or FLAGS.coordinator_address:
+        import jax
+
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                   num_processes=FLAGS.num_processes,
+                                   process_id=FLAGS.process_id)
     if command == "params":
         from mtl_jax.models import format_param_table
         from mtl_jax.params_report import param_counts

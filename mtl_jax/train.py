@@ -117,8 +117,15 @@ def _check_nonfinite(step: int, metrics: dict, tasks, skip: bool) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train, evaluate and checkpoint; resume from ``workdir`` if it has checkpoints.
 
-    Returns the final evaluation metrics (``{'<task>/<metric>': value}``).
+    Returns the final evaluation metrics (``{'<task>/<metric>': value}``). A SIGTERM at any
+    time (preemption) makes the run save a checkpoint after the current step and return.
     """
+    with _StopFlag() as stop:  # installed first: a SIGTERM during setup is not lost either
+        return _train_and_evaluate(config, workdir, stop)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        stop: _StopFlag) -> dict[str, float]:
     os.makedirs(workdir, exist_ok=True)
     exp = build_experiment(config)
     train_source, val_source = open_data(config, splits=("train", "val"))
@@ -173,7 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             acc, acc_n = None, 0
 
     step = start
-    with _StopFlag() as stop:
+    try:
         while step < total:
             batch = next(train_it)
             state, metrics = exp.train_step(state, batch)
@@ -199,9 +206,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if stop.set:
                 break
         flush_pending()
-    manager.wait_until_finished()
-    manager.close()
-    train_it.close()
+    finally:  # also on errors: finish in-flight async saves, stop the prefetch thread
+        manager.wait_until_finished()
+        manager.close()
+        train_it.close()
     if results and is_primary and step == total:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump({"step": step, **results}, f, indent=2, sort_keys=True)

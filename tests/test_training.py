@@ -186,6 +186,8 @@ def test_sigkill_resume_is_bit_exact(data_dir, tmp_path):
     victim.wait()
     out_ref = ref.communicate()[0].decode()
     assert ref.returncode == 0, out_ref[-3000:]
+    kept = sorted(int(d) for d in os.listdir(os.path.join(ref_wd, "checkpoints")) if d.isdigit())
+    assert kept == [32, 36, 40]  # 10 saves, the latest keep_checkpoints=3 kept
     resumed = _run_cli(["train", *common, f"--workdir={kill_wd}"], env)
     out = resumed.communicate()[0].decode()
     assert resumed.returncode == 0, out[-3000:]
@@ -223,3 +225,56 @@ def test_trivial_baseline_constants_and_scores(data_dir):
     # A constant class: one class has non-zero IoU, so mIoU <= its IoU / #present classes.
     assert 0 < scores["semseg/miou"] < 0.25 and 0.1 < scores["semseg/pixel_acc"] < 0.7
     assert scores["depth/abs_rel"] > 0.2 and scores["normals/mean_angle"] > 30
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):
+    env = dict(os.environ, TFDS_DATA_DIR=data_dir, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    wd = str(tmp_path / "preempted")
+    args = ["train", "--config=configs/quickstart.py:smoke", "--config.num_devices=1",
+            "--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000",
+            "--config.eval_every_steps=100000", "--config.log_every_steps=100000",
+            f"--workdir={wd}"]
+    proc = _run_cli(args, env)
+    jsonl = os.path.join(wd, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and not os.path.exists(jsonl):  # hparams/first write
+        time.sleep(0.1)
+    time.sleep(3.0)  # let it train a while
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=240)[0].decode()
+    assert proc.returncode == 0, out[-3000:]
+    steps_saved = [int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()]
+    assert len(steps_saved) == 1 and 0 < steps_saved[0] < 100000
+    assert "SIGTERM received" in out
+    assert not os.path.exists(os.path.join(wd, "results.json"))  # not finished
+
+
+def test_delta_m_against_stl_results(data_dir, tmp_path):
+    """evaluate() reports eval delta_m when config.baseline_results names STL results."""
+    config = smoke_config(data_dir, num_train_steps=2, checkpoint_every_steps=2,
+                          eval_every_steps=2)
+    wd = str(tmp_path / "mtl")
+    results = train_and_evaluate(config, wd)
+    baseline = {"semseg/miou": results["semseg/miou"] * 2,  # MTL half as good: -50 %
+                "depth/abs_err": results["depth/abs_err"] / 2}  # twice the error: -100 %
+    path = tmp_path / "stl_results.json"
+    path.write_text(json.dumps(baseline))
+    config.baseline_results = (str(path),)
+    again = evaluate(config, wd)
+    assert again["delta_m"] == pytest.approx(100 * (-0.5 + -1.0) / 2, rel=1e-4)
+    config.baseline_results = (str(tmp_path / "missing.json"),)
+    from mtl_jax.errors import UserError
+
+    with pytest.raises(UserError, match="configs/stl.py"):
+        evaluate(config, wd)
+
+
+def test_bfloat16_compute_trains(data_dir, exp_and_batch):
+    _, _, batch = exp_and_batch
+    config = smoke_config(data_dir)
+    config.model.dtype = "bfloat16"
+    exp = build_experiment(config)
+    state = exp.init_state()
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))
+    state, m = exp.train_step(state, batch)
+    assert np.isfinite(float(m["loss/total"])) and float(m["update_norm"]) > 0
