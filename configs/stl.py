@@ -8,8 +8,8 @@ Each run trains the quickstart architecture with one decoder, for one task, and 
       mtl-jax train --config=configs/stl.py:task=$t --workdir=workdir/stl_$t
     done
     mtl-jax train --config=configs/quickstart.py --workdir=workdir/quickstart_dm \
-      --config.baseline_results="('workdir/stl_s/results.json',\
-    'workdir/stl_d/results.json','workdir/stl_n/results.json')"
+      --config.baseline_results=workdir/stl_s/results.json,workdir/stl_d/results.json,\
+    workdir/stl_n/results.json
 
 Arguments: ``task=s|d|n|e|r`` (one letter), ``smoke``, ``steps=N``.
 Hardware and time: 2 CPU cores, a little less than the quickstart per task (one decoder).

@@ -90,7 +90,10 @@ def _write_pictures(exp: Experiment, state, val_source, writer, workdir: str, st
 
 
 def _baseline(config) -> dict | None:
-    paths = list(config.get("baseline_results", ()) or ())
+    paths = config.get("baseline_results", "") or ()
+    if isinstance(paths, str):  # comma-separated, as given on the command line
+        paths = [p.strip() for p in paths.split(",") if p.strip()]
+    paths = list(paths)
     if not paths:
         return None
     missing = [p for p in paths if not os.path.exists(p)]

@@ -259,10 +259,10 @@ def test_delta_m_against_stl_results(data_dir, tmp_path):
                 "depth/abs_err": results["depth/abs_err"] / 2}  # twice the error: -100 %
     path = tmp_path / "stl_results.json"
     path.write_text(json.dumps(baseline))
-    config.baseline_results = (str(path),)
+    config.baseline_results = str(path)
     again = evaluate(config, wd)
     assert again["delta_m"] == pytest.approx(100 * (-0.5 + -1.0) / 2, rel=1e-4)
-    config.baseline_results = (str(tmp_path / "missing.json"),)
+    config.baseline_results = f"{path},{tmp_path / 'missing.json'}"
     from mtl_jax.errors import UserError
 
     with pytest.raises(UserError, match="configs/stl.py"):
