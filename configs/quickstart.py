@@ -7,6 +7,7 @@ Command (builds the synthetic dataset on first use, ~1 min)::
 Arguments (comma-separated after a colon, e.g. ``configs/quickstart.py:smoke,weighting=fixed``):
   smoke          tiny data, model and step count: seconds, for tests and CI
   weighting=NAME loss-weighting strategy (``ew`` default; see the README's strategy table)
+  rep_grad       gradient-based strategies: gradients w.r.t. the shared representation
   tasks=sdn      task letters: s semseg, d depth, n normals, e edges, r reconstruction
   steps=N        training steps (default 1200)
   encoder=NAME   resnet18 (default) | resnet34 | resnet50 | resnet101
@@ -44,7 +45,7 @@ TASK_OPTIONS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse_arg(arg, smoke=False, weighting="ew", tasks="sdn", steps=1200,
+    args = parse_arg(arg, smoke=False, weighting="ew", rep_grad=False, tasks="sdn", steps=1200,
                      encoder="resnet18", width=16)
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -64,6 +65,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.weighting = dict(name=args.weighting)
     if args.weighting == "fixed":
         c.weighting.weights = {t: 1.0 for t in c.tasks}
+    if args.rep_grad:
+        c.weighting.rep_grad = True
     c.optimizer = dict(name="adam", learning_rate=1e-3, schedule="cosine", warmup_steps=0,
                        min_lr_ratio=0.01, grad_clip_norm=None)
     c.augment = dict(enabled=True, scales=(1.0, 1.2, 1.5), flip=True)

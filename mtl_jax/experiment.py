@@ -84,15 +84,26 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
     return Mesh(np.array(devices), ("data",))
 
 
-def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
-    """Tasks, model, weighting, optimiser, mesh and compiled steps for ``config``."""
+def build_experiment(config: ml_collections.ConfigDict,
+                     steps_per_epoch: int | None = None) -> Experiment:
+    """Tasks, model, weighting, optimiser, mesh and compiled steps for ``config``.
+
+    ``steps_per_epoch`` (training examples // batch size) fills in the epoch length of
+    strategies that average over epochs (``dwa``) when the config leaves it at 0.
+    """
     tasks = build_tasks(config)
     model = build_model(config.model, {name: task.channels for name, task in tasks.items()})
     weighting = make_weighting(config.weighting)
+    fields = {f.name for f in dataclasses.fields(weighting)}
+    if "steps_per_epoch" in fields and not weighting.steps_per_epoch and steps_per_epoch:
+        weighting = dataclasses.replace(weighting, steps_per_epoch=int(steps_per_epoch))
     mesh = make_mesh(config)
     h, w = config.input_size
     image_shape = (1, int(h), int(w), 3)
     rng = jax.random.key(int(config.seed))
+    # Parameters are drawn with the "rbg" generator: compiling an init of many weight
+    # tensors with threefry takes several times longer on CPU (seconds for a small model).
+    param_rng = jax.random.key(int(config.seed), impl="rbg")
 
     params_shape = jax.eval_shape(
         lambda r: model.init({"params": r, "dropout": r}, np.zeros(image_shape, np.float32),
@@ -102,7 +113,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
                                 weighting=weighting, task_names=tuple(tasks))
     replicated = NamedSharding(mesh, PartitionSpec())
     data_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    abstract = jax.eval_shape(init_fn, rng)
+    abstract = jax.eval_shape(init_fn, rng, param_rng)
     state_sharding = jax.tree.map(lambda _: replicated, abstract)
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
@@ -129,7 +140,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
                                    flip=bool(aug_cfg.get("flip", True)))
     return Experiment(
         config=config, tasks=tasks, model=model, weighting=weighting, tx=tx, mesh=mesh,
-        abstract_state=abstract_state, init_state=lambda: init_jit(rng),
+        abstract_state=abstract_state, init_state=lambda: init_jit(rng, param_rng),
         train_step=train_step, eval_step=eval_step, predict_step=predict_step, augment=aug,
         eval_batch_size=int(config.get("eval_batch_size", config.batch_size)))
 

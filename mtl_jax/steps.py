@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import optax
@@ -41,11 +42,14 @@ class TrainState:
     rng: jax.Array
 
 
-def init_state(rng: jax.Array, image_shape: tuple[int, ...], *, model,
+def init_state(rng: jax.Array, param_rng: jax.Array, image_shape: tuple[int, ...], *, model,
                tx: optax.GradientTransformation, weighting: Weighting, task_names) -> TrainState:
-    """A fresh state (pure; jit it with ``out_shardings`` for a sharded init)."""
-    init_rng, state_rng = jax.random.split(rng)
-    variables = model.init({"params": init_rng, "dropout": init_rng},
+    """A fresh state (pure; jit it with ``out_shardings`` for a sharded init).
+
+    ``param_rng`` initialises the parameters; ``rng`` becomes the state's key, folded with the
+    step for per-step randomness (dropout, random weightings).
+    """
+    variables = model.init({"params": param_rng, "dropout": param_rng},
                            jnp.zeros(image_shape, jnp.float32), train=False)
     params = variables["params"]
     return TrainState(
@@ -54,7 +58,7 @@ def init_state(rng: jax.Array, image_shape: tuple[int, ...], *, model,
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
         weighting_state=weighting.init(tuple(task_names)),
-        rng=state_rng,
+        rng=rng,
     )
 
 
@@ -84,22 +88,145 @@ def forward_losses(params: PyTree, batch_stats: PyTree, batch: Batch, rng: jax.A
     return losses, preds, aux, new_stats
 
 
-def train_step(state: TrainState, batch: Batch, *, model, tasks: Mapping[str, Any],
-               weighting: Weighting, tx: optax.GradientTransformation
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimisation step on a global batch; returns the new state and scalar metrics."""
-    rng = jax.random.fold_in(state.rng, state.step)
+def _in_task_order(d: Mapping[str, Any], tasks: Mapping[str, Any]) -> dict[str, Any]:
+    """Tree maps return dicts with sorted keys; strategies get them in task order."""
+    return {t: d[t] for t in tasks}
+
+
+def _loss_weighted_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, tasks,
+                         weighting: Weighting):
+    """``requires='losses'``: weights from the loss values, one backward of the total."""
 
     def objective(params):
-        losses, _, aux, new_stats = forward_losses(params, state.batch_stats, batch, rng,
-                                                   model=model, tasks=tasks)
-        out = weighting(jax.lax.stop_gradient(losses), state.weighting_state, state.step)
+        losses, _, _, new_stats = forward_losses(params, state.batch_stats, batch, rng,
+                                                 model=model, tasks=tasks)
+        out = weighting(_in_task_order(jax.lax.stop_gradient(losses), tasks),
+                        state.weighting_state, state.step, rng=rng)
         weights = jax.lax.stop_gradient(out.weights)
         total = sum(weights[t] * losses[t] for t in tasks)
-        return total, (losses, out, new_stats, aux)
+        return total, (losses, out, new_stats)
 
-    (total, (losses, wout, new_stats, _)), grads = jax.value_and_grad(
+    (total, (losses, wout, new_stats)), grads = jax.value_and_grad(
         objective, has_aux=True)(state.params)
+    return total, losses, wout, new_stats, grads
+
+
+def _flat_rows(per_task: PyTree) -> jax.Array:
+    """Pytree whose leaves have a leading task axis ``T`` -> float32 ``[T, N]``."""
+    leaves = jax.tree.leaves(per_task)
+    return jnp.concatenate([x.reshape(x.shape[0], -1).astype(jnp.float32) for x in leaves],
+                           axis=1)
+
+
+def _select_prefix(tree: PyTree, prefix: str) -> PyTree:
+    """The sub-tree of ``tree`` whose '/'-joined path starts with ``prefix``."""
+    if not prefix:
+        return tree
+    flat = flax.traverse_util.flatten_dict(tree, sep="/")
+    chosen = {k: v for k, v in flat.items() if k.startswith(prefix)}
+    if not chosen:
+        raise ValueError(f"grad_param_prefix {prefix!r} matches no shared parameter; e.g. "
+                         f"{sorted(flat)[-3:]}")
+    return chosen
+
+
+def decomposed_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, tasks,
+                     weighting: Weighting):
+    """Gradients with per-task information from one forward pass.
+
+    The encoder runs once under ``jax.vjp``; every decoder runs under its own VJP, which gives
+    the gradient of L_t w.r.t. decoder t and the cotangent of L_t at the shared features.
+    Gradient-based strategies read the decoder gradients (``'decoder_grads'``) or per-task
+    gradients of the shared parameters -- the per-task cotangents pulled back through the
+    encoder in one vmapped VJP -- or of the shared representation (the cotangents themselves,
+    ``rep_grad=True``). The weighted cotangents are then pulled back through the encoder once
+    (or the per-task encoder gradients, when already computed, are combined directly).
+    """
+    params, stats = state.params, state.batch_stats
+    shared = set(params) - {"decoders"}
+    if shared != {"encoder"}:
+        raise ValueError(f"gradient-based weighting '{weighting.name}' needs a model whose "
+                         f"shared part is the encoder alone; this one shares {sorted(shared)}")
+    image = batch["image"]
+    out_size = image.shape[1:3]
+    rngs = {"dropout": rng}
+    cls = type(model)
+
+    def encode(enc_params):
+        p = {**params, "encoder": enc_params}
+        feats, mutated = model.apply({"params": p, "batch_stats": stats}, image, train=True,
+                                     method=cls.encode, mutable=["batch_stats"], rngs=rngs)
+        return feats, mutated["batch_stats"]
+
+    feats, enc_vjp, enc_stats = jax.vjp(encode, params["encoder"], has_aux=True)
+
+    losses, g_feat, g_dec, new_dec_stats = {}, {}, {}, {}
+    for t, task in tasks.items():
+        def task_loss(f, dec_params, t=t, task=task):
+            p = {**params, "decoders": {**params["decoders"], t: dec_params}}
+            (pred, _), mutated = model.apply(
+                {"params": p, "batch_stats": stats}, f, out_size, t, train=True,
+                method=cls.decode_task, mutable=["batch_stats"], rngs=rngs)
+            return task.loss(pred, batch), mutated["batch_stats"]
+
+        loss_t, vjp_t, stats_t = jax.vjp(task_loss, feats, params["decoders"][t], has_aux=True)
+        g_feat[t], g_dec[t] = vjp_t(jnp.ones_like(loss_t))
+        losses[t] = loss_t
+        new_dec_stats[t] = stats_t.get("decoders", {}).get(t, {})
+
+    inputs = {}
+    per_task_enc = None
+    if weighting.requires == "decoder_grads":
+        inputs["decoder_grads"] = g_dec
+    elif weighting.requires == "task_grads":
+        cts = jax.tree.map(lambda *xs: jnp.stack(xs), *[g_feat[t] for t in tasks])
+        if getattr(weighting, "rep_grad", False):
+            inputs["grads"] = _flat_rows(cts)
+        else:
+            per_task_enc = jax.vmap(lambda ct: enc_vjp(ct)[0])(cts)
+            chosen = _select_prefix(per_task_enc, getattr(weighting, "grad_param_prefix", ""))
+            inputs["grads"] = _flat_rows(chosen)
+    wout = weighting(_in_task_order(jax.lax.stop_gradient(losses), tasks),
+                     state.weighting_state, state.step, rng=rng, **inputs)
+    w = jax.lax.stop_gradient(wout.weights)
+    w_vec = jnp.stack([w[t] for t in tasks])
+    if per_task_enc is not None:
+        g_enc = jax.tree.map(lambda x: jnp.tensordot(w_vec, x, axes=1).astype(x.dtype),
+                             per_task_enc)
+    else:
+        combined = jax.tree.map(
+            lambda *xs: sum(w[t] * x for t, x in zip(tasks, xs, strict=True)).astype(xs[0].dtype),
+            *[g_feat[t] for t in tasks])
+        (g_enc,) = enc_vjp(combined)
+    dec_w = w if weighting.decoder_weighting == "weights" else {t: 1.0 for t in tasks}
+    grads = {"encoder": g_enc,
+             "decoders": {t: jax.tree.map(lambda g, t=t: (dec_w[t] * g).astype(g.dtype), g_dec[t])
+                          for t in tasks}}
+    total = sum(w[t] * losses[t] for t in tasks)
+    new_stats = dict(stats)
+    if "encoder" in enc_stats:
+        new_stats["encoder"] = enc_stats["encoder"]
+    if "decoders" in stats:
+        new_stats["decoders"] = {**stats["decoders"], **{t: s for t, s in new_dec_stats.items()
+                                                         if s}}
+    return total, losses, wout, new_stats, grads
+
+
+def train_step(state: TrainState, batch: Batch, *, model, tasks: Mapping[str, Any],
+               weighting: Weighting, tx: optax.GradientTransformation,
+               decomposed: bool | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimisation step on a global batch; returns the new state and scalar metrics.
+
+    ``decomposed`` (default: whenever the strategy needs gradients) selects
+    :func:`decomposed_grads` instead of one backward pass of the weighted total; for
+    loss-only strategies both give the same gradients.
+    """
+    rng = jax.random.fold_in(state.rng, state.step)
+    if decomposed is None:
+        decomposed = weighting.requires != "losses"
+    grad_fn = decomposed_grads if decomposed else _loss_weighted_grads
+    total, losses, wout, new_stats, grads = grad_fn(state, batch, rng, model=model, tasks=tasks,
+                                                    weighting=weighting)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
 

@@ -130,8 +130,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         stop: _StopFlag) -> dict[str, float]:
     os.makedirs(workdir, exist_ok=True)
-    exp = build_experiment(config)
     train_source, val_source = open_data(config, splits=("train", "val"))
+    steps_per_epoch = max(1, len(train_source) // int(config.batch_size))
+    exp = build_experiment(config, steps_per_epoch=steps_per_epoch)
     baseline = _baseline(config)
     is_primary = jax.process_index() == 0
     if is_primary:

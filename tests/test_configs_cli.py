@@ -49,6 +49,18 @@ def test_every_config_loads_and_builds(name, arg):
     assert config.num_train_steps % config.eval_every_steps == 0 or config.num_train_steps > 0
 
 
+def test_every_weighting_name_builds_from_the_quickstart_config():
+    from mtl_jax.weighting import WEIGHTINGS, make_weighting
+
+    qs = load_config_module("quickstart")
+    for name, cls in WEIGHTINGS.items():
+        w = make_weighting(qs.get_config(f"weighting={name}").weighting)
+        assert type(w) is cls
+        w.init(("semseg", "depth", "normals")) if name != "dwa" else None
+        if cls.requires == "task_grads":
+            assert make_weighting(qs.get_config(f"weighting={name},rep_grad").weighting).rep_grad
+
+
 def test_quickstart_docstring_is_a_run_book():
     doc = load_config_module("quickstart").__doc__
     assert "mtl-jax train --config=configs/quickstart.py" in doc and "CPU" in doc

@@ -57,6 +57,11 @@ class _TaskDecoders(nn.Module):
             aux.update({f"{task}/{key}": value for key, value in task_aux.items()})
         return preds, aux
 
+    def decode_one(self, task: str, features: Features, output_size: tuple[int, int],
+                   train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+        pred, task_aux = self.heads[task](features, output_size, train=train)
+        return pred.astype(jnp.float32), {f"{task}/{k}": v for k, v in task_aux.items()}
+
 
 class MultiTaskModel(nn.Module):
     """Shared encoder → optional interaction → one decoder per task.
@@ -123,6 +128,17 @@ class MultiTaskModel(nn.Module):
         preds, dec_aux = self.task_decoders(task_features, output_size, train=train)
         aux.update(dec_aux)
         return preds, aux
+
+    def decode_task(
+        self, features: Features, output_size: Sequence[int], task: str, train: bool
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """One task's decoder alone (models without an interaction module): its prediction
+        ``[B, H, W, C_task]`` float32 and aux. Lets the train step take one VJP per decoder."""
+        if self.interaction is not None:
+            raise ValueError("decode_task needs separable decoders; this model has an "
+                             "interaction module that mixes the tasks")
+        output_size = (int(output_size[0]), int(output_size[1]))
+        return self.task_decoders.decode_one(task, features, output_size, train=train)
 
     def __call__(
         self, image_BxHxWx3: jax.Array, train: bool

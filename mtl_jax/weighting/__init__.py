@@ -6,13 +6,40 @@ from collections.abc import Mapping
 from typing import Any
 
 from mtl_jax.errors import UserError
+from mtl_jax.weighting.aligned_mtl import AlignedMTL
 from mtl_jax.weighting.base import Weighting, WeightingOutput
+from mtl_jax.weighting.cagrad import CAGrad
+from mtl_jax.weighting.dwa import DynamicWeightAverage
 from mtl_jax.weighting.ew import EqualWeighting
+from mtl_jax.weighting.famo import FAMO
 from mtl_jax.weighting.fixed import FixedWeighting
+from mtl_jax.weighting.grad_magnitude import GradMagnitude
+from mtl_jax.weighting.gradnorm import GradNorm
+from mtl_jax.weighting.imtl import IMTL
+from mtl_jax.weighting.mgda import MGDA
+from mtl_jax.weighting.nash_mtl import NashMTL
+from mtl_jax.weighting.pcgrad import PCGrad
+from mtl_jax.weighting.rlw import RandomLossWeighting
+from mtl_jax.weighting.upgrad import UPGrad
+from mtl_jax.weighting.uw import UncertaintyWeighting, UncertaintyWeightingXTasC
 
 WEIGHTINGS: dict[str, type[Weighting]] = {
     "ew": EqualWeighting,
     "fixed": FixedWeighting,
+    "uw": UncertaintyWeighting,
+    "uw_xtasc": UncertaintyWeightingXTasC,
+    "dwa": DynamicWeightAverage,
+    "rlw": RandomLossWeighting,
+    "famo": FAMO,
+    "grad_magnitude": GradMagnitude,
+    "gradnorm": GradNorm,
+    "pcgrad": PCGrad,
+    "mgda": MGDA,
+    "cagrad": CAGrad,
+    "imtl": IMTL,
+    "nash_mtl": NashMTL,
+    "aligned_mtl": AlignedMTL,
+    "upgrad": UPGrad,
 }
 
 

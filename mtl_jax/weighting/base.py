@@ -1,19 +1,45 @@
-"""The interface of a loss-weighting strategy, computed inside the jitted train step.
+"""The interface of a loss-weighting / gradient-combination strategy.
 
-A strategy is a small frozen dataclass (hashable, closed over by ``jax.jit``) with:
+Everything runs inside the one jitted, sharded train step. A strategy is a frozen dataclass
+(hashable; closed over by ``jax.jit``) whose hyper-parameters are its fields:
 
-* ``requires``: what the step must compute for it. ``'losses'`` (weights from the per-task
-  losses only, e.g. ``ew``, ``fixed``, ``dwa``) is what the step provides today; gradient-based
-  strategies declare the per-task gradients they need (w.r.t. the decoders, a shared layer,
-  the shared parameters or the shared representation) and receive them as keyword arguments.
-* ``init(tasks) -> state``: a pytree (possibly empty) saved in ``TrainState.weighting_state``
-  and checkpointed with it.
-* ``__call__(losses, state, step, **inputs) -> WeightingOutput``: per-task weights (treated as
-  constants: the step stops gradients through them), the new state and scalar diagnostics.
-  ``losses`` are the per-task float32 scalars of the current batch.
+* ``requires`` (class attribute) says what the step computes for it:
 
-The step computes ``total = sum_t weight_t * loss_t`` and logs every weight as
-``train/weight/<task>`` every step.
+  - ``'losses'``: the per-task losses only (``ew``, ``fixed``, ``uw``, ``dwa``, ``rlw``,
+    ``famo``). The step differentiates ``sum_t w_t * L_t`` once.
+  - ``'decoder_grads'``: also ``decoder_grads = {task: gradient of L_t w.r.t. the parameters
+    of decoder t}`` (``grad_magnitude``). The step runs the encoder once, one VJP per decoder
+    (which yields both the decoder gradient and the cotangent of L_t at the shared features),
+    weights the cotangents and pulls one combined cotangent back through the encoder.
+  - ``'task_grads'``: also ``grads``, a float32 matrix ``[T, N]`` whose row t is the gradient
+    of L_t w.r.t. the shared parameters (flattened; optionally only those under
+    ``grad_param_prefix``), or w.r.t. the shared representation (the encoder's output
+    features, flattened) when the strategy's ``rep_grad`` field is True (much cheaper).
+    ``pcgrad``, ``mgda``, ``cagrad``, ``imtl``, ``nash_mtl``, ``aligned_mtl``, ``upgrad``,
+    ``gradnorm``.
+
+* ``init(tasks) -> state``: a pytree of arrays (possibly ``{}``) kept in
+  ``TrainState.weighting_state`` and checkpointed with it (learnable weights, loss histories,
+  solver warm starts, optimiser states of the strategy's own parameters).
+
+* ``__call__(losses, state, step, *, rng, grads=None, decoder_grads=None) -> WeightingOutput``
+  with ``losses`` a dict ``{task: float32 scalar}`` in task order (row order of ``grads``),
+  ``step`` an int32 scalar, ``rng`` a PRNG key for this step. It returns per-task weights
+  ``w_t`` (float32 scalars) with the meaning: **the shared parameters are updated with the
+  gradient ``sum_t w_t * g_t``**. Every gradient-surgery method in this package (PCGrad,
+  MGDA, CAGrad, IMTL, Nash-MTL, Aligned-MTL, UPGrad) returns a vector in the span of the task
+  gradients, so it is expressed by such coefficients; the step forms the combination once, by
+  linearity (one pull-back of the combined cotangent, or one weighted sum of the per-task
+  gradients it already has). Weights are constants for differentiation (the step stops
+  gradients through them). Everything must be jit-compatible: fixed iteration counts, no
+  Python control flow on traced values.
+
+* ``decoder_weighting`` (class attribute): ``'weights'`` -- decoder t is trained with
+  ``w_t * grad L_t`` (loss-weighting methods); ``'ones'`` -- with the plain ``grad L_t``
+  (gradient-surgery methods, whose coefficients only make sense for the shared part).
+
+The step logs every weight as ``train/weight/<task>`` and every diagnostic ``d`` as
+``train/weighting/<d>``, every step.
 """
 
 from __future__ import annotations
@@ -22,18 +48,20 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+import flax
 import jax
+import jax.numpy as jnp
 
 PyTree = Any
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class WeightingOutput:
-    """What a strategy returns inside the step."""
+    """What a strategy returns inside the step (a pytree)."""
 
     weights: dict[str, jax.Array]
     state: PyTree
-    diagnostics: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+    diagnostics: dict[str, jax.Array] = flax.struct.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +70,23 @@ class Weighting:
 
     name: ClassVar[str] = ""
     requires: ClassVar[str] = "losses"
+    decoder_weighting: ClassVar[str] = "weights"
 
     def init(self, tasks: Sequence[str]) -> PyTree:
         del tasks
         return {}
 
-    def __call__(self, losses: Mapping[str, jax.Array], state: PyTree, step: jax.Array,
-                 **inputs: Any) -> WeightingOutput:
+    def __call__(self, losses: Mapping[str, jax.Array], state: PyTree, step: jax.Array, *,
+                 rng: jax.Array | None = None, grads: jax.Array | None = None,
+                 decoder_grads: Mapping[str, PyTree] | None = None) -> WeightingOutput:
         raise NotImplementedError
+
+
+def stack_losses(losses: Mapping[str, jax.Array]) -> jax.Array:
+    """``{task: scalar}`` -> float32 ``[T]`` in task order."""
+    return jnp.stack([jnp.asarray(v, jnp.float32) for v in losses.values()])
+
+
+def unstack(tasks: Sequence[str], values: jax.Array) -> dict[str, jax.Array]:
+    """float32 ``[T]`` -> ``{task: scalar}``."""
+    return {t: values[i].astype(jnp.float32) for i, t in enumerate(tasks)}

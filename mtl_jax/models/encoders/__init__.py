@@ -18,12 +18,14 @@ from mtl_jax.models.encoders.resnet import (
     resnet50,
     resnet101,
 )
+from mtl_jax.models.encoders.simple import SimpleConvEncoder, simple
 
 ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "resnet34": resnet34,
     "resnet50": resnet50,
     "resnet101": resnet101,
+    "simple": simple,
 }
 
 
@@ -42,4 +44,4 @@ def encoder_out_channels(name: str, **kwargs: Any) -> list[int]:
     return list(build_encoder(name, **kwargs).out_channels)
 
 
-__all__ = ["ENCODERS", "ResNet", "build_encoder", "encoder_out_channels"]
+__all__ = ["ENCODERS", "ResNet", "SimpleConvEncoder", "build_encoder", "encoder_out_channels"]

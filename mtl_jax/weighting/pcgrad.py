@@ -1,0 +1,74 @@
+"""PCGrad: projecting conflicting gradients (Yu et al., NeurIPS 2020)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from mtl_jax.weighting.base import Weighting, WeightingOutput, unstack
+
+
+@dataclasses.dataclass(frozen=True)
+class PCGrad(Weighting):
+    """"Gradient Surgery for Multi-Task Learning", Yu et al., NeurIPS 2020, Algorithm 1.
+
+    For every task i, start from ``g_i' = g_i`` and visit the other tasks j in a random order
+    (a fresh permutation per i, drawn from this step's ``rng``); whenever ``g_i' . g_j < 0``
+    replace ``g_i'`` by its projection onto the normal plane of the *original* ``g_j``:
+    ``g_i' <- g_i' - (g_i' . g_j / ||g_j||^2) g_j``. The shared update is ``sum_i g_i'``
+    (a sum, as in the paper, not a mean). The order in which the tasks i are processed does
+    not matter, since each ``g_i'`` only reads the original gradients.
+
+    Everything is done in coefficient space: ``g_i' = sum_k C[i, k] g_k`` with ``C = I`` at
+    the start, so every dot product is read from the T x T Gram matrix ``grads @ grads.T``;
+    the returned weights are the column sums ``w_k = sum_i C[i, k]``. A zero gradient is
+    never projected on (nor projected), so all-zero input gives weights 1.
+
+    ``rep_grad`` is read by the train step (gradients w.r.t. the shared representation instead
+    of the shared parameters); the strategy itself ignores it. When ``rng`` is None a key is
+    derived from ``step``. Diagnostic ``conflict_fraction``: the fraction of ordered task pairs
+    whose original gradients conflict (negative dot product).
+    """
+
+    name: ClassVar[str] = "pcgrad"
+    requires: ClassVar[str] = "task_grads"
+    decoder_weighting: ClassVar[str] = "ones"
+
+    rep_grad: bool = False
+
+    def __call__(self, losses, state, step, *, rng=None, grads=None,
+                 decoder_grads=None) -> WeightingOutput:
+        del decoder_grads
+        tasks = list(losses)
+        grads = jnp.asarray(grads, jnp.float32)
+        num_tasks = grads.shape[0]
+        if rng is None:
+            rng = jax.random.fold_in(jax.random.key(0), step)
+        gram = jnp.dot(grads, grads.T, precision=jax.lax.Precision.HIGHEST)
+        sq_norms = jnp.diagonal(gram)
+        safe_sq_norms = jnp.where(sq_norms > 0, sq_norms, 1.0)
+
+        orders = jax.vmap(lambda k: jax.random.permutation(k, num_tasks))(
+            jax.random.split(rng, num_tasks))
+
+        def project_one(i, order_i):
+            coeffs = jax.nn.one_hot(i, num_tasks, dtype=jnp.float32)
+            for pos in range(num_tasks):  # T is static and small: unrolled.
+                j = order_i[pos]
+                dot = coeffs @ gram[:, j]
+                conflict = (j != i) & (dot < 0)
+                shift = jnp.where(conflict, dot / safe_sq_norms[j], 0.0)
+                coeffs = coeffs - shift * jax.nn.one_hot(j, num_tasks, dtype=jnp.float32)
+            return coeffs
+
+        coeffs = jax.vmap(project_one)(jnp.arange(num_tasks), orders)  # [T(i), T(k)]
+        weights = coeffs.sum(axis=0)
+
+        off_diagonal = ~jnp.eye(num_tasks, dtype=bool)
+        conflicts = jnp.sum((gram < 0) & off_diagonal)
+        fraction = conflicts / max(num_tasks * (num_tasks - 1), 1)
+        return WeightingOutput(unstack(tasks, weights), state,
+                               {"conflict_fraction": fraction.astype(jnp.float32)})
