@@ -34,6 +34,7 @@ The smoke variant trains 6 steps on 32x48 images in seconds; its numbers are mea
 import ml_collections
 
 from mtl_jax.config_utils import parse_arg, task_set
+from mtl_jax.models.encoders import LAST_SHARED_LAYER
 
 TASK_OPTIONS = {
     "semseg": dict(num_classes=10),
@@ -65,6 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.weighting = dict(name=args.weighting)
     if args.weighting == "fixed":
         c.weighting.weights = {t: 1.0 for t in c.tasks}
+    if args.weighting == "gradnorm":  # GradNorm reads the last shared layer (paper, XTasC)
+        c.weighting.grad_param_prefix = LAST_SHARED_LAYER[args.encoder]
     if args.rep_grad:
         c.weighting.rep_grad = True
     c.optimizer = dict(name="adam", learning_rate=1e-3, schedule="cosine", warmup_steps=0,

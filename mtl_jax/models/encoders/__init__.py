@@ -44,4 +44,21 @@ def encoder_out_channels(name: str, **kwargs: Any) -> list[int]:
     return list(build_encoder(name, **kwargs).out_channels)
 
 
-__all__ = ["ENCODERS", "ResNet", "SimpleConvEncoder", "build_encoder", "encoder_out_channels"]
+#: Path (inside the encoder's parameters) of each encoder's last conv: the "last shared layer"
+#: that GradNorm and similar methods read per-task gradients from.
+LAST_SHARED_LAYER = {
+    "resnet18": "layer4_1/conv2",
+    "resnet34": "layer4_2/conv2",
+    "resnet50": "layer4_2/conv3",
+    "resnet101": "layer4_2/conv3",
+    "simple": "conv4",
+}
+
+__all__ = [
+    "ENCODERS",
+    "LAST_SHARED_LAYER",
+    "ResNet",
+    "SimpleConvEncoder",
+    "build_encoder",
+    "encoder_out_channels",
+]
