@@ -206,3 +206,18 @@ def test_registry_names_and_config_errors():
         make_weighting({"name": "nope"})
     with pytest.raises(UserError, match="bad options"):
         make_weighting({"name": "ew", "temperature": 2.0})
+
+
+def test_ew_and_fixed_weights():
+    from mtl_jax.errors import UserError
+    from mtl_jax.weighting import make_weighting
+
+    losses = {"semseg": jnp.float32(2.0), "depth": jnp.float32(0.5)}
+    out = make_weighting("ew")(losses, {}, jnp.int32(0))
+    assert {t: float(w) for t, w in out.weights.items()} == {"semseg": 1.0, "depth": 1.0}
+    fixed = make_weighting({"name": "fixed", "weights": {"semseg": 50.0, "depth": 1.0}})
+    fixed.init(("semseg", "depth"))
+    out = jax.jit(lambda ls: fixed(ls, {}, jnp.int32(0)).weights)(losses)
+    assert {t: float(w) for t, w in out.items()} == {"semseg": 50.0, "depth": 1.0}
+    with pytest.raises(UserError, match="missing"):
+        fixed.init(("semseg", "depth", "normals"))
