@@ -6,11 +6,10 @@ import dataclasses
 from collections.abc import Sequence
 from typing import ClassVar
 
-import jax
 import jax.numpy as jnp
 
 from mtl_jax.errors import UserError
-from mtl_jax.weighting.base import Weighting, WeightingOutput, unstack
+from mtl_jax.weighting.base import Weighting, WeightingOutput, gram_matrix, unstack
 
 _TINY = 1e-30
 _FLOAT32_EPS = float(jnp.finfo(jnp.float32).eps)
@@ -84,7 +83,7 @@ class AlignedMTL(Weighting):
         preset = jnp.asarray([given.get(t, 1.0) for t in tasks], jnp.float32)
 
         grads = jnp.asarray(grads, jnp.float32)
-        gram = jnp.dot(grads, grads.T, precision=jax.lax.Precision.HIGHEST)
+        gram = gram_matrix(grads)
         scale = jnp.trace(gram) / num_tasks
         gram = gram / jnp.where(scale > _TINY, scale, 1.0)
         eigvals, eigvecs = jnp.linalg.eigh(gram)

@@ -90,3 +90,12 @@ def stack_losses(losses: Mapping[str, jax.Array]) -> jax.Array:
 def unstack(tasks: Sequence[str], values: jax.Array) -> dict[str, jax.Array]:
     """float32 ``[T]`` -> ``{task: scalar}``."""
     return {t: values[i].astype(jnp.float32) for i, t in enumerate(tasks)}
+
+
+def gram_matrix(grads: jax.Array) -> jax.Array:
+    """``G Gᵀ`` (float32 ``[T, T]``, full precision) of per-task gradient rows ``[T, N]``.
+
+    The surgery solvers work on this matrix only, so ``N`` (millions) never enters them.
+    """
+    g = jnp.asarray(grads, jnp.float32)
+    return jnp.dot(g, g.T, precision=jax.lax.Precision.HIGHEST)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.errors import UserError
-from mtl_jax.weighting.base import Weighting, WeightingOutput, unstack
+from mtl_jax.weighting.base import Weighting, WeightingOutput, gram_matrix, unstack
 
 
 def project_to_simplex(v: jax.Array) -> jax.Array:
@@ -96,7 +96,7 @@ class CAGrad(Weighting):
         tasks = list(losses)
         num_tasks = len(tasks)
         grads = jnp.asarray(grads, jnp.float32)
-        gram = jnp.dot(grads, grads.T, precision=jax.lax.Precision.HIGHEST)
+        gram = gram_matrix(grads)
         w = solve_cagrad_dual(gram, self.c, self.iterations)
 
         mean = jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32)

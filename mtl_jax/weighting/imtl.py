@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-import jax
 import jax.numpy as jnp
 
-from mtl_jax.weighting.base import Weighting, WeightingOutput, unstack
+from mtl_jax.weighting.base import Weighting, WeightingOutput, gram_matrix, unstack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +48,7 @@ class IMTL(Weighting):
         tasks = list(losses)
         num_tasks = len(tasks)
         grads = jnp.asarray(grads, jnp.float32)
-        gram = jnp.dot(grads, grads.T, precision=jax.lax.Precision.HIGHEST)
+        gram = gram_matrix(grads)
         # alpha does not depend on the gradients' scale: normalise it away (float32 range).
         scale = jnp.trace(gram) / num_tasks
         gram = gram / jnp.where(scale > 0, scale, 1.0)

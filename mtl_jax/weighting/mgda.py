@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.errors import UserError
-from mtl_jax.weighting.base import Weighting, WeightingOutput, stack_losses, unstack
+from mtl_jax.weighting.base import Weighting, WeightingOutput, gram_matrix, stack_losses, unstack
 
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -102,7 +102,7 @@ class MGDA(Weighting):
         del step, rng, decoder_grads
         tasks = list(losses)
         grads = jnp.asarray(grads, jnp.float32)
-        gram = jnp.dot(grads, grads.T, precision=jax.lax.Precision.HIGHEST)
+        gram = gram_matrix(grads)
         grad_norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
         loss_values = stack_losses(losses)
         normalizer = {

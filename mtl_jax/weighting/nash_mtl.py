@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.errors import UserError
-from mtl_jax.weighting.base import Weighting, WeightingOutput, unstack
+from mtl_jax.weighting.base import Weighting, WeightingOutput, gram_matrix, unstack
 
 #: Below this mean squared gradient norm the gradients count as all zero (no bargaining
 #: solution exists); the previous weights are kept.
@@ -164,7 +164,7 @@ class NashMTL(Weighting):
             raise ValueError("nash_mtl needs the per-task gradients (requires='task_grads')")
         tasks = list(losses)
         grads = jnp.asarray(grads, jnp.float32)
-        gram = jnp.dot(grads, grads.T, precision=jax.lax.Precision.HIGHEST)
+        gram = gram_matrix(grads)
         solved = gram
         if self.normalize_gram:
             fro = jnp.sqrt(jnp.sum(gram * gram))

@@ -8,7 +8,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.weighting.base import Weighting, WeightingOutput, unstack
+from mtl_jax.weighting.base import Weighting, WeightingOutput, gram_matrix, unstack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +47,7 @@ class PCGrad(Weighting):
         num_tasks = grads.shape[0]
         if rng is None:
             rng = jax.random.fold_in(jax.random.key(0), step)
-        gram = jnp.dot(grads, grads.T, precision=jax.lax.Precision.HIGHEST)
+        gram = gram_matrix(grads)
         sq_norms = jnp.diagonal(gram)
         safe_sq_norms = jnp.where(sq_norms > 0, sq_norms, 1.0)
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.errors import UserError
-from mtl_jax.weighting.base import Weighting, WeightingOutput, unstack
+from mtl_jax.weighting.base import Weighting, WeightingOutput, gram_matrix, unstack
 
 _TINY = 1e-30
 #: A bound is released only when its multiplier is below -_KKT_TOL (units of the
@@ -151,7 +151,7 @@ class UPGrad(Weighting):
         tasks = list(losses)
         num_tasks = len(tasks)
         grads = jnp.asarray(grads, jnp.float32)
-        gram = jnp.dot(grads, grads.T, precision=jax.lax.Precision.HIGHEST)
+        gram = gram_matrix(grads)
         coeffs, kkt = project_weights(gram, jnp.eye(num_tasks, dtype=jnp.float32),
                                       iterations=self.iterations, reg_eps=self.reg_eps)
         weights = coeffs.sum(0) if self.reduction == "sum" else coeffs.mean(0)
