@@ -127,7 +127,7 @@ def build_experiment(config: ml_collections.ConfigDict,
         out_shardings=(state_sharding, replicated),
         donate_argnums=0)
     eval_step = jax.jit(
-        lambda state, batch: steps.eval_step(state, batch, model=model, tasks=tasks)[0],
+        functools.partial(steps.eval_step, model=model, tasks=tasks),
         in_shardings=(state_sharding, data_sharding), out_shardings=replicated)
     predict_step = jax.jit(
         functools.partial(steps.predict_step, model=model, tasks=tasks),

@@ -55,8 +55,7 @@ def get_builder(name: str, config: str | None = None, data_dir: str | None = Non
     return cls(**kwargs)
 
 
-def build_command(name: str, data_dir: str | None, builder: tfds.core.DatasetBuilder,
-                  options: Mapping[str, Any]) -> str:
+def build_command(name: str, data_dir: str | None, options: Mapping[str, Any]) -> str:
     """The ``mtl-jax data build`` command line that prepares this builder's data."""
     parts = ["mtl-jax data build", name]
     for k, v in options.items():
@@ -89,7 +88,7 @@ def open_split(name: str, split: str, config: str | None = None, data_dir: str |
         raise DatasetNotFoundError(
             f"dataset {name!r} (config {builder.builder_config.name!r}) is not prepared in "
             f"{resolve_data_dir(data_dir)!r}. Prepare it with:\n  "
-            + build_command(name, resolve_data_dir(data_dir), builder, opts))
+            + build_command(name, resolve_data_dir(data_dir), opts))
     splits = builder.info.splits
     if split not in splits:
         raise UserError(f"dataset {name!r} has no split {split!r}; splits: {sorted(splits)}")
