@@ -21,12 +21,20 @@ def _scalars(metric):
     return {k: float(v) for k, v in _compute(metric).items()}
 
 
+# Jitted once with the task as a static argument: the compilation cache is then keyed on the
+# task's value. (jax.jit(task.metrics) on a fresh, short-lived bound method can be served a
+# stale trace of another task whose bound method had the same address.)
+_jit_loss = jax.jit(lambda task, pred, batch: task.loss(pred, batch), static_argnums=0)
+_jit_metrics = jax.jit(lambda task, pred, batch: task.metrics(pred, batch), static_argnums=0)
+_jit_grad = jax.jit(lambda task, pred, batch: jax.grad(task.loss)(pred, batch), static_argnums=0)
+
+
 def _loss(task, pred, batch):
-    return float(jax.jit(task.loss)(pred, batch))
+    return float(_jit_loss(task, pred, batch))
 
 
 def _metrics(task, pred, batch):
-    return jax.jit(task.metrics)(pred, batch)
+    return _jit_metrics(task, pred, batch)
 
 
 # ---------------------------------------------------------------- semseg
@@ -245,7 +253,7 @@ def test_all_invalid_gives_zero_loss_finite_grads_and_metrics(name):
     batch, preds = _random(0)
     batch = _invalid(batch)
     assert _loss(task, preds[name], batch) == 0.0
-    grad = jax.jit(jax.grad(task.loss))(jnp.asarray(preds[name]), batch)
+    grad = _jit_grad(task, jnp.asarray(preds[name]), batch)
     assert np.all(np.isfinite(grad))
     out = _scalars(_metrics(task, preds[name], batch))
     assert all(np.isfinite(v) for v in out.values()), out
@@ -274,7 +282,7 @@ def test_merge_of_two_batches_equals_one_batch_and_jit_equals_eager(name):
     merged = task.empty_metrics().merge(parts[0]).merge(parts[1])
     whole = task.metrics(preds[name], batch)  # eager
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), merged, whole)
-    jitted = jax.jit(task.metrics)(preds[name], batch)
+    jitted = _jit_metrics(task, preds[name], batch)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), jitted, whole)
     eager = {k: float(v) for k, v in whole.compute().items()}
     assert _scalars(jitted) == pytest.approx(eager, rel=1e-5)
@@ -282,7 +290,7 @@ def test_merge_of_two_batches_equals_one_batch_and_jit_equals_eager(name):
     eager_loss = float(task.loss(preds[name], batch))
     assert _loss(task, preds[name], batch) == pytest.approx(eager_loss, rel=1e-5)
     half = jnp.asarray(preds[name], jnp.bfloat16)
-    assert jax.jit(task.loss)(half, batch).dtype == jnp.float32
+    assert _jit_loss(task, half, batch).dtype == jnp.float32
 
 
 def test_evaluation_helpers_collect_merge_compute():
