@@ -4,7 +4,8 @@ Config (``config.optimizer``)::
 
     name='adam' | 'adamw' | 'sgd'
     learning_rate=1e-4          # base (peak) learning rate
-    b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, momentum=0.9 (sgd)
+    b1=0.9, b2=0.999, eps=1e-8, momentum=0.9 (sgd)
+    weight_decay=0.0            # adamw: decoupled; sgd: L2 added to the gradient (torch)
     schedule='constant' | 'step' | 'cosine'
     warmup_steps=0
     decay_steps=(...)           # 'step': boundaries (absolute steps)
@@ -58,7 +59,10 @@ def _base_optimizer(cfg: Mapping[str, Any], lr: optax.Schedule) -> optax.Gradien
         return optax.adamw(lr, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
                            eps=cfg.get("eps", 1e-8), weight_decay=cfg.get("weight_decay", 1e-4))
     if name == "sgd":
-        return optax.sgd(lr, momentum=cfg.get("momentum", 0.9))
+        sgd = optax.sgd(lr, momentum=cfg.get("momentum", 0.9))
+        decay = float(cfg.get("weight_decay", 0.0) or 0.0)
+        # torch.optim.SGD's weight_decay: wd·param added to the gradient before momentum.
+        return optax.chain(optax.add_decayed_weights(decay), sgd) if decay else sgd
     raise UserError(f"unknown optimizer {name!r}; use 'adam', 'adamw' or 'sgd'")
 
 

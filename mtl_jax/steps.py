@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtl_jax.models.multitask import side_outputs
 from mtl_jax.weighting import Weighting
 
 PyTree = Any
@@ -84,8 +85,28 @@ def forward_losses(params: PyTree, batch_stats: PyTree, batch: Batch, rng: jax.A
     else:
         preds, aux = model.apply(variables, batch["image"], train=False)
         new_stats = batch_stats
-    losses = {name: task.loss(preds[name], batch) for name, task in tasks.items()}
+    losses = {name: task_objective(task, name, preds[name], aux, batch)
+              for name, task in tasks.items()}
     return losses, preds, aux, new_stats
+
+
+def task_objective(task, name: str, pred: jax.Array, aux: Mapping[str, jax.Array],
+                   batch: Batch) -> jax.Array:
+    """Loss of task ``name``: its loss on the prediction, averaged with its losses on the
+    model's side outputs (aux ``'<name>/side/<k>'``, already at the label size) when there are
+    any -- the multi-scale objective of DenseMTL (scales 0 and 1) and PAD-Net's deep
+    supervision."""
+    terms = [task.loss(pred, batch)]
+    terms += [task.loss(side, batch) for side in side_outputs(aux, name).values()]
+    return sum(terms) / len(terms)
+
+
+def alpha_summaries(params: PyTree) -> dict[str, jax.Array]:
+    """Mean |α| of every parameter named ``alpha*`` (the xTAM per-channel weights of the
+    correlation-guided branch, which start at 0): ``{'alpha/<module path>': scalar}``."""
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    return {f"alpha/{path}": jnp.mean(jnp.abs(value.astype(jnp.float32)))
+            for path, value in flat.items() if path.rsplit("/", 1)[-1].startswith("alpha")}
 
 
 def _in_task_order(d: Mapping[str, Any], tasks: Mapping[str, Any]) -> dict[str, Any]:
@@ -164,10 +185,10 @@ def decomposed_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, 
     for t, task in tasks.items():
         def task_loss(f, dec_params, t=t, task=task):
             p = {**params, "decoders": {**params["decoders"], t: dec_params}}
-            (pred, _), mutated = model.apply(
+            (pred, aux), mutated = model.apply(
                 {"params": p, "batch_stats": stats}, f, out_size, t, train=True,
                 method=cls.decode_task, mutable=["batch_stats"], rngs=rngs)
-            return task.loss(pred, batch), mutated["batch_stats"]
+            return task_objective(task, t, pred, aux, batch), mutated["batch_stats"]
 
         loss_t, vjp_t, stats_t = jax.vjp(task_loss, feats, params["decoders"][t], has_aux=True)
         g_feat[t], g_dec[t] = vjp_t(jnp.ones_like(loss_t))
@@ -253,6 +274,7 @@ def train_step(state: TrainState, batch: Batch, *, model, tasks: Mapping[str, An
         metrics[f"nonfinite/{t}"] = ~finite_task[t]
     metrics.update(grad_norms)
     metrics.update(_part_norms(state.params, "param_norm"))
+    metrics.update(alpha_summaries(new_state.params))
     metrics["update_norm"] = optax.global_norm(updates)
     for k, v in wout.diagnostics.items():
         metrics[f"weighting/{k}"] = v
@@ -261,10 +283,17 @@ def train_step(state: TrainState, batch: Batch, *, model, tasks: Mapping[str, An
 
 def eval_step(state: TrainState, batch: Batch, *, model, tasks: Mapping[str, Any]
               ) -> dict[str, Any]:
-    """Metric statistics (``{task: SumMetric}``, sums and counts) of one eval batch."""
-    preds, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                           batch["image"], train=False)
-    return {name: task.metrics(preds[name], batch) for name, task in tasks.items()}
+    """Metric statistics (``{task: SumMetric}``, sums and counts) of one eval batch.
+
+    The task's metrics are those of the final prediction; a model's side outputs are scored
+    too, under ``'<task>/side/<k>'`` (e.g. DenseMTL's half-resolution output)."""
+    preds, aux = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                             batch["image"], train=False)
+    out = {name: task.metrics(preds[name], batch) for name, task in tasks.items()}
+    for name, task in tasks.items():
+        for key, side in side_outputs(aux, name).items():
+            out[f"{name}/side/{key}"] = task.metrics(side, batch)
+    return out
 
 
 def predict_step(state: TrainState, image: jax.Array, *, model, tasks: Mapping[str, Any]

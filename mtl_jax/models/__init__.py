@@ -4,18 +4,22 @@ Registries (name → constructor): ``ENCODERS``, ``DECODERS``. ``build_model(mod
 builds a ``MultiTaskModel``; ``count_params`` reports parameter counts per part.
 """
 
+from mtl_jax.models.build import build_model
 from mtl_jax.models.decoders import DECODERS
 from mtl_jax.models.encoders import ENCODERS, encoder_out_channels
-from mtl_jax.models.multitask import MultiTaskModel, SingleTaskModel, build_model
+from mtl_jax.models.exchange import ExchangeMultiTaskModel
+from mtl_jax.models.multitask import MultiTaskModel, SingleTaskModel, side_outputs
 from mtl_jax.models.params import count_params, format_param_table
 
 __all__ = [
     "DECODERS",
     "ENCODERS",
+    "ExchangeMultiTaskModel",
     "MultiTaskModel",
     "SingleTaskModel",
     "build_model",
     "count_params",
     "encoder_out_channels",
     "format_param_table",
+    "side_outputs",
 ]

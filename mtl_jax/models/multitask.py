@@ -25,8 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.models.decoders import DECODERS
-from mtl_jax.models.encoders import ENCODERS
+from mtl_jax.models.layers import resize_bilinear
 
 Dtype = Any
 Features = list[jax.Array]
@@ -124,7 +123,11 @@ class MultiTaskModel(nn.Module):
                 task_features = shared_or_per_task
             else:
                 task_features = {task: shared_or_per_task for task in self.tasks}
-            aux.update({f"{self.interaction.name}/{k}": v for k, v in inter_aux.items()})
+            for key, value in inter_aux.items():
+                if is_side_output(key, self.tasks):  # '<task>/side/<name>': a prediction
+                    aux[key] = resize_bilinear(value.astype(jnp.float32), output_size)
+                else:
+                    aux[f"{self.interaction.name}/{key}"] = value
         preds, dec_aux = self.task_decoders(task_features, output_size, train=train)
         aux.update(dec_aux)
         return preds, aux
@@ -148,50 +151,18 @@ class MultiTaskModel(nn.Module):
         return self.decode(features, image_BxHxWx3.shape[1:3], train=train)
 
 
+def is_side_output(key: str, tasks: Sequence[str]) -> bool:
+    """Whether aux ``key`` is a side output, ``'<task>/side/<name>'`` (DESIGN: side outputs are
+    extra predictions of a task, at the output size, that its loss also supervises)."""
+    parts = key.split("/")
+    return len(parts) == 3 and parts[0] in tasks and parts[1] == "side"
+
+
+def side_outputs(aux: Mapping[str, jax.Array], task: str) -> dict[str, jax.Array]:
+    """``{name: prediction}`` of ``task``'s side outputs in ``aux`` (sorted by name)."""
+    prefix = f"{task}/side/"
+    return {k[len(prefix):]: aux[k] for k in sorted(aux) if k.startswith(prefix)}
+
+
 SingleTaskModel = MultiTaskModel
 """STL baseline: a ``MultiTaskModel`` with exactly one task, one model per task."""
-
-
-def _as_dict(value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
-        return value.to_dict()
-    return dict(value)
-
-
-def build_model(model_cfg: Mapping[str, Any], tasks: Mapping[str, int]) -> MultiTaskModel:
-    """Build a ``MultiTaskModel`` from a model config and ``{task: output channels}``.
-
-    Keys read (all optional): ``encoder`` (name in ``ENCODERS``, default ``'resnet34'``),
-    ``encoder_kwargs`` (e.g. ``width``, ``replace_stride_with_dilation``), ``decoder`` (name in
-    ``DECODERS``, default ``'unet'``), ``decoder_kwargs`` (e.g. ``features``,
-    ``convs_per_block``), ``dtype`` (``'float32'`` | ``'bfloat16'``), ``param_dtype``
-    (``'float32'``), ``pixel_mean``, ``pixel_std``, ``interaction`` (must be ``None`` for now).
-    Other keys are ignored. Unknown encoder/decoder names raise ``ValueError``.
-    """
-    if not tasks:
-        raise ValueError("build_model needs at least one task")
-    encoder_name = model_cfg.get("encoder", "resnet34")
-    decoder_name = model_cfg.get("decoder", "unet")
-    if encoder_name not in ENCODERS:
-        raise ValueError(f"unknown encoder {encoder_name!r}; valid: {sorted(ENCODERS)}")
-    if decoder_name not in DECODERS:
-        raise ValueError(f"unknown decoder {decoder_name!r}; valid: {sorted(DECODERS)}")
-    if model_cfg.get("interaction", None) is not None:
-        raise ValueError("no interaction modules are available yet; set interaction=None")
-    dtype = jnp.dtype(model_cfg.get("dtype", "float32"))
-    param_dtype = jnp.dtype(model_cfg.get("param_dtype", "float32"))
-    precision = dict(dtype=dtype, param_dtype=param_dtype)
-
-    encoder = ENCODERS[encoder_name](**_as_dict(model_cfg.get("encoder_kwargs", None)), **precision)
-    decoder_kwargs = _as_dict(model_cfg.get("decoder_kwargs", None))
-    decoders = {
-        task: DECODERS[decoder_name](out_channels=int(channels), **decoder_kwargs, **precision)
-        for task, channels in tasks.items()
-    }
-    extra = {}
-    for key in ("pixel_mean", "pixel_std"):
-        if model_cfg.get(key, None) is not None:
-            extra[key] = tuple(float(v) for v in model_cfg.get(key))
-    return MultiTaskModel(encoder=encoder, decoders=decoders, dtype=dtype, **extra)

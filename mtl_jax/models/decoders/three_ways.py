@@ -1,0 +1,151 @@
+"""The "3-ways" / PAD-Net+ decoder of DenseMTL (SPEC §4.4), run stage by stage.
+
+Stages run from 4 (deepest) to 0 (full resolution) with ``channels[i]`` channels at stage i
+(default ``(64, 128, 128, 256, 256)``, indexed by stage). On the encoder features
+``[stem s2, layer1 s4, layer2 s8, layer3 s16, layer4 s16 (dilated) or s32]``:
+
+* stage 4: ASPP (rates 6/12/18, ``channels[4]`` features, dropout 0.5) on layer4, nearest
+  upsampling to layer3's size if it is larger (undilated encoders), concat layer3, conv block;
+* stage i = 3, 2, 1: conv block to ``channels[i]``; nearest upsampling to the skip's size when
+  the skip is larger; concat the skip (layer2, layer1, stem); conv block;
+* stage 0: conv block to ``channels[0]``, nearest ×2 upsampling, conv block (no skip).
+
+A conv block is a 3×3 conv with reflection padding and bias, then ELU (Monodepth2 style). Side
+outputs are 1×1 convs with bias: side output k reads stage k's output (side output 0 is the final
+prediction at full resolution, side output 1 the half-resolution one). With a ResNet-101 encoder
+and one output channel the head has 22,061,634 parameters.
+
+Besides the one-shot decoder contract (``(features, output_size, train) -> (pred, aux)``, aux =
+``{'side/<k>': side output k bilinearly resized to output_size}`` for k in ``side_scales``),
+the decoder exposes ``stage(i, x, features, train)`` and ``side(k, x)`` so that
+:class:`~mtl_jax.models.exchange.ExchangeMultiTaskModel` can insert cross-task exchange
+blocks between stages. Parameters: ``aspp``, ``upconv_<i>_<k>`` (stage i, first (0) or second
+(1) conv block; stage 4 has ``upconv_4_1`` only), ``out_<k>`` (side output k).
+
+Initialisation: PyTorch's default conv kernel init, zero biases (the released code keeps the
+PyTorch defaults; biases start at 0 here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtl_jax.models.decoders.aspp import ASPP
+from mtl_jax.models.layers import conv, resize_bilinear, torch_default_kernel_init
+
+Dtype = Any
+
+STAGES = (4, 3, 2, 1, 0)
+
+
+def resize_nearest(x_BxHxWxC: jax.Array, size: Sequence[int]) -> jax.Array:
+    """Nearest-neighbour resize to ``size`` (PyTorch ``mode='nearest'``: source index
+    ``floor(i · in / out)``); exact ×k repetition when the sizes are multiples."""
+    _, h, w, _ = x_BxHxWxC.shape
+    out_h, out_w = int(size[0]), int(size[1])
+    if (h, w) == (out_h, out_w):
+        return x_BxHxWxC
+    if out_h % h == 0 and out_w % w == 0 and out_h // h == out_w // w:
+        factor = out_h // h
+        return jnp.repeat(jnp.repeat(x_BxHxWxC, factor, axis=1), factor, axis=2)
+    rows = (jnp.arange(out_h) * h) // out_h
+    cols = (jnp.arange(out_w) * w) // out_w
+    return x_BxHxWxC[:, rows][:, :, cols]
+
+
+class ConvBlock(nn.Module):
+    """Reflection-padded 3×3 conv with bias, then ELU; output in ``dtype``."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+        x = jnp.pad(x_BxHxWxC.astype(self.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)),
+                    mode="reflect")
+        y = nn.Conv(self.features, (3, 3), padding="VALID", use_bias=True,
+                    kernel_init=torch_default_kernel_init, bias_init=nn.initializers.zeros,
+                    dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+        return nn.elu(y).astype(self.dtype)
+
+
+class ThreeWaysDecoder(nn.Module):
+    """DenseMTL task decoder (see the module docstring).
+
+    Attributes:
+      out_channels: channels of the prediction (and of every side output).
+      channels: channels of stages 0..4 (index = stage).
+      aspp_rates, dropout: ASPP of stage 4.
+      side_scales: stages whose side output is returned besides the final one (scale 0).
+    """
+
+    out_channels: int = 1
+    channels: Sequence[int] = (64, 128, 128, 256, 256)
+    aspp_rates: Sequence[int] = (6, 12, 18)
+    dropout: float = 0.5
+    side_scales: Sequence[int] = (1,)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    stage_order = STAGES
+
+    def setup(self) -> None:
+        if len(self.channels) != 5:
+            raise ValueError(f"ThreeWaysDecoder needs 5 stage channels, got {self.channels}")
+        bad = sorted(set(self.side_scales) - set(STAGES[:-1]))
+        if bad:
+            raise ValueError(f"side_scales must be stages 1..4, got {bad}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.aspp = ASPP(self.channels[4], tuple(self.aspp_rates), self.dropout,
+                         kernel_init=torch_default_kernel_init, **kw)
+        blocks = {"4_1": ConvBlock(self.channels[4], **kw)}
+        for stage in STAGES[1:]:
+            for k in (0, 1):
+                blocks[f"{stage}_{k}"] = ConvBlock(self.channels[stage], **kw)
+        self.upconv = blocks  # parameter names upconv_<stage>_<k>
+        self.out = {  # parameter names out_<scale>
+            str(k): conv(self.out_channels, 1, use_bias=True,
+                             kernel_init=torch_default_kernel_init, **kw)
+            for k in (0, *sorted(set(self.side_scales)))
+        }
+
+    def stage_channels(self, stage: int) -> int:
+        return int(self.channels[stage])
+
+    def stage(self, stage: int, x: jax.Array | None, features: Sequence[jax.Array],
+              train: bool) -> jax.Array:
+        """Run decoder stage ``stage`` on the previous stage's output ``x`` (``None`` at
+        stage 4) with the encoder ``features``; returns ``[B, h_i, w_i, channels[stage]]``."""
+        if stage == 4:
+            x = self.aspp(features[4], train)
+            skip = features[3].astype(self.dtype)
+            x = jnp.concatenate([resize_nearest(x, skip.shape[1:3]), skip], axis=-1)
+            return self.upconv["4_1"](x)
+        x = self.upconv[f"{stage}_0"](x)
+        if stage == 0:
+            x = resize_nearest(x, (2 * x.shape[1], 2 * x.shape[2]))
+        else:
+            skip = features[stage - 1].astype(self.dtype)
+            if skip.shape[1] > x.shape[1] or skip.shape[2] > x.shape[2]:
+                x = resize_nearest(x, skip.shape[1:3])
+            x = jnp.concatenate([x, skip], axis=-1)
+        return self.upconv[f"{stage}_1"](x)
+
+    def side(self, scale: int, x: jax.Array) -> jax.Array:
+        """Side output ``scale`` (a 1×1 conv with bias) of stage ``scale``'s output; float32."""
+        return self.out[str(scale)](x).astype(jnp.float32)
+
+    def __call__(self, features: Sequence[jax.Array], output_size: Sequence[int], train: bool
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        x, aux = None, {}
+        for stage in STAGES:
+            x = self.stage(stage, x, features, train)
+            if stage in self.side_scales:
+                aux[f"side/{stage}"] = resize_bilinear(self.side(stage, x), output_size)
+        return resize_bilinear(self.side(0, x), output_size), aux
