@@ -53,7 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     h, w = (32, 48) if args.smoke else (96, 128)
     n_train, n_val = (24, 10) if args.smoke else (2000, 500)
     c.dataset = dict(name="synthetic", config="source",
-                     options=dict(height=h, width=w, num_train=n_train, num_val=n_val))
+                     options=dict(height=h, width=w, num_train=n_train, num_val=n_val),
+                     normals_from_depth=False)
     c.input_size = (h, w)
     c.tasks = {t: dict(TASK_OPTIONS[t]) for t in task_set(args.tasks)}
     c.model = dict(

@@ -145,6 +145,12 @@ def build_experiment(config: ml_collections.ConfigDict,
         eval_batch_size=int(config.get("eval_batch_size", config.batch_size)))
 
 
+def dataset_normals_from_depth(config: ml_collections.ConfigDict) -> bool:
+    """``config.dataset.normals_from_depth`` (default False): compute the ``normals`` of every
+    example from its ``depth`` and ``intrinsics`` when decoding it (docs/datasets.md)."""
+    return bool(_to_dict(config.dataset).get("normals_from_depth", False))
+
+
 def open_data(config: ml_collections.ConfigDict, splits: Sequence[str] = ("train", "val"),
               data_dir: str | None = None) -> list:
     """Random-access sources of ``splits`` of ``config.dataset``.
@@ -175,9 +181,13 @@ def open_data(config: ml_collections.ConfigDict, splits: Sequence[str] = ("train
     sources = [registry.open_split(name, s, builder_config, data_dir, **options)
                for s in splits]
     tasks = build_tasks(config)
+    from_depth = dataset_normals_from_depth(config)
     for src in sources:
         for i in range(min(4, len(src))):
-            ex = augment.decode(src[i])
+            try:
+                ex = augment.decode(src[i], normals_from_depth=from_depth)
+            except ValueError as e:
+                raise UserError(f"dataset {name!r}, example {i}: {e}") from e
             for task_name, task in tasks.items():
                 label_key = task.label_key
                 if label_key not in ex:

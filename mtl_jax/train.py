@@ -29,7 +29,7 @@ from mtl_jax.evaluation import delta_m, load_baseline
 from mtl_jax.evaluation.metrics import compute_metrics, directions_for, merge_metrics
 from mtl_jax.evaluation.pictures import prediction_grid
 from mtl_jax.evaluation.trivial import trivial_baseline
-from mtl_jax.experiment import Experiment, build_experiment, open_data
+from mtl_jax.experiment import Experiment, build_experiment, dataset_normals_from_depth, open_data
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -62,8 +62,9 @@ def evaluate_state(exp: Experiment, state, val_source, *, baseline: dict | None 
                    ) -> dict[str, float]:
     """Every metric of every task over the full split (each example exactly once)."""
     acc = None
+    from_depth = dataset_normals_from_depth(exp.config)
     for batch in pipeline.eval_batches(val_source, global_batch_size=exp.eval_batch_size,
-                                       mesh=exp.mesh):
+                                       mesh=exp.mesh, normals_from_depth=from_depth):
         acc = merge_metrics(acc, exp.eval_step(state, batch))
     results = compute_metrics(acc)
     if baseline:
@@ -75,8 +76,9 @@ def _write_pictures(exp: Experiment, state, val_source, writer, workdir: str, st
                     num: int) -> None:
     if num <= 0:
         return
-    batch = next(pipeline.eval_batches(val_source, global_batch_size=exp.eval_batch_size,
-                                       mesh=exp.mesh))
+    batch = next(pipeline.eval_batches(
+        val_source, global_batch_size=exp.eval_batch_size, mesh=exp.mesh,
+        normals_from_depth=dataset_normals_from_depth(exp.config)))
     preds = exp.predict_step(state, batch["image"])
     host_batch = {k: np.asarray(jax.device_get(v))[:num] for k, v in batch.items()}
     host_preds = {k: np.asarray(jax.device_get(v))[:num] for k, v in preds.items()}
@@ -144,7 +146,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                          async_save=config.get("async_checkpoints", True))
     train_it = pipeline.train_iterator(
         train_source, global_batch_size=config.batch_size, mesh=exp.mesh, seed=config.seed,
-        augment=exp.augment, prefetch=config.get("prefetch", 2))
+        augment=exp.augment, prefetch=config.get("prefetch", 2),
+        normals_from_depth=dataset_normals_from_depth(config))
     restored = checkpointing.restore(manager, exp.abstract_state)
     if restored is not None:
         state, data_state, start = restored
@@ -154,7 +157,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state, start = exp.init_state(), 0
         writer.write_hparams(config.to_dict())
         if config.get("trivial_baseline", False):
-            trivial = trivial_baseline(train_source, val_source, exp.tasks)
+            trivial = trivial_baseline(train_source, val_source, exp.tasks,
+                                       normals_from_depth=dataset_normals_from_depth(config))
             writer.write_scalars(0, {f"trivial/{k}": v for k, v in trivial.items()})
             if is_primary:
                 with open(os.path.join(workdir, "trivial_baseline.json"), "w") as f:

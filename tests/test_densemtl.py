@@ -1,6 +1,7 @@
 """DenseMTL (seed 004): parameter counts, xTAM, mTEB, staged decoders, multi-scale loss,
 baselines and a smoke training run where the xTAM alphas leave zero."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -247,8 +248,8 @@ def test_multiscale_loss_is_the_mean_over_scales():
     assert float(task_objective(depth, "depth", pred, {}, batch)) == pytest.approx(1.0)
 
 
-def test_forward_losses_average_the_side_output_of_a_real_model(data_dir):
-    config = densemtl_config("dataset=synthetic,tasks=sdn,smoke")
+def test_forward_losses_average_the_side_output_of_a_real_model():
+    config = densemtl_config("dataset=synthetic,tasks=sdn,smoke,attention_impl=naive")
     tasks = build_tasks(config)
     model = build_model(config.model, {t: task.channels for t, task in tasks.items()})
     rng = np.random.default_rng(0)
@@ -256,9 +257,9 @@ def test_forward_losses_average_the_side_output_of_a_real_model(data_dir):
              "semseg": jnp.asarray(rng.integers(-1, 10, (2, 32, 48))),
              "depth": jnp.asarray(rng.uniform(0, 8, (2, 32, 48, 1)), jnp.float32),
              "normals": jnp.asarray(rng.normal(size=(2, 32, 48, 3)), jnp.float32)}
-    variables = _init(model, batch["image"], train=False)
-    losses, preds, aux, _ = forward_losses(variables["params"], variables["batch_stats"], batch,
-                                           KEY, model=model, tasks=tasks, train=False)
+    variables = jax.jit(lambda image: _init(model, image, train=False))(batch["image"])
+    fwd = jax.jit(functools.partial(forward_losses, model=model, tasks=tasks, train=False))
+    losses, preds, aux, _ = fwd(variables["params"], variables["batch_stats"], batch, KEY)
     for name, task in tasks.items():
         by_hand = (task.loss(preds[name], batch) + task.loss(aux[f"{name}/side/1"], batch)) / 2
         assert float(losses[name]) == pytest.approx(float(by_hand), rel=1e-6)

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from mtl_jax.data.geometry import normals_from_depth as _normals_from_depth
+
 #: Resize method per spatial field. Fields not listed here and not spatial pass through.
 RESIZE_METHODS = {
     "image": "linear",
@@ -23,12 +25,18 @@ RESIZE_METHODS = {
 DEFAULT_SCALES = (1.0, 1.2, 1.5)
 
 
-def decode(example: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def decode(example: Mapping[str, np.ndarray], *,
+           normals_from_depth: bool = False) -> dict[str, np.ndarray]:
     """Stored record -> batch contract dtypes (one example, no batch axis).
 
     ``image`` uint8 -> float32 in [0, 1]; ``semseg``/``edges`` -> int32; ``depth`` float32;
     ``normals`` -> float32 renormalised to unit length where valid (they are stored as
     float16); adds ``example_mask = 1``.
+
+    ``normals_from_depth=True`` (``config.dataset.normals_from_depth``) sets ``normals`` to
+    :func:`mtl_jax.data.geometry.normals_from_depth` of ``depth`` and ``intrinsics`` (replacing
+    stored normals, if any), at the stored resolution, before any augmentation; raises
+    ValueError when the example has no ``depth`` or no ``intrinsics``.
     """
     out: dict[str, np.ndarray] = {}
     for key, value in example.items():
@@ -42,6 +50,14 @@ def decode(example: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         elif v.dtype.kind == "f":
             v = v.astype(np.float32)
         out[key] = v
+    if normals_from_depth:
+        missing = [k for k in ("depth", "intrinsics") if k not in out]
+        if missing:
+            raise ValueError(f"dataset.normals_from_depth needs the fields 'depth' and "
+                             f"'intrinsics' (fx, fy, cx, cy); this example has no "
+                             f"{' and no '.join(repr(k) for k in missing)} (its fields: "
+                             f"{sorted(out)})")
+        out["normals"] = _normals_from_depth(out["depth"], out["intrinsics"])
     out["example_mask"] = np.float32(1.0)
     return out
 

@@ -14,11 +14,16 @@ Evaluation (:func:`eval_batches`): every example of the split exactly once, in o
 augmentation; the last batches are padded with copies of a real example whose
 ``example_mask`` is 0, and every process yields the same number of batches.
 
+Both decode each record with :func:`~mtl_jax.data.augment.decode`; ``normals_from_depth=True``
+(``config.dataset.normals_from_depth``) makes it compute ``normals`` from ``depth`` and
+``intrinsics`` at the stored resolution, before augmentation.
+
 No TensorFlow is imported: records are read through ``tfds`` data sources (array_record).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import queue
 import threading
@@ -62,7 +67,8 @@ def to_global(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) ->
 def host_train_dataset(source, *, local_batch_size: int, seed: int,
                        augment: JointAugment | None, process_index: int = 0,
                        process_count: int = 1, num_threads: int = 2,
-                       prefetch_buffer_size: int = 4) -> grain.IterDataset:
+                       prefetch_buffer_size: int = 4,
+                       normals_from_depth: bool = False) -> grain.IterDataset:
     """The per-process training stream of NumPy batches (infinite)."""
     if len(source) < process_count:
         raise ValueError(f"split of {len(source)} examples is smaller than {process_count} "
@@ -71,12 +77,18 @@ def host_train_dataset(source, *, local_batch_size: int, seed: int,
     if len(ds) < local_batch_size:
         raise ValueError(f"each process has {len(ds)} training examples, fewer than its batch "
                          f"size {local_batch_size}; lower the batch size or add data")
-    ds = ds.seed(seed).shuffle().repeat(None).map(decode)
+    ds = ds.seed(seed).shuffle().repeat(None).map(_decoder(normals_from_depth))
     if augment is not None:
         ds = ds.random_map(augment)
     ds = ds.batch(local_batch_size, drop_remainder=True)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                 prefetch_buffer_size=prefetch_buffer_size))
+
+
+def _decoder(normals_from_depth: bool) -> Callable[[Mapping], dict]:
+    if normals_from_depth:
+        return functools.partial(decode, normals_from_depth=True)
+    return decode
 
 
 class ShardedIterator:
@@ -167,12 +179,14 @@ class ShardedIterator:
 
 def train_iterator(source, *, global_batch_size: int, mesh: Mesh, seed: int,
                    augment: JointAugment | None = None, prefetch: int = 2,
-                   num_threads: int = 2, axis: str = "data") -> ShardedIterator:
+                   num_threads: int = 2, axis: str = "data",
+                   normals_from_depth: bool = False) -> ShardedIterator:
     """Infinite iterator of sharded global training batches; see the module docstring."""
     local_bs = local_batch_size(global_batch_size, mesh, axis)
     host = host_train_dataset(source, local_batch_size=local_bs, seed=seed, augment=augment,
                               process_index=jax.process_index(),
-                              process_count=jax.process_count(), num_threads=num_threads)
+                              process_count=jax.process_count(), num_threads=num_threads,
+                              normals_from_depth=normals_from_depth)
     return ShardedIterator(iter(host), batch_sharding(mesh, axis), prefetch=prefetch)
 
 
@@ -194,11 +208,13 @@ def _pad_and_stack(examples: list[dict], size: int) -> dict[str, np.ndarray]:
 
 def host_eval_batches(source, *, local_batch_size: int, process_index: int = 0,
                       process_count: int = 1, num_threads: int = 2,
-                      transform: Callable[[dict], dict] | None = None
+                      transform: Callable[[dict], dict] | None = None,
+                      normals_from_depth: bool = False
                       ) -> Iterator[dict[str, np.ndarray]]:
     """Per-process NumPy eval batches (padded, masked); equal count on every process."""
     n_batches = num_eval_batches(len(source), local_batch_size * process_count, process_count)
-    ds = grain.MapDataset.source(source)[process_index::process_count].map(decode)
+    decode_fn = _decoder(normals_from_depth)
+    ds = grain.MapDataset.source(source)[process_index::process_count].map(decode_fn)
     if transform is not None:
         ds = ds.map(transform)
     it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads)))
@@ -213,18 +229,19 @@ def host_eval_batches(source, *, local_batch_size: int, process_index: int = 0,
             template = chunk[0]
         else:  # this process ran out: a fully masked batch keeps processes in step
             if template is None:
-                template = decode(source[0])
+                template = decode_fn(source[0])
             chunk = [dict(template, example_mask=np.float32(0.0))]
         yield _pad_and_stack(chunk, local_batch_size)
 
 
 def eval_batches(source, *, global_batch_size: int, mesh: Mesh, axis: str = "data",
-                 num_threads: int = 2) -> Iterator[Batch]:
+                 num_threads: int = 2, normals_from_depth: bool = False) -> Iterator[Batch]:
     """Every example of ``source`` exactly once, as sharded global batches with
     ``example_mask`` (1 real, 0 padding)."""
     local_bs = local_batch_size(global_batch_size, mesh, axis)
     sharding = batch_sharding(mesh, axis)
     for local in host_eval_batches(source, local_batch_size=local_bs,
                                    process_index=jax.process_index(),
-                                   process_count=jax.process_count(), num_threads=num_threads):
+                                   process_count=jax.process_count(), num_threads=num_threads,
+                                   normals_from_depth=normals_from_depth):
         yield to_global(local, sharding)

@@ -1,14 +1,16 @@
 """Trivial predictors: what a model must beat to have learnt anything.
 
 * semseg: the majority class of the training pixels, everywhere;
-* depth: the mean valid training depth, everywhere;
+* depth: the mean valid training depth, everywhere (encoded in the network's output space when
+  the task regresses an encoding of depth, e.g. ``encoding='inverse_cm'``);
 * normals: the mean valid training normal (normalised), everywhere;
 * edges: the more frequent training label (background), everywhere;
 * reconstruction: the mean training colour, everywhere.
 
 The constants are estimated on (up to) ``max_examples`` training examples and scored on the
 whole validation split with the tasks' own metrics, so the numbers are directly comparable
-with a model's ``eval/`` metrics.
+with a model's ``eval/`` metrics. ``normals_from_depth`` decodes examples as the pipeline does
+with ``config.dataset.normals_from_depth`` (normals computed from depth and intrinsics).
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from mtl_jax.data.augment import decode
 from mtl_jax.evaluation.metrics import compute_metrics, merge_metrics
 
 
-def fit_constants(train_source, tasks: Mapping[str, Any], max_examples: int = 200
-                  ) -> dict[str, np.ndarray]:
-    """Per task, the constant prediction in the task's prediction format (one pixel)."""
+def fit_constants(train_source, tasks: Mapping[str, Any], max_examples: int = 200, *,
+                  normals_from_depth: bool = False) -> dict[str, np.ndarray]:
+    """Per task, the constant prediction in the task's prediction format (one pixel): the raw
+    head output, e.g. the encoded depth for a depth task with an encoding."""
     n = min(len(train_source), max_examples)
-    exs = [decode(train_source[i]) for i in range(n)]
+    exs = [decode(train_source[i], normals_from_depth=normals_from_depth) for i in range(n)]
     out: dict[str, np.ndarray] = {}
     for name, task in tasks.items():
         if name == "semseg":
@@ -39,7 +42,8 @@ def fit_constants(train_source, tasks: Mapping[str, Any], max_examples: int = 20
             out[name] = logits
         elif name == "depth":
             d = np.concatenate([e["depth"].ravel() for e in exs])
-            out[name] = np.array([d[d > 0].mean()], np.float32)
+            mean_m = np.array([d[d > 0].mean()], np.float32)
+            out[name] = np.asarray(task.raw_prediction(mean_m), np.float32)
         elif name == "normals":
             nrm = np.concatenate([e["normals"].reshape(-1, 3) for e in exs])
             m = nrm[np.any(nrm != 0, axis=1)].mean(0)
@@ -54,7 +58,8 @@ def fit_constants(train_source, tasks: Mapping[str, Any], max_examples: int = 20
 
 
 def evaluate_constants(val_source, tasks: Mapping[str, Any], constants: Mapping[str, Any],
-                       batch_size: int = 32) -> dict[str, float]:
+                       batch_size: int = 32, *, normals_from_depth: bool = False
+                       ) -> dict[str, float]:
     """Metrics ``{'<task>/<metric>': value}`` of the constant predictions on ``val_source``."""
     scored = {k: t for k, t in tasks.items() if k in constants}
 
@@ -70,8 +75,8 @@ def evaluate_constants(val_source, tasks: Mapping[str, Any], constants: Mapping[
 
     acc = None
     for start in range(0, len(val_source), batch_size):
-        exs = [decode(val_source[i]) for i in range(start, min(start + batch_size,
-                                                               len(val_source)))]
+        exs = [decode(val_source[i], normals_from_depth=normals_from_depth)
+               for i in range(start, min(start + batch_size, len(val_source)))]
         batch = {k: np.stack([e[k] for e in exs]) for k in exs[0]
                  if np.ndim(exs[0][k]) >= 2 or k == "example_mask"}
         acc = merge_metrics(acc, stats(batch, consts))
@@ -79,7 +84,10 @@ def evaluate_constants(val_source, tasks: Mapping[str, Any], constants: Mapping[
 
 
 def trivial_baseline(train_source, val_source, tasks: Mapping[str, Any],
-                     max_examples: int = 200) -> dict[str, float]:
+                     max_examples: int = 200, *, normals_from_depth: bool = False
+                     ) -> dict[str, float]:
     """Fit the constants on training data and score them on the validation split."""
-    return evaluate_constants(val_source, tasks, fit_constants(train_source, tasks,
-                                                               max_examples))
+    constants = fit_constants(train_source, tasks, max_examples,
+                              normals_from_depth=normals_from_depth)
+    return evaluate_constants(val_source, tasks, constants,
+                              normals_from_depth=normals_from_depth)

@@ -1,4 +1,5 @@
-"""Depth estimation: L1 / berHu / per-image L1 losses, per-pixel error metrics."""
+"""Depth estimation: L1 / berHu / per-image L1 losses, per-pixel error metrics, and the
+optional inverse-depth encoding of the regression target (DenseMTL)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,52 @@ import jax.numpy as jnp
 from mtl_jax.tasks.base import Batch, SumMetric, Task, count, masked_sum, pixel_mask, safe_div
 
 DEPTH_LOSSES = ("l1", "berhu", "l1_per_image")
+DEPTH_ENCODINGS = ("none", "inverse_cm")
+# 'inverse_cm': v = INVERSE_CM_SCALE / (100 * depth_m + 1) (DenseMTL's released normalisation).
+INVERSE_CM_SCALE = 65536.0
+# Decoding clamps v to at least this value, i.e. depth <= (65536 / 1 - 1) / 100 = 655.35 m, so
+# that a prediction <= 0 never turns into an infinite or negative-infinite depth.
+INVERSE_CM_MIN = 1.0
 # Predictions at or below zero are clamped to this value (metres) in the delta ratios only.
 RATIO_EPS = 1e-6
 # berHu threshold c = BERHU_FRACTION * max |residual| over the valid pixels of the batch.
 BERHU_FRACTION = 0.2
+
+
+def _check_encoding(encoding: str) -> None:
+    if encoding not in DEPTH_ENCODINGS:
+        raise ValueError(f"depth encoding must be one of {DEPTH_ENCODINGS}, got {encoding!r}")
+
+
+def encode_depth(depth_m: jax.Array, encoding: str) -> jax.Array:
+    """Metric depth (metres) -> the value the network regresses (float32).
+
+    ``'none'``: ``v = depth_m``. ``'inverse_cm'`` (DenseMTL's released normalisation):
+    ``v = 65536 / (depth_cm + 1)`` with ``depth_cm = 100 * depth_m``; it maps 0 m to 65536 and
+    decreases monotonically (1 m -> 648.87, 10 m -> 65.47, 100 m -> 6.55). Invalid depths
+    (``<= 0``) are encoded like any other value; losses mask them out.
+    """
+    _check_encoding(encoding)
+    d = jnp.asarray(depth_m, jnp.float32)
+    if encoding == "none":
+        return d
+    return INVERSE_CM_SCALE / (100.0 * d + 1.0)
+
+
+def decode_depth(v: jax.Array, encoding: str) -> jax.Array:
+    """The network's output -> metric depth in metres (float32); the exact inverse of
+    :func:`encode_depth`.
+
+    ``'none'``: ``depth_m = v``. ``'inverse_cm'``: ``depth_m = (65536 / v - 1) / 100`` with
+    ``v`` first clamped to ``v >= 1`` (so ``depth_m <= 655.35``): predictions ``<= 0`` would
+    otherwise decode to infinite or negative depths. Encoded depths of 0..655.35 m are
+    ``>= 1`` and round-trip exactly (to float32 rounding).
+    """
+    _check_encoding(encoding)
+    v = jnp.asarray(v, jnp.float32)
+    if encoding == "none":
+        return v
+    return (INVERSE_CM_SCALE / jnp.maximum(v, INVERSE_CM_MIN) - 1.0) / 100.0
 
 
 @flax.struct.dataclass
@@ -62,11 +105,24 @@ class DepthStats(SumMetric):
 class Depth(Task):
     """Depth regression.
 
-    Prediction: ``[B,H,W,1]`` in the target's unit. Target: ``batch['depth']`` float32
-    ``[B,H,W,1]``, 0 (or any value <= 0) = invalid.
+    Prediction: ``[B,H,W,1]`` in the target's unit, or its encoding (below). Target:
+    ``batch['depth']`` float32 ``[B,H,W,1]``, 0 (or any value <= 0) = invalid.
+
+    Encoding (constructor argument ``encoding=``): what the network regresses.
+      'none': the depth itself (default).
+      'inverse_cm': ``v = 65536 / (100 * depth_m + 1)`` (DenseMTL's released normalisation;
+        the target must be in metres). The loss compares the prediction with the encoded
+        target; ``postprocess`` (hence metrics and pictures) decodes it back to metres with
+        the exact inverse ``(65536 / max(v, 1) - 1) / 100`` (see :func:`decode_depth`).
+
+    Output scale (constructor argument ``output_scale=``, default 1): the encoded value is
+      ``v = output_scale * head output``. With the 'inverse_cm' encoding targets are in the
+      hundreds; a scale of e.g. 100 lets a freshly initialised head (outputs near 0) reach them
+      in a short run without changing the loss's magnitude (Adam moves the head's output by
+      ~lr per step whatever the scale of its target).
 
     Losses (constructor argument ``loss=``, stored as ``loss_type`` because ``loss`` is the
-    method):
+    method), with ``p = output_scale * head output`` and ``g`` the encoded target:
       'l1': mean |p-g| over all valid pixels of the batch.
       'berhu': mean berHu(p-g) over valid pixels; berHu(r) = |r| if |r| <= c else
         (r^2 + c^2) / (2c), c = 0.2 * max |r| over the valid pixels of the batch, with the
@@ -76,6 +132,8 @@ class Depth(Task):
     """
 
     loss_type: str = "l1"
+    encoding: str = "none"
+    output_scale: float = 1.0
 
     name: ClassVar[str] = "depth"
     label_key: ClassVar[str] = "depth"
@@ -90,21 +148,43 @@ class Depth(Task):
     }
     metric_cls: ClassVar = DepthStats
 
-    def __init__(self, loss: str = "l1") -> None:
+    def __init__(self, loss: str = "l1", encoding: str = "none",
+                 output_scale: float = 1.0) -> None:
         object.__setattr__(self, "loss_type", loss)
+        object.__setattr__(self, "encoding", encoding)
+        object.__setattr__(self, "output_scale", float(output_scale))
+        if not self.output_scale > 0:
+            raise ValueError(f"depth output_scale must be > 0, got {output_scale!r}")
         if self.loss_type not in DEPTH_LOSSES:
             raise ValueError(f"depth loss must be one of {DEPTH_LOSSES}, got {self.loss_type!r}")
+        _check_encoding(self.encoding)
 
     @property
     def channels(self) -> int:
         return 1
 
+    def postprocess(self, pred: jax.Array) -> jax.Array:
+        """Metric depth (the target's unit) of a raw prediction: :func:`decode_depth` of
+        ``output_scale * pred``."""
+        return decode_depth(self._scaled(pred), self.encoding)
+
+    def _scaled(self, pred: jax.Array) -> jax.Array:
+        pred = jnp.asarray(pred, jnp.float32)
+        return pred if self.output_scale == 1.0 else pred * self.output_scale
+
+    def raw_prediction(self, depth: jax.Array) -> jax.Array:
+        """The head output whose postprocessed value is ``depth`` (the target's unit): the
+        inverse of :meth:`postprocess`, e.g. for constant-predictor baselines."""
+        return encode_depth(depth, self.encoding) / self.output_scale
+
     def _residual(self, pred: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        """Residual p - g (0 where invalid) and valid mask, both ``[B,H,W]`` float32/bool."""
-        pred_BxHxW = jnp.asarray(pred, jnp.float32)[..., 0]
+        """Residual p - encode(g) (0 where invalid) and valid mask, both ``[B,H,W]``
+        float32/bool."""
+        pred_BxHxW = self._scaled(pred)[..., 0]
         gt_BxHxW = jnp.asarray(batch[self.label_key], jnp.float32)[..., 0]
         valid = pixel_mask(batch, gt_BxHxW > 0)
-        return jnp.where(valid, pred_BxHxW - gt_BxHxW, 0.0), valid
+        target = encode_depth(jnp.where(valid, gt_BxHxW, 1.0), self.encoding)
+        return jnp.where(valid, pred_BxHxW - target, 0.0), valid
 
     def loss(self, pred: jax.Array, batch: Batch) -> jax.Array:
         """Depth loss (see class docstring) of ``pred`` ``[B,H,W,1]``; float32 scalar."""
