@@ -49,11 +49,16 @@ def _data_build(args: argparse.Namespace) -> int:
 
 def _data_show(args: argparse.Namespace) -> int:
     from mtl_jax.data import augment, registry, visualize
+    from mtl_jax.errors import UserError
 
     src = registry.open_split(args.name, args.split, args.config, args.data_dir,
                               **_builder_options(args))
     n = min(args.num, len(src))
-    examples = [augment.decode(src[i]) for i in range(n)]
+    try:
+        examples = [augment.decode(src[i], normals_from_depth=args.normals_from_depth)
+                    for i in range(n)]
+    except ValueError as e:
+        raise UserError(str(e)) from e
     visualize.save_png(args.out, visualize.example_grid(examples))
     print(f"wrote {args.out}: {n} examples of {args.name}/{args.split}")
     return 0
@@ -71,6 +76,9 @@ def _data_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="grid.png", help="output PNG path")
     s.add_argument("--split", default="train")
     s.add_argument("--num", type=int, default=6, help="number of examples (rows)")
+    s.add_argument("--normals_from_depth", action="store_true",
+                   help="show normals computed from depth and intrinsics (as the training "
+                        "pipeline does with config.dataset.normals_from_depth)")
     s.set_defaults(func=_data_show)
     return parser
 

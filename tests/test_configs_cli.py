@@ -127,7 +127,7 @@ def test_cli_data_show_writes_png(data_dir, tmp_path):
     out = tmp_path / "grid.png"
     opts = [f"--{k}={v}" for k, v in TINY.items()]
     r = _cli("data", "show", "synthetic", "--data_dir", data_dir, "--out", str(out), "--num",
-             "3", *opts)
+             "3", "--normals_from_depth", *opts)
     assert r.returncode == 0, r.stderr
     img = np.asarray(Image.open(out))
     # 3 rows of 32-pixel pictures, 5 columns (image, semseg, depth, normals, edges) of 48.

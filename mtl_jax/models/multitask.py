@@ -112,7 +112,9 @@ class MultiTaskModel(nn.Module):
         """Shared features → (``{task: [B, H, W, C_task]}`` float32 at ``output_size``, aux).
 
         Aux keys are namespaced: ``'<task>/<key>'`` for decoder outputs, ``'<module>/<key>'`` for
-        the interaction module's.
+        the interaction module's. Side outputs -- extra predictions of a task that its loss
+        also supervises -- are ``'<task>/side/<name>'`` (from a decoder's ``'side/<name>'`` or
+        an interaction's ``'<task>/side/<name>'``), float32 at ``output_size``.
         """
         output_size = (int(output_size[0]), int(output_size[1]))
         aux: dict[str, jax.Array] = {}
