@@ -2,7 +2,7 @@
 
 Subcommands::
 
-    mtl-jax data build NAME [--data_dir D] [builder options]   prepare a dataset
+    mtl-jax data build NAME [--manual_dir M] [--data_dir D] [--config C] [options]
     mtl-jax data show NAME --out grid.png [--split val]       picture grid of examples
     mtl-jax train --config=configs/quickstart.py[:args] --workdir=W [--config.a.b=v]
     mtl-jax eval  --config=... --workdir=W [--step N]
@@ -23,7 +23,8 @@ def _add_dataset_options(p: argparse.ArgumentParser) -> None:
                    help="where prepared datasets live (default: $TFDS_DATA_DIR or the TFDS "
                         "default, ~/tensorflow_datasets)")
     p.add_argument("--config", default=None,
-                   help="builder config name (synthetic: the domain, 'source' or 'target')")
+                   help="builder config name (synthetic: the domain, 'source' or 'target'; "
+                        "real datasets: e.g. the resolution, see docs/datasets.md)")
     g = p.add_argument_group("synthetic dataset options")
     g.add_argument("--domain", default=None, choices=("source", "target"))
     g.add_argument("--height", type=int, default=None)
@@ -41,9 +42,11 @@ def _builder_options(args: argparse.Namespace) -> dict:
 def _data_build(args: argparse.Namespace) -> int:
     from mtl_jax.data import registry
 
-    builder = registry.build(args.name, args.config, args.data_dir, **_builder_options(args))
+    builder = registry.build(args.name, args.config, args.data_dir, manual_dir=args.manual_dir,
+                             **_builder_options(args))
     splits = {k: v.num_examples for k, v in builder.info.splits.items()}
-    print(f"prepared {args.name} ({builder.builder_config.name}) in {builder.data_dir}: {splits}")
+    print(f"prepared {args.name} ({registry.config_name(builder)}) in {builder.data_dir}: "
+          f"{splits}")
     return 0
 
 
@@ -70,6 +73,9 @@ def _data_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="action", required=True)
     b = sub.add_parser("build", help="prepare a dataset as array_record (no download)")
     _add_dataset_options(b)
+    b.add_argument("--manual_dir", default=None,
+                   help="real datasets: the folder you downloaded (its expected tree is in "
+                        "docs/datasets.md and in the error message when something is missing)")
     b.set_defaults(func=_data_build)
     s = sub.add_parser("show", help="write a PNG grid of examples and all their labels")
     _add_dataset_options(s)

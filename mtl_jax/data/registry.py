@@ -8,7 +8,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from mtl_jax.data import DATASETS, synthetic
+from mtl_jax.data import DATASETS
 from mtl_jax.errors import DatasetNotFoundError, UserError
 
 __all__ = ["DatasetNotFoundError", "build", "get_builder", "open_split", "resolve_data_dir"]
@@ -26,6 +26,8 @@ def resolve_data_dir(data_dir: str | None = None) -> str:
 
 def _builder_config(name: str, config: str | None, options: Mapping[str, Any]):
     if name == "synthetic":
+        from mtl_jax.data import synthetic
+
         opts = dict(options)
         if config is not None:
             opts.setdefault("domain", config)
@@ -55,6 +57,11 @@ def get_builder(name: str, config: str | None = None, data_dir: str | None = Non
     return cls(**kwargs)
 
 
+def config_name(builder: tfds.core.DatasetBuilder) -> str:
+    """The builder config's name, ``'default'`` for builders without configs."""
+    return builder.builder_config.name if builder.builder_config is not None else "default"
+
+
 def build_command(name: str, data_dir: str | None, options: Mapping[str, Any]) -> str:
     """The ``mtl-jax data build`` command line that prepares this builder's data."""
     parts = ["mtl-jax data build", name]
@@ -66,11 +73,25 @@ def build_command(name: str, data_dir: str | None, options: Mapping[str, Any]) -
 
 
 def build(name: str, config: str | None = None, data_dir: str | None = None,
-          **options: Any) -> tfds.core.DatasetBuilder:
-    """Prepare a dataset (a no-op when it is already prepared); returns its builder."""
+          manual_dir: str | None = None, **options: Any) -> tfds.core.DatasetBuilder:
+    """Prepare a dataset (a no-op when it is already prepared); returns its builder.
+
+    Datasets read from a manual download (every real dataset) need ``manual_dir``, the folder
+    the user downloaded; a missing one raises :class:`~mtl_jax.data.manual.ManualDataError`
+    with the expected tree and the download page. Nothing is ever downloaded.
+    """
     builder = get_builder(name, config, data_dir, **options)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    if builder.is_prepared():
+        return builder
+    cls = DATASETS[name]
+    if not getattr(cls, "GENERATED", False):
+        if not manual_dir:
+            raise cls.missing("--manual_dir (the folder you downloaded)")
+        manual_dir = os.path.expanduser(str(manual_dir))
+        if not os.path.isdir(manual_dir):
+            raise cls.missing(f"the folder {manual_dir}")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        try_download_gcs=False, manual_dir=manual_dir))
     return builder
 
 
@@ -85,8 +106,12 @@ def open_split(name: str, split: str, config: str | None = None, data_dir: str |
         opts = dict(options)
         if config is not None and name == "synthetic":
             opts.setdefault("domain", config)
+        elif config is not None:
+            opts["config"] = config
+        if not getattr(DATASETS[name], "GENERATED", False):
+            opts["manual_dir"] = "FOLDER_YOU_DOWNLOADED"
         raise DatasetNotFoundError(
-            f"dataset {name!r} (config {builder.builder_config.name!r}) is not prepared in "
+            f"dataset {name!r} (config {config_name(builder)!r}) is not prepared in "
             f"{resolve_data_dir(data_dir)!r}. Prepare it with:\n  "
             + build_command(name, resolve_data_dir(data_dir), opts))
     splits = builder.info.splits

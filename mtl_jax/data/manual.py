@@ -1,0 +1,248 @@
+"""Shared machinery of the builders that read a folder the user downloaded (issue 6).
+
+None of the papers' datasets can be downloaded by code (licences, registration), so each is a
+TFDS builder with ``MANUAL_DOWNLOAD_INSTRUCTIONS`` that reads ``manual_dir`` and writes
+``array_record`` in the batch contract of ``docs/datasets.md``. This module gives them:
+
+* :class:`ManualBuilder` -- the base class: names the download page and the expected tree,
+  checks that the folder and the files a builder needs exist (``check_files``), and builds the
+  features dict of the contract (:meth:`ManualBuilder.dense_features`);
+* :class:`ManualDataError` -- a missing folder/file (the message shows the expected tree, the
+  first missing path and the download page) and :class:`BadFileError` -- a file that exists but
+  holds wrong data (named in the message);
+* readers that validate what they read (``read_png``, ``read_image``, ``read_npy``) and
+  validation helpers (``check_shape``, ``check_labels``, ``check_depth``);
+* resizing to the builder config's resolution (``resize_image`` bilinear, ``resize_nearest``
+  for labels and depth) with the intrinsics rescaled;
+* splits: ``seeded_split`` (one seeded permutation cut once, so train and val never share an
+  example) and ``scene_split`` (whole scenes/sequences to val, for video frames whose
+  neighbours are near-duplicates).
+
+Every builder's examples hold: ``image`` uint8 ``[H,W,3]``; where the dataset has them
+``semseg`` int16 ``[H,W]`` (``-1`` ignore), ``depth`` float32 ``[H,W,1]`` (metres unless the
+dataset's docs say otherwise, ``0`` invalid), ``normals`` float16 ``[H,W,3]`` (camera frame,
+all-zero invalid), ``edges`` int8 ``[H,W]``, ``intrinsics`` float32 ``[4]`` (at the stored
+resolution), and ``index`` int32 (the record's position in its split).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from mtl_jax.data import geometry
+from mtl_jax.errors import UserError
+
+
+class ManualDataError(UserError, FileNotFoundError):
+    """The manually downloaded folder, or a file in it, is missing."""
+
+
+class BadFileError(UserError, ValueError):
+    """A file of the manual folder exists but its content is not what the dataset stores."""
+
+
+class ManualBuilder(tfds.core.GeneratorBasedBuilder):
+    """Base of the builders that read ``manual_dir`` (see the module docstring).
+
+    Subclasses set ``DOWNLOAD_URL`` (the official page), ``EXPECTED_TREE`` (the folder layout
+    as text, shown in errors) and implement ``_info`` / ``_split_generators`` /
+    ``_generate_examples`` as usual, calling :meth:`manual_root` first thing in
+    ``_split_generators``.
+    """
+
+    GENERATED: ClassVar[bool] = False
+    DOWNLOAD_URL: ClassVar[str] = ""
+    EXPECTED_TREE: ClassVar[str] = ""
+
+    @classmethod
+    def instructions(cls) -> str:
+        return (f"Download the dataset from {cls.DOWNLOAD_URL} (registration may be needed; "
+                f"nothing is downloaded for you) and arrange it as:\n{cls.EXPECTED_TREE}\n"
+                f"then run: mtl-jax data build {cls.registry_name()} --manual_dir=FOLDER")
+
+    @classmethod
+    def registry_name(cls) -> str:
+        return getattr(cls, "REGISTRY_NAME", cls.name)
+
+    @classmethod
+    def missing(cls, what: str, root: str | None = None) -> ManualDataError:
+        """A :class:`ManualDataError` naming ``what`` is missing, with the expected tree and
+        the download page."""
+        where = f" in {root}" if root else ""
+        return ManualDataError(
+            f"{cls.registry_name()}: {what} is missing{where}.\nExpected tree:\n"
+            f"{cls.EXPECTED_TREE}\nDownload page: {cls.DOWNLOAD_URL} (download it yourself; "
+            f"mtl-jax never downloads datasets)")
+
+    def manual_root(self, dl_manager) -> str:
+        """``manual_dir`` as a string, checked to exist; raises :class:`ManualDataError`."""
+        try:
+            root = os.fspath(dl_manager.manual_dir)
+        except Exception as e:  # TFDS raises when the folder is unset, missing or empty
+            raise self.missing("the manual download folder (--manual_dir)") from e
+        if not os.path.isdir(root):
+            raise self.missing(f"the folder {root}")
+        return root
+
+    def check_files(self, root: str, relative_paths: Iterable[str]) -> None:
+        """Raise :class:`ManualDataError` for the first of ``relative_paths`` not in ``root``
+        (files or folders)."""
+        for rel in relative_paths:
+            if not os.path.exists(os.path.join(root, rel)):
+                raise self.missing(f"'{rel}'", root)
+
+    @staticmethod
+    def dense_features(height: int, width: int, *, semseg: bool = True, depth: bool = True,
+                       normals: bool = True, edges: bool = False, intrinsics: bool = True,
+                       extra: dict[str, Any] | None = None) -> tfds.features.FeaturesDict:
+        """The features dict of the batch contract at ``height × width`` (module docstring)."""
+        zlib = tfds.features.Encoding.ZLIB
+        f: dict[str, Any] = {
+            "image": tfds.features.Tensor(shape=(height, width, 3), dtype=np.uint8),
+            "index": tfds.features.Scalar(dtype=np.int32),
+        }
+        if semseg:
+            f["semseg"] = tfds.features.Tensor(shape=(height, width), dtype=np.int16,
+                                               encoding=zlib)
+        if depth:
+            f["depth"] = tfds.features.Tensor(shape=(height, width, 1), dtype=np.float32,
+                                              encoding=zlib)
+        if normals:
+            f["normals"] = tfds.features.Tensor(shape=(height, width, 3), dtype=np.float16,
+                                                encoding=zlib)
+        if edges:
+            f["edges"] = tfds.features.Tensor(shape=(height, width), dtype=np.int8,
+                                              encoding=zlib)
+        if intrinsics:
+            f["intrinsics"] = tfds.features.Tensor(shape=(4,), dtype=np.float32)
+        f.update(extra or {})
+        return tfds.features.FeaturesDict(f)
+
+
+# ------------------------------------------------------------------------------------ reading
+def read_image(path: str) -> np.ndarray:
+    """An RGB image file (PNG/JPEG/TIFF) as uint8 ``[H, W, 3]``; BadFileError if unreadable."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), np.uint8)
+    except (OSError, ValueError) as e:
+        raise BadFileError(f"cannot read image {path}: {e}") from e
+
+
+def read_png(path: str, *, bits: int | None = None) -> np.ndarray:
+    """A PNG (or TIFF) with its stored values (8-bit, 16-bit, palette indices, RGB) as an
+    integer array; ``bits`` checks the stored bit depth (8 or 16)."""
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            arr = np.asarray(im)
+    except (OSError, ValueError) as e:
+        raise BadFileError(f"cannot read {path}: {e}") from e
+    if bits == 16 and not (mode.startswith("I;16") or mode == "I" or arr.dtype == np.uint16
+                           or arr.dtype == np.int32):
+        raise BadFileError(f"{path}: expected a 16-bit PNG, got mode {mode!r}")
+    if bits == 8 and arr.dtype != np.uint8:
+        raise BadFileError(f"{path}: expected an 8-bit PNG, got mode {mode!r}")
+    return arr
+
+
+def read_npy(path: str) -> np.ndarray:
+    """A ``.npy`` array; BadFileError naming the file if it is not one."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise BadFileError(f"cannot read {path} as .npy: {e}") from e
+
+
+# --------------------------------------------------------------------------------- validation
+def check_shape(path: str, array: np.ndarray, shape: Sequence[int | None]) -> None:
+    """BadFileError unless ``array.shape`` matches ``shape`` (``None`` = any size)."""
+    ok = array.ndim == len(shape) and all(s is None or s == a for s, a in zip(shape, array.shape))
+    if not ok:
+        raise BadFileError(f"{path}: expected shape {tuple(shape)}, got {array.shape}")
+
+
+def check_labels(path: str, labels: np.ndarray, num_classes: int, ignore: int = -1) -> None:
+    """BadFileError naming the values of ``labels`` outside ``[0, num_classes)`` ∪ {ignore}."""
+    values = np.unique(labels)
+    bad = values[((values < 0) | (values >= num_classes)) & (values != ignore)]
+    if bad.size:
+        shown = ", ".join(str(v) for v in bad[:8]) + (" ..." if bad.size > 8 else "")
+        raise BadFileError(f"{path}: label values {shown} are outside [0, {num_classes}) and not "
+                           f"the ignore value {ignore}")
+
+
+def check_depth(path: str, depth: np.ndarray, max_depth: float) -> None:
+    """BadFileError if depth has NaN/inf, negative values or values above ``max_depth``
+    (a unit error, e.g. millimetres read as metres)."""
+    if not np.all(np.isfinite(depth)):
+        raise BadFileError(f"{path}: depth has NaN or infinite values")
+    if np.any(depth < 0):
+        raise BadFileError(f"{path}: depth has negative values (min {depth.min():g})")
+    if np.any(depth > max_depth):
+        raise BadFileError(f"{path}: depth values up to {depth.max():g} exceed {max_depth:g}; "
+                           "wrong unit?")
+
+
+# --------------------------------------------------------------------------------- resolution
+def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 RGB resized bilinearly (PIL, antialiased when shrinking) to ``height × width``."""
+    if image.shape[:2] == (height, width):
+        return image
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR), np.uint8)
+
+
+def resize_nearest(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize of ``[H, W, ...]`` (labels, depth: no value is mixed)."""
+    h, w = x.shape[:2]
+    if (h, w) == (height, width):
+        return x
+    rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(np.int64), w - 1)
+    return x[rows][:, cols]
+
+
+def scale_intrinsics(intrinsics: Sequence[float], from_hw: Sequence[int],
+                     to_hw: Sequence[int]) -> np.ndarray:
+    """Intrinsics of an image resized from ``from_hw`` to ``to_hw`` (see ``geometry``)."""
+    return geometry.scale_intrinsics(intrinsics, from_hw, to_hw)
+
+
+def normals_for(depth_HxW: np.ndarray, intrinsics: Sequence[float]) -> np.ndarray:
+    """float16 normals from z-depth (metres) and intrinsics at the same resolution."""
+    return geometry.normals_from_depth(depth_HxW, intrinsics).astype(np.float16)
+
+
+# ------------------------------------------------------------------------------------- splits
+def seeded_split(items: Sequence[Any], val_fraction: float, seed: int
+                 ) -> tuple[list[Any], list[Any]]:
+    """One permutation of ``items`` drawn with ``seed``, cut once: ``(train, val)`` with
+    ``round(len · val_fraction)`` val items. Disjoint by construction (the released DenseMTL
+    code shuffled train and val separately and so evaluated on ≈80 % training images)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    order = np.random.default_rng(seed).permutation(len(items))
+    n_val = int(round(len(items) * val_fraction))
+    val = sorted(int(i) for i in order[:n_val])
+    train = sorted(int(i) for i in order[n_val:])
+    return [items[i] for i in train], [items[i] for i in val]
+
+
+def scene_split(items: Sequence[Any], scene_of: Callable[[Any], Hashable],
+                val_scenes: Iterable[Hashable]) -> tuple[list[Any], list[Any]]:
+    """``(train, val)``: items whose scene (``scene_of(item)``) is in ``val_scenes`` go to val,
+    the others to train, so neighbouring video frames never straddle the split."""
+    val_scenes = set(val_scenes)
+    known = {scene_of(x) for x in items}
+    unknown = sorted(map(str, val_scenes - known))
+    if unknown:
+        raise ValueError(f"val scenes {unknown} do not occur; scenes: {sorted(map(str, known))}")
+    train = [x for x in items if scene_of(x) not in val_scenes]
+    val = [x for x in items if scene_of(x) in val_scenes]
+    return train, val
