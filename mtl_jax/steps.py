@@ -166,8 +166,8 @@ def decomposed_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, 
     params, stats = state.params, state.batch_stats
     shared = set(params) - {"decoders"}
     if shared != {"encoder"}:
-        raise ValueError(f"gradient-based weighting '{weighting.name}' needs a model whose "
-                         f"shared part is the encoder alone; this one shares {sorted(shared)}")
+        # Interaction/exchange modules couple the decoders: one VJP per task loss instead.
+        return coupled_grads(state, batch, rng, model=model, tasks=tasks, weighting=weighting)
     image = batch["image"]
     out_size = image.shape[1:3]
     rngs = {"dropout": rng}
@@ -230,6 +230,84 @@ def decomposed_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, 
     if "decoders" in stats:
         new_stats["decoders"] = {**stats["decoders"], **{t: s for t, s in new_dec_stats.items()
                                                          if s}}
+    return total, losses, wout, new_stats, grads
+
+
+def coupled_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, tasks,
+                  weighting: Weighting):
+    """:func:`decomposed_grads` for models whose task heads are coupled (an interaction module
+    or exchange blocks between decoder stages, e.g. DenseMTL's mTEB).
+
+    The encoder runs once under ``jax.vjp``; everything after it (interaction/exchange modules
+    and all decoders) runs once under a second VJP that returns the vector of task losses, and
+    ``jax.vmap`` of that VJP over the T unit cotangents gives, per task t, the gradient of L_t
+    w.r.t. the shared features and w.r.t. every non-encoder parameter (T backward passes of
+    the heads, no second forward). The shared parameters are the encoder and the non-decoder
+    modules (``exchange_stage*``, ``padnet``, ...): strategies that need ``'task_grads'`` see
+    the per-task gradients of all of them (or of the encoder's output with ``rep_grad``; the
+    exchange modules then get Σ_t w_t g_t). ``'decoder_grads'`` are ∂L_t/∂(decoder t). Decoder
+    t's update is Σ_s w_s ∂L_s/∂(decoder t) (other tasks reach it through the exchange), with
+    w_s = 1 for strategies whose ``decoder_weighting`` is ``'ones'``.
+    """
+    params, stats = state.params, state.batch_stats
+    image = batch["image"]
+    out_size = image.shape[1:3]
+    rngs = {"dropout": rng}
+    cls = type(model)
+    names = tuple(tasks)
+    rest = {k: v for k, v in params.items() if k != "encoder"}
+
+    def encode(enc_params):
+        p = {**params, "encoder": enc_params}
+        feats, mutated = model.apply({"params": p, "batch_stats": stats}, image, train=True,
+                                     method=cls.encode, mutable=["batch_stats"], rngs=rngs)
+        return feats, mutated["batch_stats"]
+
+    def head_losses(feats, rest_params):
+        p = {**rest_params, "encoder": params["encoder"]}
+        (preds, aux), mutated = model.apply({"params": p, "batch_stats": stats}, feats, out_size,
+                                            train=True, method=cls.decode,
+                                            mutable=["batch_stats"], rngs=rngs)
+        losses = {t: task_objective(tasks[t], t, preds[t], aux, batch) for t in names}
+        return jnp.stack([losses[t] for t in names]), (losses, mutated["batch_stats"])
+
+    feats, enc_vjp, enc_stats = jax.vjp(encode, params["encoder"], has_aux=True)
+    _, head_vjp, (losses, head_stats) = jax.vjp(head_losses, feats, rest, has_aux=True)
+    g_feat, g_rest = jax.vmap(head_vjp)(jnp.eye(len(names), dtype=jnp.float32))
+    shared_rest = {k: v for k, v in g_rest.items() if k != "decoders"}
+
+    inputs = {}
+    per_task_enc = None
+    if weighting.requires == "decoder_grads":
+        inputs["decoder_grads"] = {t: jax.tree.map(lambda x, i=i: x[i], g_rest["decoders"][t])
+                                   for i, t in enumerate(names)}
+    elif weighting.requires == "task_grads":
+        if getattr(weighting, "rep_grad", False):
+            inputs["grads"] = _flat_rows(g_feat)
+        else:
+            per_task_enc = jax.vmap(lambda ct: enc_vjp(ct)[0])(g_feat)
+            prefix = getattr(weighting, "grad_param_prefix", "")
+            chosen = _select_prefix(per_task_enc, prefix)
+            inputs["grads"] = _flat_rows(chosen if prefix else (chosen, shared_rest))
+    wout = weighting(_in_task_order(jax.lax.stop_gradient(losses), tasks),
+                     state.weighting_state, state.step, rng=rng, **inputs)
+    w = jax.lax.stop_gradient(wout.weights)
+    w_vec = jnp.stack([w[t] for t in names])
+    dec_vec = w_vec if weighting.decoder_weighting == "weights" else jnp.ones_like(w_vec)
+
+    def combine(vec, tree):
+        return jax.tree.map(lambda x: jnp.tensordot(vec, x, axes=1).astype(x.dtype), tree)
+
+    if per_task_enc is not None:
+        g_enc = combine(w_vec, per_task_enc)
+    else:
+        (g_enc,) = enc_vjp(combine(w_vec, g_feat))
+    grads = {"encoder": g_enc, "decoders": combine(dec_vec, g_rest["decoders"]),
+             **combine(w_vec, shared_rest)}
+    total = jnp.dot(w_vec, jnp.stack([losses[t] for t in names]))
+    new_stats = {**stats, **head_stats}
+    if "encoder" in enc_stats:
+        new_stats["encoder"] = enc_stats["encoder"]
     return total, losses, wout, new_stats, grads
 
 
