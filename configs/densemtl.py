@@ -31,8 +31,8 @@ Arguments (comma-separated after the colon):
   stages=1       mTEB placement, stages joined by '-', e.g. stages=3-1 (Table 3)
   fusion=add     add | prod | concat (Table 4a); attention=spatial | channel | both (Table 4b)
   weighting=fixed  task weights: the paper's grid S-D {50, 1}, S-D-N {100, 1, 100},
-                 S-D-N-E {100, 1, 100, 50} (any strategy name works; gradient-based ones need a
-                 model without exchange blocks)
+                 S-D-N-E {100, 1, 100, 50} (any strategy name works, gradient-based ones too:
+                 docs/weighting.md, "Coupled heads")
   steps=N        iterations (paper: 40,000, lr ×0.1 at 75 %)
   width=N        ResNet base width (paper 64); decoder and exchange channels scale with it
   encoder=NAME   resnet101 (paper, last stage dilated: output stride 16) | resnet50 | ...
@@ -68,12 +68,13 @@ from mtl_jax.config_utils import parse_arg, task_set
 from mtl_jax.errors import UserError
 
 #: name -> (builder config, semseg classes, (H, W), (encoder lr, decoder lr) for Adam,
-#: normals computed from depth and intrinsics (the dataset has no normals))
+#: normals computed from depth at load time). The builders of VKITTI2, Synthia and Cityscapes
+#: store normals computed from depth and intrinsics at build time, so the flag is off for all.
 DATASETS = {
     "synthetic": ("source", 10, (96, 128), (2e-4, 3e-4), False),
-    "vkitti2": (None, 14, (320, 1024), (2e-4, 3e-4), True),
-    "synthia": (None, 16, (512, 1024), (2e-4, 3e-4), True),
-    "cityscapes": ("16_classes", 16, (512, 1024), (1e-5, 1e-4), True),
+    "vkitti2": ("320x1024_clone_random", 14, (320, 1024), (2e-4, 3e-4), False),
+    "synthia": ("512x1024", 16, (512, 1024), (2e-4, 3e-4), False),
+    "cityscapes": ("512x1024_16cls", 16, (512, 1024), (1e-5, 1e-4), False),
     "nyud_mt": ("448x576", 40, (448, 576), (2e-4, 3e-4), False),
 }
 MODELS = ("ours", "mtl", "padnet", "3ways_padnet", "3ways", "stl")
