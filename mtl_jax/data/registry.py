@@ -90,6 +90,8 @@ def build(name: str, config: str | None = None, data_dir: str | None = None,
         manual_dir = os.path.expanduser(str(manual_dir))
         if not os.path.isdir(manual_dir):
             raise cls.missing(f"the folder {manual_dir}")
+        if not os.listdir(manual_dir):
+            raise cls.missing(f"everything (the folder {manual_dir} is empty)")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         try_download_gcs=False, manual_dir=manual_dir))
     return builder
