@@ -52,6 +52,9 @@ def test_scale_crop_divides_constant_depth_by_scale(scale):
     out = augment.scale_crop(ex, scale, top=2, left=3)
     np.testing.assert_allclose(out["depth"], 3.0 / scale, rtol=1e-6)
     assert out["image"].shape == ex["image"].shape and out["semseg"].shape == ex["semseg"].shape
+    # Height maps (aerial data) keep their values: scale_depth=False.
+    kept = augment.scale_crop(ex, scale, top=2, left=3, scale_depth=False)
+    np.testing.assert_array_equal(kept["depth"], 3.0)
 
 
 def test_scale_crop_keeps_image_and_labels_aligned():

@@ -102,11 +102,14 @@ def _is_spatial(key: str, value: np.ndarray, shape: tuple[int, int]) -> bool:
 
 
 def scale_crop(example: Mapping[str, np.ndarray], scale: float, top: int, left: int,
-               methods: Mapping[str, str] = RESIZE_METHODS) -> dict[str, np.ndarray]:
+               methods: Mapping[str, str] = RESIZE_METHODS, scale_depth: bool = True
+               ) -> dict[str, np.ndarray]:
     """Crop ``H/scale x W/scale`` at (top, left) and resize back to ``H x W``.
 
-    Depth is divided by ``scale`` (the crop looks like the scene seen from closer), and the
-    intrinsics ``(fx, fy, cx, cy)``, when present, are updated to the new pixel grid.
+    Depth is divided by ``scale`` (the crop looks like the scene seen from closer) unless
+    ``scale_depth=False`` (targets that do not change with the viewing distance, e.g. the
+    height maps of aerial datasets), and the intrinsics ``(fx, fy, cx, cy)``, when present,
+    are updated to the new pixel grid.
     """
     h, w = example["image"].shape[:2]
     ch, cw = int(round(h / scale)), int(round(w / scale))
@@ -129,7 +132,7 @@ def scale_crop(example: Mapping[str, np.ndarray], scale: float, top: int, left: 
         if key == "normals":
             valid = np.any(resize_nearest(crop, h, w) != 0, axis=-1, keepdims=True)
             r = _renormalise(r, valid)
-        elif key == "depth":
+        elif key == "depth" and scale_depth:
             r = (r / scale).astype(v.dtype)
         out[key] = r.astype(v.dtype)
     if "intrinsics" in out:
@@ -165,12 +168,13 @@ class JointAugment:
     """
 
     def __init__(self, scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True,
-                 methods: Mapping[str, str] = RESIZE_METHODS):
+                 methods: Mapping[str, str] = RESIZE_METHODS, scale_depth: bool = True):
         if not scales or any(s < 1.0 for s in scales):
             raise ValueError(f"scales must be a non-empty list of values >= 1, got {scales}")
         self.scales = tuple(float(s) for s in scales)
         self.flip = flip
         self.methods = dict(methods)
+        self.scale_depth = bool(scale_depth)
 
     def __call__(self, example: Mapping[str, np.ndarray],
                  rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -178,7 +182,8 @@ class JointAugment:
         scale = self.scales[int(rng.integers(len(self.scales)))]
         ch, cw = int(round(h / scale)), int(round(w / scale))
         top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        out = example if scale == 1.0 else scale_crop(example, scale, top, left, self.methods)
+        out = example if scale == 1.0 else scale_crop(
+            example, scale, top, left, self.methods, scale_depth=self.scale_depth)
         if self.flip and rng.uniform() < 0.5:
             out = hflip(out)
         return dict(out)
