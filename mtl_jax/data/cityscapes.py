@@ -38,14 +38,11 @@ labels and disparity agree; the camera file is taken to describe that size.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -55,6 +52,7 @@ from mtl_jax.data.manual import (
     ManualBuilder,
     check_shape,
     normals_for,
+    ordered_map,
     read_image,
     read_png,
     resize_image,
@@ -212,23 +210,6 @@ def _make_configs() -> list[CityscapesConfig]:
         for h, w in RESOLUTIONS for n in sorted(CLASS_NAMES)]
 
 
-def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int,
-                 ahead: int) -> Iterator[Any]:
-    """``map(fn, items)`` on a thread pool (PNG decoding and NumPy release the GIL), in order,
-    with at most ``ahead`` results waiting (bounded memory)."""
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        pending: collections.deque = collections.deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= ahead:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
 class MtlCityscapes(ManualBuilder):
     """Official Cityscapes: semseg (7 categories / DenseMTL's 16 / 19 train ids), depth in
     metres from disparity and camera, normals from depth, intrinsics.
@@ -265,15 +246,7 @@ class MtlCityscapes(ManualBuilder):
     def class_names(self) -> tuple[str, ...]:
         return CLASS_NAMES[self.builder_config.num_classes]
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        c = self.builder_config
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=self.dense_features(c.height, c.width),
-            disable_shuffling=True,
-            homepage="https://www.cityscapes-dataset.com",
-        )
+    FEATURES = dict()
 
     def _split_generators(self, dl_manager):
         root = self.manual_root(dl_manager)
@@ -305,7 +278,7 @@ class MtlCityscapes(ManualBuilder):
         def load(item: tuple[str, str]) -> dict[str, np.ndarray]:
             return self._load_example(root, split, *item)
 
-        examples = _ordered_map(load, items, self.NUM_WORKERS, 2 * self.NUM_WORKERS)
+        examples = ordered_map(load, items, self.NUM_WORKERS, 2 * self.NUM_WORKERS)
         for i, example in enumerate(examples):
             example["index"] = np.int32(i)
             yield i, example

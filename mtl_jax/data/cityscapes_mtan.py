@@ -165,15 +165,7 @@ class MtlCityscapesMtan(ManualBuilder):
     def class_names(self) -> tuple[str, ...]:
         return CLASS_NAMES[self.builder_config.num_classes]
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        c = self.builder_config
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=self.dense_features(c.height, c.width, normals=False, intrinsics=False),
-            disable_shuffling=True,
-            homepage=DOWNLOAD_URL,
-        )
+    FEATURES = dict(normals=False, intrinsics=False)
 
     def _split_generators(self, dl_manager):
         root = self.manual_root(dl_manager)

@@ -233,18 +233,15 @@ class MtlIsprsPotsdam(ManualBuilder):
     TRAIN_TILES = TRAIN_TILES
     VAL_TILES = VAL_TILES
 
-    def _info(self) -> tfds.core.DatasetInfo:
+    FEATURES = dict(normals=False, intrinsics=False)
+
+    def stored_size(self) -> tuple[int, int]:
         t = self.builder_config.tile_size
+        return t, t
+
+    def extra_features(self) -> dict:
         scalar = tfds.features.Scalar(dtype=np.int32)
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=self.dense_features(
-                t, t, normals=False, intrinsics=False,
-                extra={"source_tile": scalar, "tile_row": scalar, "tile_col": scalar}),
-            disable_shuffling=True,
-            homepage=DOWNLOAD_URL,
-        )
+        return {"source_tile": scalar, "tile_row": scalar, "tile_col": scalar}
 
     # ------------------------------------------------------------------------------ files
     def _label_dir(self, root: str) -> str:

@@ -14,6 +14,7 @@ TFDS builder with ``MANUAL_DOWNLOAD_INSTRUCTIONS`` that reads ``manual_dir`` and
   validation helpers (``check_shape``, ``check_labels``, ``check_depth``);
 * resizing to the builder config's resolution (``resize_image`` bilinear, ``resize_nearest``
   for labels and depth) with the intrinsics rescaled;
+* ``ordered_map``: threaded decoding in order with bounded look-ahead;
 * splits: ``seeded_split`` (one seeded permutation cut once, so train and val never share an
   example) and ``scene_split`` (whole scenes/sequences to val, for video frames whose
   neighbours are near-duplicates).
@@ -27,8 +28,11 @@ resolution), and ``index`` int32 (the record's position in its split).
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import os
-from collections.abc import Callable, Hashable, Iterable, Sequence
+import sys
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -51,14 +55,37 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder):
     """Base of the builders that read ``manual_dir`` (see the module docstring).
 
     Subclasses set ``DOWNLOAD_URL`` (the official page), ``EXPECTED_TREE`` (the folder layout
-    as text, shown in errors) and implement ``_info`` / ``_split_generators`` /
-    ``_generate_examples`` as usual, calling :meth:`manual_root` first thing in
-    ``_split_generators``.
+    as text, shown in errors), ``FEATURES`` (which contract fields they store) and implement
+    ``_split_generators`` / ``_generate_examples`` as usual, calling :meth:`manual_root` first
+    thing in ``_split_generators``. ``_info`` is shared: the module docstring, the features at
+    :meth:`stored_size` plus :meth:`extra_features`, ``disable_shuffling`` (record i of a split
+    is example i) and the download page.
     """
 
     GENERATED: ClassVar[bool] = False
     DOWNLOAD_URL: ClassVar[str] = ""
     EXPECTED_TREE: ClassVar[str] = ""
+    #: Keyword arguments of :meth:`dense_features` (which fields the dataset stores).
+    FEATURES: ClassVar[dict[str, Any]] = {}
+
+    def stored_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the stored examples (default: the builder config's height/width)."""
+        c = self.builder_config
+        return int(c.height), int(c.width)
+
+    def extra_features(self) -> dict[str, Any]:
+        """Features beyond the contract's (e.g. where a tile came from); default none."""
+        return {}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        h, w = self.stored_size()
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=sys.modules[type(self).__module__].__doc__,
+            features=self.dense_features(h, w, **self.FEATURES, extra=self.extra_features()),
+            disable_shuffling=True,
+            homepage=self.DOWNLOAD_URL,
+        )
 
     @classmethod
     def instructions(cls) -> str:
@@ -217,6 +244,25 @@ def scale_intrinsics(intrinsics: Sequence[float], from_hw: Sequence[int],
 def normals_for(depth_HxW: np.ndarray, intrinsics: Sequence[float]) -> np.ndarray:
     """float16 normals from z-depth (metres) and intrinsics at the same resolution."""
     return geometry.normals_from_depth(depth_HxW, intrinsics).astype(np.float16)
+
+
+def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int,
+                ahead: int) -> Iterator[Any]:
+    """``map(fn, items)`` computed by ``workers`` threads (image decoding and large NumPy
+    operations release the GIL), yielded in order, with at most ``ahead`` results computed
+    ahead of the consumer (bounded memory). Builders decode examples with it while TFDS
+    serialises the earlier ones."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        queue: collections.deque = collections.deque()
+        for item in items:
+            queue.append(pool.submit(fn, item))
+            while len(queue) >= max(1, ahead):
+                yield queue.popleft().result()
+        while queue:
+            yield queue.popleft().result()
 
 
 # ------------------------------------------------------------------------------------- splits

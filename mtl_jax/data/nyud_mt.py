@@ -212,15 +212,7 @@ class MtlNyudMt(ManualBuilder):
         "night stand", "toilet", "sink", "lamp", "bathtub", "bag", "otherstructure",
         "otherfurniture", "otherprop")
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        c = self.builder_config
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=self.dense_features(c.height, c.width, edges=True),
-            disable_shuffling=True,
-            homepage=self.DOWNLOAD_URL,
-        )
+    FEATURES = dict(edges=True)
 
     def _read_list(self, root: str, split: str) -> list[str]:
         path = os.path.join(root, "gt_sets", f"{split}.txt")

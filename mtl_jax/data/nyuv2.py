@@ -141,14 +141,10 @@ class MtlNyuv2(ManualBuilder):
     CLASS_NAMES = ("bed", "books", "ceiling", "chair", "floor", "furniture", "objects",
                    "painting", "sofa", "table", "tv", "wall", "window")
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=self.dense_features(HEIGHT, WIDTH, edges=False),
-            disable_shuffling=True,
-            homepage=self.DOWNLOAD_URL,
-        )
+    FEATURES = dict(edges=False)
+
+    def stored_size(self) -> tuple[int, int]:
+        return HEIGHT, WIDTH
 
     def _split_generators(self, dl_manager):
         root = self.manual_root(dl_manager)

@@ -60,6 +60,7 @@ from mtl_jax.data.manual import (
     ManualBuilder,
     check_shape,
     normals_for,
+    ordered_map,
     read_image,
     read_png,
     resize_image,
@@ -67,7 +68,7 @@ from mtl_jax.data.manual import (
     scale_intrinsics,
     seeded_split,
 )
-from mtl_jax.data.vkitti2 import centimetres_to_metres, ordered_map
+from mtl_jax.data.vkitti2 import centimetres_to_metres
 from mtl_jax.errors import UserError
 
 #: SYNTHIA class ids 0..22 (the dataset's README).
@@ -208,15 +209,7 @@ class MtlSynthia(ManualBuilder):
     #: Threads that decode examples while the writer serialises earlier ones.
     NUM_WORKERS = min(8, os.cpu_count() or 1)
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        c = self.builder_config
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=self.dense_features(c.height, c.width, normals=True, intrinsics=True),
-            disable_shuffling=True,
-            homepage=DOWNLOAD_URL,
-        )
+    FEATURES = dict(normals=True, intrinsics=True)
 
     def _split_generators(self, dl_manager):
         root = self.manual_root(dl_manager)

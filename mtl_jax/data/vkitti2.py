@@ -62,13 +62,11 @@ class PNG and depth PNG agree; ``intrinsic.txt`` is taken to describe that size.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -78,6 +76,7 @@ from mtl_jax.data.manual import (
     ManualBuilder,
     check_shape,
     normals_for,
+    ordered_map,
     read_image,
     read_png,
     resize_image,
@@ -267,24 +266,6 @@ def read_intrinsics(path: str) -> dict[tuple[int, int], np.ndarray]:
 
 
 # ------------------------------------------------------------------------------- helpers
-def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int,
-                ahead: int) -> Iterator[Any]:
-    """``map(fn, items)`` computed by ``workers`` threads (image decoding and large NumPy
-    operations release the GIL), yielded in order, with at most ``ahead`` results computed
-    ahead of the consumer (bounded memory)."""
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        queue: collections.deque = collections.deque()
-        for item in items:
-            queue.append(pool.submit(fn, item))
-            while len(queue) >= max(1, ahead):
-                yield queue.popleft().result()
-        while queue:
-            yield queue.popleft().result()
-
-
 class Frame(NamedTuple):
     """One example: a frame of one variation seen by one camera."""
 
@@ -331,15 +312,7 @@ class MtlVkitti2(ManualBuilder):
     #: Threads that decode examples while the writer serialises earlier ones.
     NUM_WORKERS = min(8, os.cpu_count() or 1)
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        c = self.builder_config
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=self.dense_features(c.height, c.width, normals=True, intrinsics=True),
-            disable_shuffling=True,
-            homepage=DOWNLOAD_URL,
-        )
+    FEATURES = dict(normals=True, intrinsics=True)
 
     def _split_generators(self, dl_manager):
         root = self.manual_root(dl_manager)
