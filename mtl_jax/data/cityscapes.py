@@ -192,7 +192,7 @@ FOLDER/          (the four official packages unpacked side by side)
 
 @dataclasses.dataclass
 class CityscapesConfig(tfds.core.BuilderConfig):
-    """Stored resolution and label set (7, 16 or 19 classes) of one variant."""
+    """Stored resolution and label set (number of classes) of one variant."""
 
     height: int = 512
     width: int = 1024
@@ -203,11 +203,13 @@ def config_name(height: int, width: int, num_classes: int) -> str:
     return f"{height}x{width}_{num_classes}cls"
 
 
-def _make_configs() -> list[CityscapesConfig]:
+def make_configs(resolutions, class_counts, what: str) -> list[CityscapesConfig]:
+    """One config per resolution × label set, named by :func:`config_name` (also used by
+    ``cityscapes_mtan``)."""
     return [CityscapesConfig(
         name=config_name(h, w, n), height=h, width=w, num_classes=n,
-        description=f"Cityscapes at {h}x{w}, {n} classes, depth in metres, normals from depth")
-        for h, w in RESOLUTIONS for n in sorted(CLASS_NAMES)]
+        description=f"{what} at {h}x{w}, {n} classes")
+        for h, w in resolutions for n in sorted(class_counts)]
 
 
 class MtlCityscapes(ManualBuilder):
@@ -222,7 +224,8 @@ class MtlCityscapes(ManualBuilder):
     REGISTRY_NAME = "cityscapes"
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release."}
-    BUILDER_CONFIGS = _make_configs()
+    BUILDER_CONFIGS = make_configs(
+        RESOLUTIONS, CLASS_NAMES, "Cityscapes, depth in metres, normals from depth")
     DEFAULT_CONFIG_NAME = config_name(512, 1024, 16)
     DOWNLOAD_URL = DOWNLOAD_URL
     EXPECTED_TREE = EXPECTED_TREE

@@ -21,13 +21,12 @@ with metric-depth numbers (use the raw ``cityscapes`` builder for metres). Value
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mtl_jax.data.cityscapes import CATEGORIES_7, CLASSES_19
+from mtl_jax.data.cityscapes import CATEGORIES_7, CLASSES_19, config_name, make_configs
 from mtl_jax.data.manual import (
     BadFileError,
     ManualBuilder,
@@ -57,26 +56,6 @@ FOLDER/                      (the unpacked pre-processed Cityscapes of MTAN)
   val/
     image/ label_7/ label_19/ depth/   (same files, 500 of each)
 H×W is 128×256 (the standard download) or 256×512 (the large one); label_2/ is ignored."""
-
-
-@dataclasses.dataclass
-class CityscapesMtanConfig(tfds.core.BuilderConfig):
-    """Stored resolution and label set (7 or 19 classes) of one variant."""
-
-    height: int = 128
-    width: int = 256
-    num_classes: int = 7
-
-
-def config_name(height: int, width: int, num_classes: int) -> str:
-    return f"{height}x{width}_{num_classes}cls"
-
-
-def _make_configs() -> list[CityscapesMtanConfig]:
-    return [CityscapesMtanConfig(
-        name=config_name(h, w, n), height=h, width=w, num_classes=n,
-        description=f"MTAN's Cityscapes at {h}x{w}, {n} classes, inverse depth")
-        for h, w in RESOLUTIONS for n in sorted(CLASS_NAMES)]
 
 
 def _sorted_npy(folder: str) -> list[str]:
@@ -145,7 +124,7 @@ class MtlCityscapesMtan(ManualBuilder):
     REGISTRY_NAME = "cityscapes_mtan"
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release."}
-    BUILDER_CONFIGS = _make_configs()
+    BUILDER_CONFIGS = make_configs(RESOLUTIONS, CLASS_NAMES, "MTAN's Cityscapes, inverse depth")
     DEFAULT_CONFIG_NAME = config_name(128, 256, 7)
     DOWNLOAD_URL = DOWNLOAD_URL
     EXPECTED_TREE = EXPECTED_TREE
