@@ -1,5 +1,6 @@
 """Losses and metrics of every task on hand-made arrays with hand-computed answers."""
 
+import functools
 import math
 
 import jax
@@ -14,11 +15,16 @@ LN3 = math.log(3.0)
 
 
 # Jitted wrappers: one compilation per function is much faster than eager op-by-op dispatch.
-_compute = jax.jit(lambda metric: metric.compute())
+@functools.cache
+def _compute_fn(metric_cls):
+    # One jitted function per metric class: a single jit shared by classes whose pytrees look
+    # alike (e.g. ConfusionMatrix3 with and without per-class IoU) was once served the other
+    # class's trace in a full-suite run.
+    return jax.jit(metric_cls.compute)
 
 
 def _scalars(metric):
-    return {k: float(v) for k, v in _compute(metric).items()}
+    return {k: float(v) for k, v in _compute_fn(type(metric))(metric).items()}
 
 
 # Jitted once with the task as a static argument: the compilation cache is then keyed on the
