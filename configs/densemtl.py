@@ -20,9 +20,9 @@ Commands::
     done
 
 Arguments (comma-separated after the colon):
-  dataset=NAME   synthetic (default) | vkitti2 | synthia | cityscapes | nyud_mt. The real
-                 datasets' builders come with issue 6 (``mtl-jax data build NAME``); until then
-                 only ``synthetic`` runs.
+  dataset=NAME   synthetic (default) | vkitti2 | synthia | cityscapes | nyud_mt. Build a real
+                 one first: ``mtl-jax data build NAME --manual_dir=FOLDER --config=CONFIG``
+                 with CONFIG from the DATASETS table below (docs/datasets.md).
   tasks=sd|sdn|sdne  task set (Table 1/2: S-D, S-D-N, S-D-N-E); with model=stl one letter.
   model=NAME     ours (mTEB at stage 1) | mtl (shared encoder + DeepLabv3 heads) | padnet
                  (PAD-Net, survey layout) | 3ways_padnet (3-ways heads + PAD-Net distillation at
