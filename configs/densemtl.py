@@ -42,8 +42,10 @@ Arguments (comma-separated after the colon):
                  random weights reaches targets of 65536 / (depth_cm + 1) ~ 65..650)
   smoke          tiny data and model (ResNet-18 at width 4, 32×48 inputs, 4 steps)
 
-Paper hyper-parameters (defaults): ResNet-101 OS16 (ImageNet initialisation in the paper: not
-available here yet -- encoders start from random weights), batch 2, 40k iterations, flip-only
+Paper hyper-parameters (defaults): ResNet-101 OS16 (ImageNet initialisation in the paper: convert
+torchvision's resnet101 checkpoint once with ``mtl-jax convert-weights resnet101.pth r101.npz``
+(needs torch) and pass ``--config.model.encoder_init=r101.npz``; by default encoders start from
+random weights), batch 2, 40k iterations, flip-only
 augmentation, gradient-norm clipping 10; ours and 3ways_padnet: Adam β = (0.9, 0.98), lr 2e-4
 encoder / 3e-4 decoders and exchange (Cityscapes 1e-5 / 1e-4); the survey baselines (stl, mtl,
 padnet): SGD momentum 0.9, weight decay 5e-4, lr 1e-3 encoder / 1e-2 heads; ×0.1 at 30k.
@@ -149,6 +151,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model = dict(
         encoder=encoder,
         encoder_kwargs=dict(width=width, replace_stride_with_dilation=(False, False, True)),
+        # A converted torchvision ImageNet checkpoint (.npz; `mtl-jax convert-weights`), as the
+        # paper's encoder; "" = random initialisation.
+        encoder_init="",
         dtype="float32",
     )
     three_ways = dict(decoder="three_ways", decoder_kwargs=dict(channels=channels,

@@ -60,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = dict(
         encoder=args.encoder,
         encoder_kwargs=dict(width=4 if args.smoke else args.width),
+        encoder_init="",  # converted torchvision weights (.npz), see models/pretrained.py
         decoder="unet",
         decoder_kwargs=dict(features=8 if args.smoke else 32, convs_per_block=1),
         dtype="float32",

@@ -119,6 +119,11 @@ def build_experiment(config: ml_collections.ConfigDict,
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
         state_sharding)
     init_jit = jax.jit(init_fn, out_shardings=state_sharding)
+    init_state = functools.partial(init_jit, rng, param_rng)
+    encoder_init = config.model.get("encoder_init", None)
+    if encoder_init:
+        init_state = _encoder_init_state(str(encoder_init), model, init_state, abstract, tx,
+                                         state_sharding)
 
     train_step = jax.jit(
         functools.partial(steps.train_step, model=model, tasks=tasks, weighting=weighting,
@@ -141,9 +146,36 @@ def build_experiment(config: ml_collections.ConfigDict,
                                    scale_depth=bool(aug_cfg.get("scale_depth", True)))
     return Experiment(
         config=config, tasks=tasks, model=model, weighting=weighting, tx=tx, mesh=mesh,
-        abstract_state=abstract_state, init_state=lambda: init_jit(rng, param_rng),
+        abstract_state=abstract_state, init_state=init_state,
         train_step=train_step, eval_step=eval_step, predict_step=predict_step, augment=aug,
         eval_batch_size=int(config.get("eval_batch_size", config.batch_size)))
+
+
+def _encoder_init_state(path: str, model: Any, init_state: Callable[[], steps.TrainState],
+                        abstract: steps.TrainState, tx: Any, state_sharding: steps.TrainState
+                        ) -> Callable[[], steps.TrainState]:
+    """``config.model.encoder_init``: ``init_state`` with the encoder's params and batch_stats
+    read from a converted torchvision file (``models.pretrained``), checked against the model
+    now; decoders and the rest keep their initialisation, the optimiser state is rebuilt."""
+    from mtl_jax.models import pretrained
+    from mtl_jax.models.encoders import ResNet
+
+    if not isinstance(getattr(model, "encoder", None), ResNet):
+        raise UserError(f"config.model.encoder_init loads torchvision ResNet weights; encoder "
+                        f"{type(getattr(model, 'encoder', None)).__name__} is not a ResNet")
+    loaded = pretrained.load_encoder_weights(path)
+    pretrained.apply_encoder_weights(abstract.params, abstract.batch_stats, loaded)  # check
+    init_opt = jax.jit(tx.init, out_shardings=state_sharding.opt_state)
+
+    def init_with_encoder() -> steps.TrainState:
+        state = init_state()
+        params, batch_stats = pretrained.apply_encoder_weights(state.params, state.batch_stats,
+                                                               loaded)
+        params = jax.device_put(params, state_sharding.params)
+        batch_stats = jax.device_put(batch_stats, state_sharding.batch_stats)
+        return state.replace(params=params, batch_stats=batch_stats, opt_state=init_opt(params))
+
+    return init_with_encoder
 
 
 def dataset_normals_from_depth(config: ml_collections.ConfigDict) -> bool:

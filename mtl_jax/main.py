@@ -7,6 +7,7 @@ Subcommands::
     mtl-jax train --config=configs/quickstart.py[:args] --workdir=W [--config.a.b=v]
     mtl-jax eval  --config=... --workdir=W [--step N]
     mtl-jax params --config=...                               parameter count per part
+    mtl-jax convert-weights SRC.pth DST.npz                   torchvision ResNet -> .npz
 """
 
 from __future__ import annotations
@@ -89,14 +90,32 @@ def _data_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _convert_weights(rest: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mtl-jax convert-weights",
+        description="Convert a local torchvision ResNet state_dict (.pth) to the .npz that "
+                    "config.model.encoder_init reads. Needs torch; downloads nothing.")
+    parser.add_argument("src", help="torchvision .pth file (a state_dict)")
+    parser.add_argument("dst", help="output .npz path")
+    args = parser.parse_args(rest)
+    from mtl_jax.models import pretrained
+
+    n = pretrained.convert_torch_checkpoint(args.src, args.dst)
+    print(f"wrote {args.dst}: {n} arrays")
+    return 0
+
+
 def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtl-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{data,train,eval,params}")
+    sub = parser.add_subparsers(dest="command",
+                                metavar="{data,train,eval,params,convert-weights}")
     sub.add_parser("data", help="prepare (build) and look at (show) datasets", add_help=False)
     sub.add_parser("train", help="train and evaluate a model from a config", add_help=False)
     sub.add_parser("eval", help="evaluate a checkpoint from a workdir", add_help=False)
     sub.add_parser("params", help="print parameter counts of a config's model", add_help=False)
+    sub.add_parser("convert-weights", add_help=False,
+                   help="torchvision ResNet .pth -> .npz for config.model.encoder_init (torch)")
     return parser
 
 
@@ -124,6 +143,8 @@ def _dispatch(argv: list[str] | None) -> int:
         from mtl_jax import cli_training
 
         return cli_training.run(command, rest)
+    if command == "convert-weights":
+        return _convert_weights(rest)
     _top_parser().print_help()
     print(f"\nmtl-jax: unknown command {command!r}", file=sys.stderr)
     return 2
