@@ -151,6 +151,20 @@ def _select_prefix(tree: PyTree, prefix: str) -> PyTree:
     return chosen
 
 
+def _encoder_vjp(params: PyTree, stats: PyTree, image: jax.Array, rngs, model):
+    """The encoder's forward under ``jax.vjp`` w.r.t. its parameters: ``(features, vjp,
+    updated batch_stats)``."""
+
+    def encode(enc_params):
+        p = {**params, "encoder": enc_params}
+        feats, mutated = model.apply({"params": p, "batch_stats": stats}, image, train=True,
+                                     method=type(model).encode, mutable=["batch_stats"],
+                                     rngs=rngs)
+        return feats, mutated["batch_stats"]
+
+    return jax.vjp(encode, params["encoder"], has_aux=True)
+
+
 def decomposed_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, tasks,
                      weighting: Weighting):
     """Gradients with per-task information from one forward pass.
@@ -173,13 +187,7 @@ def decomposed_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, 
     rngs = {"dropout": rng}
     cls = type(model)
 
-    def encode(enc_params):
-        p = {**params, "encoder": enc_params}
-        feats, mutated = model.apply({"params": p, "batch_stats": stats}, image, train=True,
-                                     method=cls.encode, mutable=["batch_stats"], rngs=rngs)
-        return feats, mutated["batch_stats"]
-
-    feats, enc_vjp, enc_stats = jax.vjp(encode, params["encoder"], has_aux=True)
+    feats, enc_vjp, enc_stats = _encoder_vjp(params, stats, image, rngs, model)
 
     losses, g_feat, g_dec, new_dec_stats = {}, {}, {}, {}
     for t, task in tasks.items():
@@ -257,12 +265,6 @@ def coupled_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, tas
     names = tuple(tasks)
     rest = {k: v for k, v in params.items() if k != "encoder"}
 
-    def encode(enc_params):
-        p = {**params, "encoder": enc_params}
-        feats, mutated = model.apply({"params": p, "batch_stats": stats}, image, train=True,
-                                     method=cls.encode, mutable=["batch_stats"], rngs=rngs)
-        return feats, mutated["batch_stats"]
-
     def head_losses(feats, rest_params):
         p = {**rest_params, "encoder": params["encoder"]}
         (preds, aux), mutated = model.apply({"params": p, "batch_stats": stats}, feats, out_size,
@@ -271,7 +273,7 @@ def coupled_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, tas
         losses = {t: task_objective(tasks[t], t, preds[t], aux, batch) for t in names}
         return jnp.stack([losses[t] for t in names]), (losses, mutated["batch_stats"])
 
-    feats, enc_vjp, enc_stats = jax.vjp(encode, params["encoder"], has_aux=True)
+    feats, enc_vjp, enc_stats = _encoder_vjp(params, stats, image, rngs, model)
     _, head_vjp, (losses, head_stats) = jax.vjp(head_losses, feats, rest, has_aux=True)
     g_feat, g_rest = jax.vmap(head_vjp)(jnp.eye(len(names), dtype=jnp.float32))
     shared_rest = {k: v for k, v in g_rest.items() if k != "decoders"}

@@ -238,8 +238,6 @@ class MtlCityscapes(ManualBuilder):
     NUM_CLASSES = {c.name: c.num_classes for c in BUILDER_CONFIGS}
     #: Class names of each label set (keyed by the number of classes).
     CLASS_NAMES = CLASS_NAMES
-    #: Threads that decode examples while the writer serialises earlier ones.
-    NUM_WORKERS = min(8, os.cpu_count() or 1)
 
     @property
     def num_classes(self) -> int:

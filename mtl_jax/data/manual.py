@@ -40,6 +40,11 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from mtl_jax.data import geometry
+
+# Re-exported for the builders: one nearest resize (half-pixel centres) and one intrinsics
+# rescaling for the whole library.
+from mtl_jax.data.augment import resize_nearest  # noqa: F401
+from mtl_jax.data.geometry import scale_intrinsics  # noqa: F401
 from mtl_jax.errors import UserError
 
 
@@ -67,6 +72,8 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder):
     EXPECTED_TREE: ClassVar[str] = ""
     #: Keyword arguments of :meth:`dense_features` (which fields the dataset stores).
     FEATURES: ClassVar[dict[str, Any]] = {}
+    #: Threads that decode examples (``ordered_map``) while TFDS serialises earlier ones.
+    NUM_WORKERS: ClassVar[int] = min(8, os.cpu_count() or 1)
 
     def stored_size(self) -> tuple[int, int]:
         """``(H, W)`` of the stored examples (default: the builder config's height/width)."""
@@ -223,22 +230,6 @@ def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     if image.shape[:2] == (height, width):
         return image
     return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR), np.uint8)
-
-
-def resize_nearest(x: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest-neighbour resize of ``[H, W, ...]`` (labels, depth: no value is mixed)."""
-    h, w = x.shape[:2]
-    if (h, w) == (height, width):
-        return x
-    rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(np.int64), w - 1)
-    return x[rows][:, cols]
-
-
-def scale_intrinsics(intrinsics: Sequence[float], from_hw: Sequence[int],
-                     to_hw: Sequence[int]) -> np.ndarray:
-    """Intrinsics of an image resized from ``from_hw`` to ``to_hw`` (see ``geometry``)."""
-    return geometry.scale_intrinsics(intrinsics, from_hw, to_hw)
 
 
 def normals_for(depth_HxW: np.ndarray, intrinsics: Sequence[float]) -> np.ndarray:

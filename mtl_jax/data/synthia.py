@@ -206,8 +206,6 @@ class MtlSynthia(ManualBuilder):
         f"its RAND_CITYSCAPES folder as --manual_dir. Expected tree:\n{EXPECTED_TREE}")
     NUM_CLASSES = NUM_CLASSES
     CLASS_NAMES = CLASS_NAMES
-    #: Threads that decode examples while the writer serialises earlier ones.
-    NUM_WORKERS = min(8, os.cpu_count() or 1)
 
     FEATURES = dict(normals=True, intrinsics=True)
 

@@ -309,8 +309,6 @@ class MtlVkitti2(ManualBuilder):
         f"them into one folder and pass it as --manual_dir. Expected tree:\n{EXPECTED_TREE}")
     NUM_CLASSES = NUM_CLASSES
     CLASS_NAMES = CLASS_NAMES
-    #: Threads that decode examples while the writer serialises earlier ones.
-    NUM_WORKERS = min(8, os.cpu_count() or 1)
 
     FEATURES = dict(normals=True, intrinsics=True)
 

@@ -159,9 +159,22 @@ def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
     return m
 
 
+def resize_nearest(x_BxHxWxC: jax.Array, size: Sequence[int]) -> jax.Array:
+    """Nearest-neighbour resize to ``size`` (PyTorch ``mode='nearest'``: source index
+    ``floor(i · in / out)``); exact ×k repetition when the sizes are multiples."""
+    _, h, w, _ = x_BxHxWxC.shape
+    out_h, out_w = int(size[0]), int(size[1])
+    if (h, w) == (out_h, out_w):
+        return x_BxHxWxC
+    if out_h % h == 0 and out_w % w == 0 and out_h // h == out_w // w:
+        factor = out_h // h
+        return jnp.repeat(jnp.repeat(x_BxHxWxC, factor, axis=1), factor, axis=2)
+    rows = (jnp.arange(out_h) * h) // out_h
+    cols = (jnp.arange(out_w) * w) // out_w
+    return x_BxHxWxC[:, rows][:, :, cols]
+
+
 def upsample_nearest(x_BxHxWxC: jax.Array, factor: int) -> jax.Array:
     """Nearest-neighbour ×``factor`` upsampling: ``[B, H, W, C]`` → ``[B, fH, fW, C]``."""
-    if factor == 1:
-        return x_BxHxWxC
-    x = jnp.repeat(x_BxHxWxC, factor, axis=1)
-    return jnp.repeat(x, factor, axis=2)
+    _, h, w, _ = x_BxHxWxC.shape
+    return resize_nearest(x_BxHxWxC, (factor * h, factor * w))

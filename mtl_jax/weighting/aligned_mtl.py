@@ -75,14 +75,12 @@ class AlignedMTL(Weighting):
     def __call__(self, losses, state, step, *, rng=None, grads=None,
                  decoder_grads=None) -> WeightingOutput:
         del rng, step, decoder_grads
-        if grads is None:
-            raise ValueError("aligned_mtl needs the per-task gradients (requires='task_grads')")
         tasks = list(losses)
         num_tasks = len(tasks)
         given = dict(self.task_weights)
         preset = jnp.asarray([given.get(t, 1.0) for t in tasks], jnp.float32)
 
-        grads = jnp.asarray(grads, jnp.float32)
+        grads = self.task_grads(grads)
         gram = gram_matrix(grads)
         scale = jnp.trace(gram) / num_tasks
         gram = gram / jnp.where(scale > _TINY, scale, 1.0)

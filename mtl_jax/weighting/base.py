@@ -81,6 +81,14 @@ class Weighting:
                  decoder_grads: Mapping[str, PyTree] | None = None) -> WeightingOutput:
         raise NotImplementedError
 
+    def task_grads(self, grads: jax.Array | None) -> jax.Array:
+        """The ``[T, N]`` per-task gradient matrix a ``'task_grads'`` strategy was given, as
+        float32; ValueError when the caller passed none."""
+        if grads is None:
+            raise ValueError(f"{self.name} needs the per-task gradients "
+                             "(requires='task_grads')")
+        return jnp.asarray(grads, jnp.float32)
+
 
 def stack_losses(losses: Mapping[str, jax.Array]) -> jax.Array:
     """``{task: scalar}`` -> float32 ``[T]`` in task order."""

@@ -95,7 +95,7 @@ class CAGrad(Weighting):
         del step, rng, decoder_grads
         tasks = list(losses)
         num_tasks = len(tasks)
-        grads = jnp.asarray(grads, jnp.float32)
+        grads = self.task_grads(grads)
         gram = gram_matrix(grads)
         w = solve_cagrad_dual(gram, self.c, self.iterations)
 

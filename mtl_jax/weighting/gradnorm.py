@@ -72,7 +72,7 @@ class GradNorm(Weighting):
         del step, rng, decoder_grads
         tasks = list(losses)
         num_tasks = len(tasks)
-        grads = jnp.asarray(grads, jnp.float32)
+        grads = self.task_grads(grads)
         loss_values = stack_losses(losses)
         grad_norms = jnp.sqrt(jnp.sum(jnp.square(grads), axis=1))
 

@@ -47,7 +47,7 @@ class IMTL(Weighting):
         del step, rng, decoder_grads
         tasks = list(losses)
         num_tasks = len(tasks)
-        grads = jnp.asarray(grads, jnp.float32)
+        grads = self.task_grads(grads)
         gram = gram_matrix(grads)
         # alpha does not depend on the gradients' scale: normalise it away (float32 range).
         scale = jnp.trace(gram) / num_tasks

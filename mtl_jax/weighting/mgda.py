@@ -101,7 +101,7 @@ class MGDA(Weighting):
                  decoder_grads=None) -> WeightingOutput:
         del step, rng, decoder_grads
         tasks = list(losses)
-        grads = jnp.asarray(grads, jnp.float32)
+        grads = self.task_grads(grads)
         gram = gram_matrix(grads)
         grad_norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
         loss_values = stack_losses(losses)

@@ -160,10 +160,8 @@ class NashMTL(Weighting):
     def __call__(self, losses, state, step, *, rng=None, grads=None,
                  decoder_grads=None) -> WeightingOutput:
         del rng, decoder_grads
-        if grads is None:
-            raise ValueError("nash_mtl needs the per-task gradients (requires='task_grads')")
         tasks = list(losses)
-        grads = jnp.asarray(grads, jnp.float32)
+        grads = self.task_grads(grads)
         gram = gram_matrix(grads)
         solved = gram
         if self.normalize_gram:

@@ -43,7 +43,7 @@ class PCGrad(Weighting):
                  decoder_grads=None) -> WeightingOutput:
         del decoder_grads
         tasks = list(losses)
-        grads = jnp.asarray(grads, jnp.float32)
+        grads = self.task_grads(grads)
         num_tasks = grads.shape[0]
         if rng is None:
             rng = jax.random.fold_in(jax.random.key(0), step)

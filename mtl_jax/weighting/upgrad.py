@@ -146,11 +146,9 @@ class UPGrad(Weighting):
     def __call__(self, losses, state, step, *, rng=None, grads=None,
                  decoder_grads=None) -> WeightingOutput:
         del rng, step, decoder_grads
-        if grads is None:
-            raise ValueError("upgrad needs the per-task gradients (requires='task_grads')")
         tasks = list(losses)
         num_tasks = len(tasks)
-        grads = jnp.asarray(grads, jnp.float32)
+        grads = self.task_grads(grads)
         gram = gram_matrix(grads)
         coeffs, kkt = project_weights(gram, jnp.eye(num_tasks, dtype=jnp.float32),
                                       iterations=self.iterations, reg_eps=self.reg_eps)

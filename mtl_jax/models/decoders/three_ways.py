@@ -36,26 +36,17 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.models.decoders.aspp import ASPP
-from mtl_jax.models.layers import conv, resize_bilinear, torch_default_kernel_init
+from mtl_jax.models.layers import (
+    conv,
+    resize_bilinear,
+    resize_nearest,
+    torch_default_kernel_init,
+    upsample_nearest,
+)
 
 Dtype = Any
 
 STAGES = (4, 3, 2, 1, 0)
-
-
-def resize_nearest(x_BxHxWxC: jax.Array, size: Sequence[int]) -> jax.Array:
-    """Nearest-neighbour resize to ``size`` (PyTorch ``mode='nearest'``: source index
-    ``floor(i · in / out)``); exact ×k repetition when the sizes are multiples."""
-    _, h, w, _ = x_BxHxWxC.shape
-    out_h, out_w = int(size[0]), int(size[1])
-    if (h, w) == (out_h, out_w):
-        return x_BxHxWxC
-    if out_h % h == 0 and out_w % w == 0 and out_h // h == out_w // w:
-        factor = out_h // h
-        return jnp.repeat(jnp.repeat(x_BxHxWxC, factor, axis=1), factor, axis=2)
-    rows = (jnp.arange(out_h) * h) // out_h
-    cols = (jnp.arange(out_w) * w) // out_w
-    return x_BxHxWxC[:, rows][:, :, cols]
 
 
 class ConvBlock(nn.Module):
@@ -129,7 +120,7 @@ class ThreeWaysDecoder(nn.Module):
             return self.upconv["4_1"](x)
         x = self.upconv[f"{stage}_0"](x)
         if stage == 0:
-            x = resize_nearest(x, (2 * x.shape[1], 2 * x.shape[2]))
+            x = upsample_nearest(x, 2)
         else:
             skip = features[stage - 1].astype(self.dtype)
             if skip.shape[1] > x.shape[1] or skip.shape[2] > x.shape[2]:

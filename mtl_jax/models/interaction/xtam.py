@@ -40,8 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.models.attention import attention as dot_product_attention
-from mtl_jax.models.decoders.three_ways import resize_nearest
-from mtl_jax.models.layers import ConvBNAct, conv, torch_default_kernel_init
+from mtl_jax.models.layers import ConvBNAct, conv, resize_nearest, torch_default_kernel_init
 
 Dtype = Any
 
