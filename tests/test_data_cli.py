@@ -88,3 +88,15 @@ def test_densemtl_config_reads_the_built_dataset(name, tmp_path):
     assert batch["depth"].shape == (config.batch_size, h, w, 1)
     assert np.abs(np.linalg.norm(batch["normals"], axis=-1) - 1).min() < 1e-3
     assert len(val) >= 1
+
+
+def test_docs_show_every_expected_tree():
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "docs", "datasets.md"), encoding="utf-8") as f:
+        docs = f.read()
+    for name in CASES:
+        cls = DATASETS[name]
+        assert cls.EXPECTED_TREE in docs, name
+        assert cls.DOWNLOAD_URL in docs, name
