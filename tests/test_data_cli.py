@@ -48,6 +48,10 @@ def test_data_build_and_show(name, tmp_path, capsys):
     assert main(["data", "build", name, f"--data_dir={tmp_path / 'other'}", *cfg]) == 2
     err = capsys.readouterr().err
     assert "--manual_dir" in err and DATASETS[name].DOWNLOAD_URL in err
+    # An unknown builder config lists the valid ones.
+    assert main(["data", "build", name, f"--manual_dir={manual}", f"--data_dir={data_dir}",
+                 "--config=nope"]) == 2
+    assert "no builder config 'nope'" in capsys.readouterr().err
 
 
 # configs/densemtl.py names these builder configs; a fake folder built under the same name

@@ -53,6 +53,9 @@ def get_builder(name: str, config: str | None = None, data_dir: str | None = Non
     if cfg is not None:
         # TFDS wants the registered object itself (or its name) for predefined configs.
         name_of = getattr(cfg, "name", cfg)
+        if isinstance(cfg, str) and name_of not in cls.builder_configs:
+            valid = ", ".join(cls.builder_configs) or "(none: omit --config)"
+            raise UserError(f"dataset {name!r} has no builder config {cfg!r}; valid: {valid}")
         kwargs["config"] = name_of if name_of in cls.builder_configs else cfg
     return cls(**kwargs)
 
