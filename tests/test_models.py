@@ -110,6 +110,29 @@ def test_resize_helpers():
     assert upsample_nearest(jnp.ones((2, 3, 5, 4)), 2).shape == (2, 6, 10, 4)
 
 
+def test_resize_bilinear_align_corners_hand_computed():
+    # align_corners=True: output i samples the input at i*(n_in-1)/(n_out-1).
+    x = jnp.array([0.0, 3.0]).reshape(1, 1, 2, 1)
+    np.testing.assert_allclose(resize_bilinear(x, (1, 4), align_corners=True)[0, 0, :, 0],
+                               [0.0, 1.0, 2.0, 3.0], atol=1e-6)
+    # Half-pixel centres on the same input: sources -0.25 (clamped), 0.25, 0.75, 1.25 (clamped).
+    np.testing.assert_allclose(resize_bilinear(x, (1, 4))[0, 0, :, 0],
+                               [0.0, 0.75, 2.25, 3.0], atol=1e-6)
+    # 3 -> 5, both axes at once: sources 0, .5, 1, 1.5, 2 (PyTorch align_corners=True values).
+    row = jnp.array([0.0, 2.0, 10.0])
+    img = (row[:, None] + 100.0 * row[None, :]).reshape(1, 3, 3, 1)
+    out = resize_bilinear(img, (5, 5), align_corners=True)[0, :, :, 0]
+    expected_1d = np.array([0.0, 1.0, 2.0, 6.0, 10.0])
+    np.testing.assert_allclose(out, expected_1d[:, None] + 100.0 * expected_1d[None, :],
+                               rtol=1e-6)
+    # Downsampling 5 -> 3 keeps the corners; one output pixel samples the first input pixel.
+    line = jnp.arange(5.0).reshape(1, 1, 5, 1)
+    np.testing.assert_allclose(resize_bilinear(line, (1, 3), align_corners=True)[0, 0, :, 0],
+                               [0.0, 2.0, 4.0])
+    np.testing.assert_allclose(resize_bilinear(line, (1, 1), align_corners=True)[0, 0, :, 0],
+                               [0.0])
+
+
 def test_bias_free_1x1_conv_commutes_with_bilinear_resize():
     # The UNet head relies on this to run its 1x1 conv before the last upsampling.
     head = conv(3, 1, use_bias=False)
@@ -228,3 +251,14 @@ def test_interaction_module_keeps_its_name_and_namespaces_aux():
     assert list(aux) == ["exchange/alpha"]
     assert count_params(variables["params"])["exchange"] == 2
     assert preds["semseg"].shape == (1, 32, 32, 7)
+
+
+def test_architecture_registry_default_and_unknown():
+    from mtl_jax.models import ARCHITECTURES
+
+    assert "multitask" in ARCHITECTURES
+    assert isinstance(build_model(TINY_CFG, TASKS), MultiTaskModel)
+    assert isinstance(build_model({**TINY_CFG, "architecture": "multitask"}, TASKS),
+                      MultiTaskModel)
+    with pytest.raises(ValueError, match="unknown model architecture 'nope'; valid: .*multitask"):
+        build_model({**TINY_CFG, "architecture": "nope"}, TASKS)

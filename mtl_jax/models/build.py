@@ -1,108 +1,47 @@
-"""``build_model(model_cfg, {task: channels})``: a model from the ``config.model`` dict.
+"""``build_model(model_cfg, {task: channels})``: the model a ``config.model`` dict describes.
 
-Keys read (all optional):
+``config.model.architecture`` names a builder in ``ARCHITECTURES`` (default ``'multitask'``,
+the composed encoder → interaction/exchange → decoders model of
+:mod:`~mtl_jax.models.composed`). A builder is ``builder(model_cfg, tasks) -> module`` with
+``tasks = {task: output channels}`` in task order; it reads the keys of ``model_cfg`` it knows
+(and ignores the others) and raises ``ValueError`` for bad values.
 
-* ``encoder`` (name in ``ENCODERS``, default ``'resnet34'``), ``encoder_kwargs`` (e.g.
-  ``width``, ``replace_stride_with_dilation``);
-* ``decoder`` (name in ``DECODERS``, default ``'unet'``), ``decoder_kwargs`` (e.g.
-  ``features``; ``channels`` and ``side_scales`` for ``three_ways``);
-* ``interaction``: ``None`` or ``{'name': 'padnet', 'width': 256}`` -- a module between encoder
-  and decoders (:class:`~mtl_jax.models.multitask.MultiTaskModel`);
-* ``exchange``: ``None`` or ``{'name': 'mteb' | 'padnet', 'stages': (1,), ...}`` -- exchange
-  blocks between the stages of staged decoders
-  (:class:`~mtl_jax.models.exchange.ExchangeMultiTaskModel`); other keys go to the block
-  (mTEB: ``fusion``, ``attention``, ``attention_impl``, ``block_size``; ``downscale`` = one
-  int for every stage, default from DenseMTL's stage table ``STAGE_DOWNSCALE``);
-* ``dtype`` (``'float32'`` | ``'bfloat16'``), ``param_dtype``, ``pixel_mean``, ``pixel_std``.
+The module it returns follows the model API the steps use (see
+:class:`~mtl_jax.models.multitask.MultiTaskModel`): ``tasks``; ``__call__(image, train) ->
+(preds, aux)`` with ``preds = {task: [B, H, W, C] float32}`` at the input size; ``encode(image,
+train) -> features`` (the shared part, parameters under ``encoder``) and ``decode(features,
+output_size, train) -> (preds, aux)`` (everything after it); ``decode_task(features,
+output_size, task, train)`` when the task heads are separable (it raises otherwise, and
+gradient-based weighting then takes one VJP per task loss through all non-encoder parameters).
+Parameters: ``encoder`` (shared), ``decoders/<task>`` (task-specific), other top-level keys for
+modules that couple the tasks (``exchange_stage<k>``, ``padnet``, ``transfer/<a>_to_<b>``, ...).
 
-Other keys are ignored. Unknown names raise ``ValueError`` listing the valid ones.
+Adding an architecture is one file under ``models/`` (its modules by kind under
+``encoders/``, ``decoders/``, ``interaction/``) plus one line in ``ARCHITECTURES``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax.numpy as jnp
+import flax.linen as nn
 
-from mtl_jax.models.decoders import DECODERS
-from mtl_jax.models.encoders import ENCODERS
-from mtl_jax.models.exchange import STAGE_DOWNSCALE, ExchangeMultiTaskModel, exchange_block_cls
-from mtl_jax.models.interaction.padnet import PADNetInteraction
-from mtl_jax.models.multitask import MultiTaskModel
+from mtl_jax.models.composed import build_multitask
 
-INTERACTIONS = ("padnet",)
+Builder = Callable[[Mapping[str, Any], Mapping[str, int]], nn.Module]
 
-
-def _as_dict(value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
-        return value.to_dict()
-    return dict(value)
+#: name -> builder(model_cfg, {task: channels}); ``config.model.architecture`` picks one.
+ARCHITECTURES: dict[str, Builder] = {
+    "multitask": build_multitask,
+}
 
 
-def _exchange_blocks(spec: dict[str, Any], tasks: tuple[str, ...], precision: dict
-                     ) -> tuple[tuple[int, Any], ...]:
-    spec = dict(spec)
-    cls = exchange_block_cls(spec.pop("name", "mteb"))
-    stages = spec.pop("stages", (1,))
-    stages = (stages,) if isinstance(stages, int) else tuple(int(s) for s in stages)
-    downscale = spec.pop("downscale", None)
-    blocks = []
-    for stage in stages:
-        kwargs = dict(spec)
-        if "downscale" in cls.__dataclass_fields__:
-            kwargs["downscale"] = int(downscale) if downscale else STAGE_DOWNSCALE[stage]
-        try:
-            blocks.append((stage, cls(tasks=tasks, **kwargs, **precision)))
-        except TypeError as e:
-            raise ValueError(f"model.exchange: {e}") from e
-    return tuple(blocks)
-
-
-def build_model(model_cfg: Mapping[str, Any], tasks: Mapping[str, int]) -> MultiTaskModel:
+def build_model(model_cfg: Mapping[str, Any], tasks: Mapping[str, int]) -> nn.Module:
     """Build the model ``model_cfg`` describes for ``{task: output channels}`` (module doc)."""
     if not tasks:
         raise ValueError("build_model needs at least one task")
-    encoder_name = model_cfg.get("encoder", "resnet34")
-    decoder_name = model_cfg.get("decoder", "unet")
-    if encoder_name not in ENCODERS:
-        raise ValueError(f"unknown encoder {encoder_name!r}; valid: {sorted(ENCODERS)}")
-    if decoder_name not in DECODERS:
-        raise ValueError(f"unknown decoder {decoder_name!r}; valid: {sorted(DECODERS)}")
-    dtype = jnp.dtype(model_cfg.get("dtype", "float32"))
-    param_dtype = jnp.dtype(model_cfg.get("param_dtype", "float32"))
-    precision = dict(dtype=dtype, param_dtype=param_dtype)
-
-    encoder = ENCODERS[encoder_name](**_as_dict(model_cfg.get("encoder_kwargs", None)), **precision)
-    decoder_kwargs = _as_dict(model_cfg.get("decoder_kwargs", None))
-    decoders = {
-        task: DECODERS[decoder_name](out_channels=int(channels), **decoder_kwargs, **precision)
-        for task, channels in tasks.items()
-    }
-    extra: dict[str, Any] = {}
-    for key in ("pixel_mean", "pixel_std"):
-        if model_cfg.get(key, None) is not None:
-            extra[key] = tuple(float(v) for v in model_cfg.get(key))
-
-    interaction = _as_dict(model_cfg.get("interaction", None))
-    exchange = _as_dict(model_cfg.get("exchange", None))
-    if interaction and exchange:
-        raise ValueError("model.interaction and model.exchange are exclusive; set one to None")
-    if interaction:
-        name = interaction.pop("name", None)
-        if name not in INTERACTIONS:
-            raise ValueError(f"unknown interaction {name!r}; valid: {list(INTERACTIONS)}")
-        extra["interaction"] = PADNetInteraction(
-            task_channels=tuple((t, int(c)) for t, c in tasks.items()), name="padnet",
-            **interaction, **precision)
-    if exchange:
-        if not hasattr(DECODERS[decoder_name], "stage_order"):
-            staged = sorted(k for k, v in DECODERS.items() if hasattr(v, "stage_order"))
-            raise ValueError(f"model.exchange needs a staged decoder ({staged}), not "
-                             f"{decoder_name!r}")
-        blocks = _exchange_blocks(exchange, tuple(tasks), precision)
-        return ExchangeMultiTaskModel(encoder=encoder, decoders=decoders, exchanges=blocks,
-                                      dtype=dtype, **extra)
-    return MultiTaskModel(encoder=encoder, decoders=decoders, dtype=dtype, **extra)
+    name = model_cfg.get("architecture", "multitask") or "multitask"
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown model architecture {name!r}; valid: {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[name](model_cfg, dict(tasks))

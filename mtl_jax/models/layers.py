@@ -123,12 +123,18 @@ class ConvBNAct(nn.Module):
         return y.astype(self.dtype)
 
 
-def resize_bilinear(x_BxHxWxC: jax.Array, size: Sequence[int]) -> jax.Array:
+def resize_bilinear(x_BxHxWxC: jax.Array, size: Sequence[int], *,
+                    align_corners: bool = False) -> jax.Array:
     """Bilinear resize of ``[B, H, W, C]`` to ``[B, size[0], size[1], C]``, same dtype.
 
-    Half-pixel centres without antialiasing, i.e. PyTorch's
-    ``F.interpolate(mode='bilinear', align_corners=False)``. Returns the input unchanged when
-    the size already matches.
+    No antialiasing. ``align_corners=False`` (default): half-pixel centres, output pixel i
+    samples the input at ``(i + 0.5) · n_in / n_out − 0.5`` (clamped to the edges), i.e.
+    PyTorch's ``F.interpolate(mode='bilinear', align_corners=False)``. ``align_corners=True``:
+    the corner pixels of input and output coincide, output pixel i samples the input at
+    ``i · (n_in − 1) / (n_out − 1)`` (0 when ``n_out == 1``), i.e. PyTorch's
+    ``align_corners=True`` (``nn.Upsample(scale_factor=2, mode='bilinear',
+    align_corners=True)`` of the XTasC-Net and DenseMTL reference codes). Returns the input
+    unchanged when the size already matches (both conventions are the identity then).
     """
     out_h, out_w = int(size[0]), int(size[1])
     _, h, w, _ = x_BxHxWxC.shape
@@ -138,25 +144,30 @@ def resize_bilinear(x_BxHxWxC: jax.Array, size: Sequence[int]) -> jax.Array:
     # Compiles and differentiates much faster than a gather-based resize, and runs on the
     # matrix units of accelerators.
     dtype = x_BxHxWxC.dtype
-    m_h = jnp.asarray(_interp_matrix(out_h, h), dtype)
-    m_w = jnp.asarray(_interp_matrix(out_w, w), dtype)
+    m_h = jnp.asarray(interp_matrix(out_h, h, bool(align_corners)), dtype)
+    m_w = jnp.asarray(interp_matrix(out_w, w, bool(align_corners)), dtype)
     y = jnp.einsum("Hh,bhwc->bHwc", m_h, x_BxHxWxC)
     return jnp.einsum("Ww,bHwc->bHWc", m_w, y)
 
 
 @functools.lru_cache(maxsize=256)
-def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """``[n_out, n_in]`` weights of 1-D linear interpolation with half-pixel centres
-    (edge-clamped, no antialiasing): row i mixes the two inputs around ``(i+.5)·n_in/n_out-.5``."""
-    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+def interp_matrix(n_out: int, n_in: int, align_corners: bool = False) -> np.ndarray:
+    """``[n_out, n_in]`` float32 weights of 1-D linear interpolation (no antialiasing): row i
+    mixes the two inputs around its source coordinate (see :func:`resize_bilinear` for the
+    two conventions); each row sums to 1."""
+    i = np.arange(n_out, dtype=np.float64)
+    if align_corners:
+        src = i * ((n_in - 1) / (n_out - 1)) if n_out > 1 else np.zeros_like(i)
+    else:
+        src = (i + 0.5) * (n_in / n_out) - 0.5
     src = np.clip(src, 0.0, n_in - 1)
     lo = np.floor(src).astype(int)
     hi = np.minimum(lo + 1, n_in - 1)
     frac = src - lo
-    m = np.zeros((n_out, n_in), np.float32)
-    m[np.arange(n_out), lo] += 1.0 - frac
-    m[np.arange(n_out), hi] += frac
-    return m
+    m = np.zeros((n_out, n_in), np.float64)
+    np.add.at(m, (np.arange(n_out), lo), 1.0 - frac)
+    np.add.at(m, (np.arange(n_out), hi), frac)
+    return m.astype(np.float32)
 
 
 def resize_nearest(x_BxHxWxC: jax.Array, size: Sequence[int]) -> jax.Array:
