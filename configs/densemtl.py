@@ -154,6 +154,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # A converted torchvision ImageNet checkpoint (.npz; `mtl-jax convert-weights`), as the
         # paper's encoder; "" = random initialisation.
         encoder_init="",
+        # A whole model converted from the authors' code (mtl-jax convert-weights --from=NAME).
+        init_from="",
         dtype="float32",
     )
     three_ways = dict(decoder="three_ways", decoder_kwargs=dict(channels=channels,

@@ -61,6 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         encoder=args.encoder,
         encoder_kwargs=dict(width=4 if args.smoke else args.width),
         encoder_init="",  # converted torchvision weights (.npz), see models/pretrained.py
+        init_from="",  # a whole converted model (mtl-jax convert-weights --from=NAME)
         decoder="unet",
         decoder_kwargs=dict(features=8 if args.smoke else 32, convs_per_block=1),
         dtype="float32",

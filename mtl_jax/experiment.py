@@ -124,6 +124,9 @@ def build_experiment(config: ml_collections.ConfigDict,
     if encoder_init:
         init_state = _encoder_init_state(str(encoder_init), model, init_state, abstract, tx,
                                          state_sharding)
+    init_from = config.model.get("init_from", None)
+    if init_from:
+        init_state = _init_from_state(str(init_from), init_state, abstract, tx, state_sharding)
 
     train_step = jax.jit(
         functools.partial(steps.train_step, model=model, tasks=tasks, weighting=weighting,
@@ -151,6 +154,23 @@ def build_experiment(config: ml_collections.ConfigDict,
         eval_batch_size=int(config.get("eval_batch_size", config.batch_size)))
 
 
+def _overlay_state(init_state: Callable[[], steps.TrainState], tx: Any,
+                   state_sharding: steps.TrainState, overlay: Callable[[Any, Any], tuple]
+                   ) -> Callable[[], steps.TrainState]:
+    """``init_state`` whose params and batch_stats pass through ``overlay(params, stats)``
+    (loaded weights), with the optimiser state rebuilt for the new parameters."""
+    init_opt = jax.jit(tx.init, out_shardings=state_sharding.opt_state)
+
+    def init_with_weights() -> steps.TrainState:
+        state = init_state()
+        params, batch_stats = overlay(state.params, state.batch_stats)
+        params = jax.device_put(params, state_sharding.params)
+        batch_stats = jax.device_put(batch_stats, state_sharding.batch_stats)
+        return state.replace(params=params, batch_stats=batch_stats, opt_state=init_opt(params))
+
+    return init_with_weights
+
+
 def _encoder_init_state(path: str, model: Any, init_state: Callable[[], steps.TrainState],
                         abstract: steps.TrainState, tx: Any, state_sharding: steps.TrainState
                         ) -> Callable[[], steps.TrainState]:
@@ -165,17 +185,21 @@ def _encoder_init_state(path: str, model: Any, init_state: Callable[[], steps.Tr
                         f"{type(getattr(model, 'encoder', None)).__name__} is not a ResNet")
     loaded = pretrained.load_encoder_weights(path)
     pretrained.apply_encoder_weights(abstract.params, abstract.batch_stats, loaded)  # check
-    init_opt = jax.jit(tx.init, out_shardings=state_sharding.opt_state)
+    return _overlay_state(init_state, tx, state_sharding,
+                          lambda p, s: pretrained.apply_encoder_weights(p, s, loaded))
 
-    def init_with_encoder() -> steps.TrainState:
-        state = init_state()
-        params, batch_stats = pretrained.apply_encoder_weights(state.params, state.batch_stats,
-                                                               loaded)
-        params = jax.device_put(params, state_sharding.params)
-        batch_stats = jax.device_put(batch_stats, state_sharding.batch_stats)
-        return state.replace(params=params, batch_stats=batch_stats, opt_state=init_opt(params))
 
-    return init_with_encoder
+def _init_from_state(path: str, init_state: Callable[[], steps.TrainState],
+                     abstract: steps.TrainState, tx: Any, state_sharding: steps.TrainState
+                     ) -> Callable[[], steps.TrainState]:
+    """``config.model.init_from``: every parameter and batch statistic from a converted file
+    (``mtl-jax convert-weights --from=NAME``), checked against the model now."""
+    from mtl_jax.models import converters
+
+    flat = converters.load_variables(path)
+    converters.apply_variables(abstract.params, abstract.batch_stats, flat)  # check
+    return _overlay_state(init_state, tx, state_sharding,
+                          lambda p, s: converters.apply_variables(p, s, flat))
 
 
 def dataset_normals_from_depth(config: ml_collections.ConfigDict) -> bool:

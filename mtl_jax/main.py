@@ -8,6 +8,8 @@ Subcommands::
     mtl-jax eval  --config=... --workdir=W [--step N]
     mtl-jax params --config=...                               parameter count per part
     mtl-jax convert-weights SRC.pth DST.npz                   torchvision ResNet -> .npz
+    mtl-jax convert-weights --from=NAME SRC.npz DST.npz [--option k=v]
+                                                 authors' PyTorch model -> config.model.init_from
 """
 
 from __future__ import annotations
@@ -93,15 +95,36 @@ def _data_parser() -> argparse.ArgumentParser:
 def _convert_weights(rest: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="mtl-jax convert-weights",
-        description="Convert a local torchvision ResNet state_dict (.pth) to the .npz that "
-                    "config.model.encoder_init reads. Needs torch; downloads nothing.")
-    parser.add_argument("src", help="torchvision .pth file (a state_dict)")
+        description="Without --from: convert a local torchvision ResNet state_dict (.pth) to "
+                    "the .npz that config.model.encoder_init reads (needs torch). With "
+                    "--from=NAME: map a state_dict of an authors' PyTorch model, saved as an "
+                    ".npz of name -> array, onto our parameters (docs/models/*.md name the "
+                    "models); the result is read by config.model.init_from. Downloads nothing.")
+    parser.add_argument("src", help="torchvision .pth file, or with --from a state_dict .npz")
     parser.add_argument("dst", help="output .npz path")
+    parser.add_argument("--from", dest="source", default=None,
+                        help="reference code the state_dict comes from (mtl_jax.models."
+                             "converters.CONVERTERS)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="converter option, repeatable (see the converter's docs)")
     args = parser.parse_args(rest)
-    from mtl_jax.models import pretrained
+    if args.source is None:
+        from mtl_jax.models import pretrained
 
-    n = pretrained.convert_torch_checkpoint(args.src, args.dst)
-    print(f"wrote {args.dst}: {n} arrays")
+        n = pretrained.convert_torch_checkpoint(args.src, args.dst)
+        print(f"wrote {args.dst}: {n} arrays")
+        return 0
+    from mtl_jax.errors import UserError
+    from mtl_jax.models import converters
+
+    options = {}
+    for item in args.option:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"--option needs KEY=VALUE, got {item!r}")
+        options[key.strip()] = value.strip()
+    n = converters.convert_file(args.source, args.src, args.dst, **options)
+    print(f"wrote {args.dst}: {n} arrays (load with --config.model.init_from={args.dst})")
     return 0
 
 
@@ -115,7 +138,8 @@ def _top_parser() -> argparse.ArgumentParser:
     sub.add_parser("eval", help="evaluate a checkpoint from a workdir", add_help=False)
     sub.add_parser("params", help="print parameter counts of a config's model", add_help=False)
     sub.add_parser("convert-weights", add_help=False,
-                   help="torchvision ResNet .pth -> .npz for config.model.encoder_init (torch)")
+                   help="torchvision ResNet .pth -> .npz (config.model.encoder_init), or "
+                        "--from=NAME: an authors' model -> config.model.init_from")
     return parser
 
 

@@ -228,11 +228,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None
              ) -> dict[str, Any]:
-    """Evaluate the checkpoint of ``step`` (default: latest) in ``workdir`` on the val split."""
+    """Evaluate the checkpoint of ``step`` (default: latest) in ``workdir`` on the val split.
+
+    A workdir without checkpoints evaluates the initial state when the config loads converted
+    weights (``config.model.init_from``, e.g. a model trained with the authors' code), as
+    step 0."""
     exp = build_experiment(config)
     (val_source,) = open_data(config, splits=("val",))
     manager = checkpointing.make_manager(workdir, read_only=True, async_save=False)
     restored = checkpointing.restore(manager, exp.abstract_state, step)
+    if restored is None and step is None and config.model.get("init_from", None):
+        logging.info("No checkpoint in %s: evaluating the weights of config.model.init_from=%s.",
+                     workdir, config.model.init_from)
+        restored = (exp.init_state(), None, 0)
     if restored is None:
         raise UserError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train first "
                         "with: mtl-jax train --config=... --workdir=" + workdir)
