@@ -1,8 +1,15 @@
-"""Test session setup: 4 fake CPU devices, a tiny prepared synthetic dataset.
+"""Test session setup: 4 fake CPU devices, a persistent compilation cache, a tiny prepared
+synthetic dataset.
 
 The whole suite runs with ``--xla_force_host_platform_device_count=4`` so that sharded and
 unsharded computations can be compared in one process (single-device tests build a mesh of
 ``jax.devices()[:1]``).
+
+Many tests compile the same programs (the smoke models' init, train and eval steps) through
+separate ``jax.jit`` objects, in this process, in pytest-xdist workers and in ``mtl-jax``
+subprocesses; JAX's persistent compilation cache (keyed by the program, so it is never stale)
+under ``.pytest_cache/`` lets them compile each program once per suite run. Set
+``JAX_COMPILATION_CACHE_DIR`` yourself to move it, or to ``""`` to switch it off.
 """
 
 import os
@@ -10,6 +17,10 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache",
+    "jax_compilation_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest  # noqa: E402
 
