@@ -122,3 +122,23 @@ def test_densemtl_side_outputs_resize_with_aligned_corners():
                                    resize_bilinear(half, (32, 48), align_corners=True),
                                    rtol=1e-5, atol=1e-6)
         assert not np.allclose(aux[f"{t}/side/1"], resize_bilinear(half, (32, 48)), atol=1e-6)
+
+
+def test_padnet_initial_predictions_resize_with_aligned_corners():
+    model = build_model(dict(encoder="simple", encoder_kwargs=dict(widths=(4, 4, 4, 4, 8)),
+                             decoder="padnet", decoder_kwargs=dict(width=8),
+                             interaction=dict(name="padnet", width=8)), {"depth": 1, "normals": 3})
+    image = jax.random.uniform(KEY, (1, 64, 64, 3))
+
+    @jax.jit
+    def run(image):
+        variables = model.init({"params": KEY, "dropout": KEY}, image, train=False)
+        return model.apply(variables, image, train=False, mutable=["intermediates"],
+                           capture_intermediates=lambda m, name: m.name == "padnet")
+
+    (_, aux), state = run(image)
+    initial = state["intermediates"]["padnet"]["__call__"][0][1]["depth/side/initial"]
+    assert initial.shape[1:3] == (2, 2)
+    np.testing.assert_allclose(aux["depth/side/initial"],
+                               resize_bilinear(initial, (64, 64), align_corners=True),
+                               rtol=1e-5, atol=1e-6)
