@@ -209,4 +209,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.skip_nonfinite = False
     c.trivial_baseline = not smoke
     c.baseline_results = ""
+    # Reference codes' metric averaging reported next to ours (docs/metrics.md "compat"):
+    # '' | 'per_image' (DenseMTL, XTasC) | 'mtan' | 'per_image,mtan'.
+    c.eval = dict(compat="")
     return c

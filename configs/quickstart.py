@@ -93,4 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.trivial_baseline = not args.smoke
     # Comma-separated results.json files of single-task runs (configs/stl.py): adds eval/delta_m.
     c.baseline_results = ""
+    # Reference codes' metric averaging reported next to ours (docs/metrics.md "compat"):
+    # '' | 'per_image' (DenseMTL, XTasC) | 'mtan' | 'per_image,mtan'.
+    c.eval = dict(compat="")
     return c

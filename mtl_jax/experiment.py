@@ -26,6 +26,7 @@ from mtl_jax.data import DATASETS, augment, registry
 from mtl_jax.errors import UserError
 from mtl_jax.models import build_model
 from mtl_jax.tasks import TASKS, make_task
+from mtl_jax.tasks.compat import parse_compat
 from mtl_jax.weighting import make_weighting
 
 
@@ -59,18 +60,31 @@ def _to_dict(cfg: Any) -> dict:
 
 
 def build_tasks(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """``config.tasks``: ``{name: {task options}}`` -> ``{name: Task}`` (config order)."""
+    """``config.tasks``: ``{name: {task options}}`` -> ``{name: Task}`` (config order).
+
+    The dataset's ``TASK_DEFAULTS`` (e.g. the depth evaluation range of VKITTI2) come first;
+    the options in ``config.tasks`` override them."""
+    dataset = _to_dict(config.get("dataset", None)).get("name")
+    implied = getattr(DATASETS[dataset], "TASK_DEFAULTS", {}) if dataset in DATASETS else {}
     tasks = {}
     for name, options in _to_dict(config.tasks).items():
         if name not in TASKS:
             raise UserError(f"config.tasks has unknown task {name!r}; available: {sorted(TASKS)}")
         try:
-            tasks[name] = make_task(name, **_to_dict(options))
+            tasks[name] = make_task(name, **{**implied.get(name, {}), **_to_dict(options)})
         except (TypeError, ValueError) as e:
             raise UserError(f"config.tasks.{name}: {e}") from e
     if not tasks:
         raise UserError("config.tasks is empty: name at least one task")
     return tasks
+
+
+def _eval_compat(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """``config.eval.compat``: reference-code metric modes (``mtl_jax.tasks.compat``)."""
+    try:
+        return parse_compat(_to_dict(config.get("eval", None)).get("compat"))
+    except ValueError as e:
+        raise UserError(f"config.eval.compat: {e}") from e
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
@@ -135,7 +149,8 @@ def build_experiment(config: ml_collections.ConfigDict,
         out_shardings=(state_sharding, replicated),
         donate_argnums=0)
     eval_step = jax.jit(
-        functools.partial(steps.eval_step, model=model, tasks=tasks),
+        functools.partial(steps.eval_step, model=model, tasks=tasks,
+                          compat=_eval_compat(config)),
         in_shardings=(state_sharding, data_sharding), out_shardings=replicated)
     predict_step = jax.jit(
         functools.partial(steps.predict_step, model=model, tasks=tasks),

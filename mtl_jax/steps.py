@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from mtl_jax.models.multitask import side_outputs
+from mtl_jax.tasks.compat import compat_metrics
 from mtl_jax.weighting import Weighting
 
 PyTree = Any
@@ -361,18 +362,22 @@ def train_step(state: TrainState, batch: Batch, *, model, tasks: Mapping[str, An
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Batch, *, model, tasks: Mapping[str, Any]
-              ) -> dict[str, Any]:
+def eval_step(state: TrainState, batch: Batch, *, model, tasks: Mapping[str, Any],
+              compat: tuple[str, ...] = ()) -> dict[str, Any]:
     """Metric statistics (``{task: SumMetric}``, sums and counts) of one eval batch.
 
     The task's metrics are those of the final prediction; a model's side outputs are scored
-    too, under ``'<task>/side/<k>'`` (e.g. DenseMTL's half-resolution output)."""
+    too, under ``'<task>/side/<k>'`` (e.g. DenseMTL's half-resolution output). ``compat``
+    modes (:mod:`mtl_jax.tasks.compat`) add the reference codes' statistics of the final
+    prediction under ``'<task>/compat_<mode>'``."""
     preds, aux = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                              batch["image"], train=False)
     out = {name: task.metrics(preds[name], batch) for name, task in tasks.items()}
     for name, task in tasks.items():
         for key, side in side_outputs(aux, name).items():
             out[f"{name}/side/{key}"] = task.metrics(side, batch)
+    if compat:
+        out.update(compat_metrics(dict(tasks), preds, batch, compat))
     return out
 
 

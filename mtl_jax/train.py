@@ -68,7 +68,10 @@ def evaluate_state(exp: Experiment, state, val_source, *, baseline: dict | None 
         acc = merge_metrics(acc, exp.eval_step(state, batch))
     results = compute_metrics(acc)
     if baseline:
-        results["delta_m"] = delta_m(results, baseline, directions_for(exp.tasks))
+        # Main metrics only: side outputs and compat modes have no direction, never enter Δm.
+        directions = directions_for(exp.tasks)
+        keys = [k for k in directions if k in results and k in baseline]
+        results["delta_m"] = delta_m(results, baseline, directions, keys or None)
     return results
 
 

@@ -129,7 +129,9 @@ def test_depth_metrics_toy():
     expected = {
         "abs_err": 1.86,
         "abs_rel": 0.6914286,
+        "sq_rel": 1.6077143,  # mean (p-g)^2/g
         "rmse": 2.3430749,
+        "rmse_log": 6.5044338,  # p = -1 enters as 1e-6 (RATIO_EPS)
         "delta1": 0.2,
         "delta2": 0.4,
         "delta3": 0.6,

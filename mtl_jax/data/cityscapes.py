@@ -48,6 +48,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mtl_jax.data.manual import (
+    DEPTH_RANGE_KITTI,
     BadFileError,
     ManualBuilder,
     check_shape,
@@ -248,6 +249,7 @@ class MtlCityscapes(ManualBuilder):
         return CLASS_NAMES[self.builder_config.num_classes]
 
     FEATURES = dict()
+    TASK_DEFAULTS = {"depth": DEPTH_RANGE_KITTI}
 
     def _split_generators(self, dl_manager):
         root = self.manual_root(dl_manager)

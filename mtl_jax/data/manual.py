@@ -56,6 +56,13 @@ class BadFileError(UserError, ValueError):
     """A file of the manual folder exists but its content is not what the dataset stores."""
 
 
+#: Depth evaluation ranges (metres): metrics keep ground truth in (min, max) and clamp the
+#: prediction to it. Outdoor driving sets (VKITTI2, Synthia, Cityscapes): KITTI's convention,
+#: also DenseMTL's; indoor (NYUv2, NYUD-MT): the Kinect's ~10 m.
+DEPTH_RANGE_KITTI: dict[str, float] = dict(min_depth=1e-3, max_depth=80.0)
+DEPTH_RANGE_NYU: dict[str, float] = dict(min_depth=1e-3, max_depth=10.0)
+
+
 class ManualBuilder(tfds.core.GeneratorBasedBuilder):
     """Base of the builders that read ``manual_dir`` (see the module docstring).
 
@@ -72,6 +79,9 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder):
     EXPECTED_TREE: ClassVar[str] = ""
     #: Keyword arguments of :meth:`dense_features` (which fields the dataset stores).
     FEATURES: ClassVar[dict[str, Any]] = {}
+    #: Task options this dataset implies, ``{task: {option: value}}`` (e.g. the depth
+    #: evaluation range); ``config.tasks`` options override them (``experiment.build_tasks``).
+    TASK_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
     #: Threads that decode examples (``ordered_map``) while TFDS serialises earlier ones.
     NUM_WORKERS: ClassVar[int] = min(8, os.cpu_count() or 1)
 

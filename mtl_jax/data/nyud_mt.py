@@ -46,6 +46,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from mtl_jax.data.manual import (
+    DEPTH_RANGE_NYU,
     BadFileError,
     ManualBuilder,
     check_depth,
@@ -213,6 +214,7 @@ class MtlNyudMt(ManualBuilder):
         "otherfurniture", "otherprop")
 
     FEATURES = dict(edges=True)
+    TASK_DEFAULTS = {"depth": DEPTH_RANGE_NYU}
 
     def _read_list(self, root: str, split: str) -> list[str]:
         path = os.path.join(root, "gt_sets", f"{split}.txt")

@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mtl_jax.data.manual import (
+    DEPTH_RANGE_NYU,
     BadFileError,
     ManualBuilder,
     check_depth,
@@ -142,6 +143,7 @@ class MtlNyuv2(ManualBuilder):
                    "painting", "sofa", "table", "tv", "wall", "window")
 
     FEATURES = dict(edges=False)
+    TASK_DEFAULTS = {"depth": DEPTH_RANGE_NYU}
 
     def stored_size(self) -> tuple[int, int]:
         return HEIGHT, WIDTH

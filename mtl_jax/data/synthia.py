@@ -56,6 +56,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from mtl_jax.data.manual import (
+    DEPTH_RANGE_KITTI,
     BadFileError,
     ManualBuilder,
     check_shape,
@@ -208,6 +209,7 @@ class MtlSynthia(ManualBuilder):
     CLASS_NAMES = CLASS_NAMES
 
     FEATURES = dict(normals=True, intrinsics=True)
+    TASK_DEFAULTS = {"depth": DEPTH_RANGE_KITTI}
 
     def _split_generators(self, dl_manager):
         root = self.manual_root(dl_manager)

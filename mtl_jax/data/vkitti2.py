@@ -72,6 +72,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mtl_jax.data.manual import (
+    DEPTH_RANGE_KITTI,
     BadFileError,
     ManualBuilder,
     check_shape,
@@ -311,6 +312,7 @@ class MtlVkitti2(ManualBuilder):
     CLASS_NAMES = CLASS_NAMES
 
     FEATURES = dict(normals=True, intrinsics=True)
+    TASK_DEFAULTS = {"depth": DEPTH_RANGE_KITTI}
 
     def _split_generators(self, dl_manager):
         root = self.manual_root(dl_manager)

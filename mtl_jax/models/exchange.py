@@ -11,7 +11,8 @@ ThreeWaysDecoder per task + one mTEB at stage 1.
 
 Side outputs: after stage k, for k in a decoder's ``side_scales``, the decoder's side output k
 of the *pre-exchange* feature is returned as aux ``'<task>/side/<k>'`` (bilinearly resized to
-the output size): the half-resolution prediction that DenseMTL supervises before the exchange
+the output size by the decoder's ``resize_side``: aligned corners, as DenseMTL's losses): the
+half-resolution prediction that DenseMTL supervises before the exchange
 (its released code reports it as the final result; we report scale 0). The prediction is
 side output 0 of the last stage.
 
@@ -29,7 +30,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.models.layers import resize_bilinear
 from mtl_jax.models.multitask import Features, MultiTaskModel
 
 
@@ -68,11 +68,12 @@ class ExchangeMultiTaskModel(MultiTaskModel):
             xs = {t: heads[t].stage(stage, xs[t], features, train) for t in tasks}
             for t in tasks:
                 if stage in heads[t].side_scales:
-                    aux[f"{t}/side/{stage}"] = resize_bilinear(heads[t].side(stage, xs[t]), size)
+                    aux[f"{t}/side/{stage}"] = heads[t].resize_side(heads[t].side(stage, xs[t]),
+                                                                    size)
             if stage in self.blocks:
                 xs, block_aux = self.blocks[stage](xs, train)
                 aux.update({f"exchange_stage{stage}/{k}": v for k, v in block_aux.items()})
-        preds = {t: resize_bilinear(heads[t].side(0, xs[t]), size).astype(jnp.float32)
+        preds = {t: heads[t].resize_side(heads[t].side(0, xs[t]), size).astype(jnp.float32)
                  for t in tasks}
         return preds, aux
 

@@ -125,9 +125,12 @@ class MultiTaskModel(nn.Module):
                 task_features = shared_or_per_task
             else:
                 task_features = {task: shared_or_per_task for task in self.tasks}
+            # The reference's resize convention for the module's side outputs (PAD-Net's).
+            align = bool(getattr(self.interaction, "side_align_corners", False))
             for key, value in inter_aux.items():
                 if is_side_output(key, self.tasks):  # '<task>/side/<name>': a prediction
-                    aux[key] = resize_bilinear(value.astype(jnp.float32), output_size)
+                    aux[key] = resize_bilinear(value.astype(jnp.float32), output_size,
+                                               align_corners=align)
                 else:
                     aux[f"{self.interaction.name}/{key}"] = value
         preds, dec_aux = self.task_decoders(task_features, output_size, train=train)

@@ -14,12 +14,14 @@ from mtl_jax.tasks.base import Batch, SumMetric, Task, count, masked_sum, pixel_
 
 DEPTH_LOSSES = ("l1", "berhu", "l1_per_image")
 DEPTH_ENCODINGS = ("none", "inverse_cm")
+BERHU_NORMS = ("valid", "all")
 # 'inverse_cm': v = INVERSE_CM_SCALE / (100 * depth_m + 1) (DenseMTL's released normalisation).
 INVERSE_CM_SCALE = 65536.0
 # Decoding clamps v to at least this value, i.e. depth <= (65536 / 1 - 1) / 100 = 655.35 m, so
 # that a prediction <= 0 never turns into an infinite or negative-infinite depth.
 INVERSE_CM_MIN = 1.0
-# Predictions at or below zero are clamped to this value (metres) in the delta ratios only.
+# Predictions at or below zero are clamped to this value (metres) in the delta ratios and the
+# log error only.
 RATIO_EPS = 1e-6
 # berHu threshold c = BERHU_FRACTION * max |residual| over the valid pixels of the batch.
 BERHU_FRACTION = 0.2
@@ -66,15 +68,19 @@ class DepthStats(SumMetric):
     """Per-pixel depth error sums over a split.
 
     Fields: ``count`` valid pixels; ``sum_abs`` of |p-g|; ``sum_absrel`` of |p-g|/g;
-    ``sum_sq`` of (p-g)^2; ``count_d1/2/3`` pixels with max(p/g, g/p) < 1.25^k.
-    ``compute()``: ``abs_err``, ``abs_rel``, ``rmse`` (metres or the dataset's unit) and
-    ``delta1``, ``delta2``, ``delta3`` (fractions in [0, 1]); all 0 when no pixel is valid.
+    ``sum_sq`` of (p-g)^2; ``sum_sqrel`` of (p-g)^2/g; ``sum_sqlog`` of (ln p - ln g)^2;
+    ``count_d1/2/3`` pixels with max(p/g, g/p) < 1.25^k.
+    ``compute()``: ``abs_err``, ``abs_rel``, ``sq_rel``, ``rmse`` (metres or the dataset's
+    unit), ``rmse_log`` (natural log) and ``delta1``, ``delta2``, ``delta3`` (fractions in
+    [0, 1]); all 0 when no pixel is valid.
     """
 
     count: jax.Array
     sum_abs: jax.Array
     sum_absrel: jax.Array
     sum_sq: jax.Array
+    sum_sqrel: jax.Array
+    sum_sqlog: jax.Array
     count_d1: jax.Array
     count_d2: jax.Array
     count_d3: jax.Array
@@ -84,6 +90,8 @@ class DepthStats(SumMetric):
         "sum_abs": ((), jnp.float32),
         "sum_absrel": ((), jnp.float32),
         "sum_sq": ((), jnp.float32),
+        "sum_sqrel": ((), jnp.float32),
+        "sum_sqlog": ((), jnp.float32),
         "count_d1": ((), jnp.int32),
         "count_d2": ((), jnp.int32),
         "count_d3": ((), jnp.int32),
@@ -94,7 +102,9 @@ class DepthStats(SumMetric):
         return {
             "abs_err": safe_div(self.sum_abs, n),
             "abs_rel": safe_div(self.sum_absrel, n),
+            "sq_rel": safe_div(self.sum_sqrel, n),
             "rmse": jnp.sqrt(safe_div(self.sum_sq, n)),
+            "rmse_log": jnp.sqrt(safe_div(self.sum_sqlog, n)),
             "delta1": safe_div(self.count_d1.astype(jnp.float32), n),
             "delta2": safe_div(self.count_d2.astype(jnp.float32), n),
             "delta3": safe_div(self.count_d3.astype(jnp.float32), n),
@@ -129,11 +139,27 @@ class Depth(Task):
         gradient stopped through c.
       'l1_per_image': per-image mean |p-g| over its valid pixels, averaged over the images
         that have at least one valid pixel (XTasC-Net).
+
+    berHu normalisation (constructor argument ``berhu_norm=``): 'valid' (default) divides the
+      summed berHu by the number of valid pixels; 'all' by the number of pixels of the batch
+      (real examples), invalid pixels contributing 0 -- DenseMTL's released loss, which is the
+      'valid' loss times the batch's valid fraction.
+
+    Evaluation range (constructor arguments ``min_depth=``, ``max_depth=``, in the target's
+      unit; default 0 and ``None`` = no range): metrics count only ground truth with
+      ``min_depth < g < max_depth`` (``g > 0`` always) and clamp the prediction to
+      ``[min_depth, max_depth]`` first (KITTI convention, DenseMTL: 1e-3..80 m). Datasets
+      declare their range (``TASK_DEFAULTS`` of the builder: VKITTI2, Synthia, Cityscapes
+      1e-3..80 m, NYUv2 / NYUD-MT 1e-3..10 m); config options override it. Losses ignore the
+      range (the references train on every valid pixel).
     """
 
     loss_type: str = "l1"
     encoding: str = "none"
     output_scale: float = 1.0
+    berhu_norm: str = "valid"
+    min_depth: float = 0.0
+    max_depth: float | None = None
 
     name: ClassVar[str] = "depth"
     label_key: ClassVar[str] = "depth"
@@ -141,18 +167,30 @@ class Depth(Task):
     directions: ClassVar = {
         "abs_err": False,
         "abs_rel": False,
+        "sq_rel": False,
         "rmse": False,
+        "rmse_log": False,
         "delta1": True,
         "delta2": True,
         "delta3": True,
     }
     metric_cls: ClassVar = DepthStats
 
-    def __init__(self, loss: str = "l1", encoding: str = "none",
-                 output_scale: float = 1.0) -> None:
+    def __init__(self, loss: str = "l1", encoding: str = "none", output_scale: float = 1.0,
+                 berhu_norm: str = "valid", min_depth: float = 0.0,
+                 max_depth: float | None = None) -> None:
         object.__setattr__(self, "loss_type", loss)
         object.__setattr__(self, "encoding", encoding)
         object.__setattr__(self, "output_scale", float(output_scale))
+        object.__setattr__(self, "berhu_norm", berhu_norm)
+        object.__setattr__(self, "min_depth", float(min_depth or 0.0))
+        object.__setattr__(self, "max_depth", None if max_depth is None else float(max_depth))
+        if berhu_norm not in BERHU_NORMS:
+            raise ValueError(f"depth berhu_norm must be one of {BERHU_NORMS}, got {berhu_norm!r}")
+        if self.min_depth < 0 or (self.max_depth is not None
+                                  and not self.max_depth > self.min_depth):
+            raise ValueError(f"depth range needs 0 <= min_depth < max_depth, got "
+                             f"min_depth={min_depth!r}, max_depth={max_depth!r}")
         if not self.output_scale > 0:
             raise ValueError(f"depth output_scale must be > 0, got {output_scale!r}")
         if self.loss_type not in DEPTH_LOSSES:
@@ -200,24 +238,47 @@ class Depth(Task):
             # the unused branch finite.
             quad = (r * r + c * c) / (2.0 * jnp.maximum(c, 1e-12))
             per_pixel = jnp.where(abs_r <= c, abs_r, quad)
+            if self.berhu_norm == "all":
+                real = pixel_mask(batch, jnp.ones(valid.shape, bool))
+                return safe_div(masked_sum(per_pixel, valid), jnp.sum(real))
         else:
             per_pixel = abs_r
         return safe_div(masked_sum(per_pixel, valid), jnp.sum(valid))
 
-    def metrics(self, pred: jax.Array, batch: Batch) -> DepthStats:
-        """Per-pixel error sums of one batch."""
+    @property
+    def has_range(self) -> bool:
+        """Whether an evaluation range is set (``min_depth > 0`` or a ``max_depth``)."""
+        return self.min_depth > 0 or self.max_depth is not None
+
+    def eval_depths(self, pred: jax.Array, batch: Batch
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Prediction (clamped to the evaluation range), ground truth (1 where invalid) and the
+        valid mask for the metrics, all ``[B,H,W]`` (float32, float32, bool)."""
         pred_BxHxW = self.postprocess(pred)[..., 0]
         gt_BxHxW = jnp.asarray(batch[self.label_key], jnp.float32)[..., 0]
-        valid = pixel_mask(batch, gt_BxHxW > 0)
-        gt_safe = jnp.where(valid, gt_BxHxW, 1.0)
+        in_range = (gt_BxHxW > 0) & (gt_BxHxW > self.min_depth)
+        if self.max_depth is not None:
+            in_range = in_range & (gt_BxHxW < self.max_depth)
+        if self.has_range:
+            hi = jnp.inf if self.max_depth is None else self.max_depth
+            pred_BxHxW = jnp.clip(pred_BxHxW, self.min_depth, hi)
+        valid = pixel_mask(batch, in_range)
+        return pred_BxHxW, jnp.where(valid, gt_BxHxW, 1.0), valid
+
+    def metrics(self, pred: jax.Array, batch: Batch) -> DepthStats:
+        """Per-pixel error sums of one batch (in the evaluation range, if any)."""
+        pred_BxHxW, gt_safe, valid = self.eval_depths(pred, batch)
         err = jnp.abs(pred_BxHxW - gt_safe)
         pred_pos = jnp.maximum(pred_BxHxW, RATIO_EPS)
         ratio = jnp.maximum(pred_pos / gt_safe, gt_safe / pred_pos)
+        log_err = jnp.log(pred_pos) - jnp.log(gt_safe)
         return DepthStats(
             count=count(valid),
             sum_abs=masked_sum(err, valid),
             sum_absrel=masked_sum(err / gt_safe, valid),
             sum_sq=masked_sum(err * err, valid),
+            sum_sqrel=masked_sum(err * err / gt_safe, valid),
+            sum_sqlog=masked_sum(log_err * log_err, valid),
             count_d1=count(valid & (ratio < 1.25)),
             count_d2=count(valid & (ratio < 1.25**2)),
             count_d3=count(valid & (ratio < 1.25**3)),

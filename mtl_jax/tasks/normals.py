@@ -29,11 +29,11 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
 class NormalStats(SumMetric):
     """Angle-error statistics over a split, per valid pixel.
 
-    Fields: ``count``; ``sum_angle`` (degrees); ``count_within`` int32 ``[3]`` (angle < 11.25,
-    22.5, 30 degrees); ``hist`` int32 ``[3600]``: bin k counts angles in
-    [0.05 k, 0.05 (k+1)) degrees (180 falls in the last bin).
+    Fields: ``count``; ``sum_angle`` (degrees); ``sum_sq_angle`` (degrees²); ``count_within``
+    int32 ``[3]`` (angle < 11.25, 22.5, 30 degrees); ``hist`` int32 ``[3600]``: bin k counts
+    angles in [0.05 k, 0.05 (k+1)) degrees (180 falls in the last bin).
 
-    ``compute()``: ``mean_angle``, ``median_angle`` (degrees) and ``within_11.25``,
+    ``compute()``: ``mean_angle``, ``median_angle``, ``rmse_angle`` (degrees) and ``within_11.25``,
     ``within_22.5``, ``within_30`` (percent). The median is the angle at which the cumulative
     histogram reaches half the count, interpolated linearly inside its 0.05-degree bin: it is
     within 0.05 degrees of the exact median of all valid pixels of the split.
@@ -41,12 +41,14 @@ class NormalStats(SumMetric):
 
     count: jax.Array
     sum_angle: jax.Array
+    sum_sq_angle: jax.Array
     count_within: jax.Array
     hist: jax.Array
 
     field_specs: ClassVar = {
         "count": ((), jnp.int32),
         "sum_angle": ((), jnp.float32),
+        "sum_sq_angle": ((), jnp.float32),
         "count_within": ((len(WITHIN_DEG),), jnp.int32),
         "hist": ((HIST_BINS,), jnp.int32),
     }
@@ -59,7 +61,8 @@ class NormalStats(SumMetric):
         below = (cum[k] - self.hist[k]).astype(jnp.float32)
         frac = safe_div(half - below, self.hist[k].astype(jnp.float32))
         median = jnp.where(n > 0, (k.astype(jnp.float32) + frac) * HIST_BIN_DEG, 0.0)
-        out = {"mean_angle": safe_div(self.sum_angle, n), "median_angle": median}
+        out = {"mean_angle": safe_div(self.sum_angle, n), "median_angle": median,
+               "rmse_angle": jnp.sqrt(safe_div(self.sum_sq_angle, n))}
         for i, thr in enumerate(WITHIN_DEG):
             out[f"within_{thr:g}"] = 100.0 * safe_div(self.count_within[i].astype(jnp.float32), n)
         return out
@@ -82,6 +85,7 @@ class Normals(Task):
     directions: ClassVar = {
         "mean_angle": False,
         "median_angle": False,
+        "rmse_angle": False,
         **{f"within_{thr:g}": True for thr in WITHIN_DEG},
     }
     metric_cls: ClassVar = NormalStats
@@ -120,6 +124,7 @@ class Normals(Task):
         return NormalStats(
             count=count(valid),
             sum_angle=masked_sum(angle, valid),
+            sum_sq_angle=masked_sum(angle * angle, valid),
             count_within=within,
             hist=hist,
         )

@@ -13,6 +13,7 @@ from mtl_jax.weighting.base import Weighting, WeightingOutput, gram_matrix, unst
 
 _TINY = 1e-30
 _FLOAT32_EPS = float(jnp.finfo(jnp.float32).eps)
+SCALE_MODES = ("min", "median", "rmse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,12 @@ class AlignedMTL(Weighting):
     divided by its mean diagonal before ``eigh`` for float32 range. ``rank_tol`` defaults to
     ``T * eps(float32)``, the rule of the authors' code.
 
+    ``scale_mode`` (the authors' ``ProcrustesSolver`` option) picks the common singular value
+    of the aligned system, i.e. the ``lambda_R`` above: ``'min'`` (default, the paper) the
+    smallest kept eigenvalue; ``'median'`` the median of the kept eigenvalues as
+    ``torch.median`` takes it (the lower middle one for an even count); ``'rmse'`` their mean
+    (so ``sqrt`` of it is the RMS singular value).
+
     ``task_weights`` (``{task: w_t}``, empty = 1 for every task) are the paper's pre-defined
     weights; with ones (the authors' code, which sums the aligned gradients) orthonormal
     gradients give weights 1, the plain sum. Decoders get their plain gradients
@@ -57,8 +64,12 @@ class AlignedMTL(Weighting):
     rep_grad: bool = False
     task_weights: tuple[tuple[str, float], ...] = ()
     rank_tol: float | None = None
+    scale_mode: str = "min"
 
     def __post_init__(self):
+        if self.scale_mode not in SCALE_MODES:
+            raise UserError(f"aligned_mtl: scale_mode must be one of {SCALE_MODES}; got "
+                            f"{self.scale_mode!r}")
         if isinstance(self.task_weights, dict) or hasattr(self.task_weights, "items"):
             object.__setattr__(self, "task_weights", tuple(sorted(
                 (str(k), float(v)) for k, v in self.task_weights.items())))
@@ -93,8 +104,18 @@ class AlignedMTL(Weighting):
         safe = jnp.where(keep, eigvals, 1.0)
         lam_min = jnp.min(jnp.where(keep, eigvals, jnp.inf))
         lam_min = jnp.where(rank > 0, lam_min, 1.0)
-        factors = jnp.where(keep, jnp.sqrt(lam_min / safe), 0.0)
-        align = (eigvecs * factors) @ eigvecs.T  # B = sqrt(lam_R) V diag(lam^-1/2) V^T
+        if self.scale_mode == "median":
+            # eigh sorts ascending and the kept eigenvalues are the top R: torch.median's
+            # (lower) middle one is at ascending index T - R + (R - 1) // 2.
+            index = jnp.clip(num_tasks - rank + (rank - 1) // 2, 0, num_tasks - 1)
+            common = jnp.where(rank > 0, eigvals[index], 1.0)
+        elif self.scale_mode == "rmse":
+            common = jnp.where(rank > 0, jnp.sum(jnp.where(keep, eigvals, 0.0))
+                               / jnp.maximum(rank, 1), 1.0)
+        else:
+            common = lam_min
+        factors = jnp.where(keep, jnp.sqrt(common / safe), 0.0)
+        align = (eigvecs * factors) @ eigvecs.T  # B = sqrt(common) V diag(lam^-1/2) V^T
 
         weights = jnp.where(rank > 0, align @ preset, preset)
         cond = jnp.where(rank > 0, jnp.sqrt(jnp.where(rank > 0, lam_max, 1.0) / lam_min), 1.0)

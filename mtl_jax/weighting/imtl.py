@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+import jax
 import jax.numpy as jnp
 
 from mtl_jax.weighting.base import Weighting, WeightingOutput, gram_matrix, unstack
@@ -19,13 +20,19 @@ class IMTL(Weighting):
     ``D = [g_1 - g_t]_{t=2..T}`` and ``U = [u_1 - u_t]_{t=2..T}`` (rows):
     ``alpha_{2..T} = g_1 U^T (D U^T)^{-1}``, ``alpha_1 = 1 - sum_{t>=2} alpha_t``.
 
-    Every vector here is a combination of the rows of ``grads`` (``D = A_D grads``,
-    ``U = A_U grads``), so ``D U^T = A_D K A_U^T`` and ``g_1 U^T = e_1^T K A_U^T`` with K the
-    T x T Gram matrix. The linear system ``M x = y`` (``M = (D U^T)^T``) is solved as ridge
-    least squares ``x = (M^T M + lambda I)^{-1} M^T y`` with ``lambda = eps * trace(M^T M) /
-    (T - 1)`` (plus a tiny absolute floor), which is exact for a well-conditioned system and
-    stays finite when it is singular (parallel or zero gradients; a zero gradient gets
-    ``u_t = 0``). The weights are the ``alpha_t`` (they may be negative, as in the paper).
+    ``D`` and ``U`` are formed **directly from the gradient rows** (float32 ``[T-1, P]``, after
+    dividing every gradient by their RMS norm, which leaves ``alpha`` unchanged) and the square
+    ``(T-1) x (T-1)`` system ``M x = y`` (``M = (D U^T)^T``, ``y = U g_1``) is solved by LU
+    (``jnp.linalg.solve``). Going through the Gram matrix ``K = G G^T`` or the normal equations
+    ``M^T M`` instead squares the condition number: with two nearly parallel task gradients
+    (``g_2 ~ 2 g_1``, relative perturbation 1e-3, 50 parameters) the combined direction
+    ``sum_t alpha_t g_t`` was off by 2-13x its norm from a float64 solution with the previous
+    normal-equations solver, 4-34 % with a Gram-matrix LU or SVD solve, and 0.02-0.3 % solved
+    directly (tests/test_weighting_fidelity.py). When ``M`` is singular (exactly parallel or
+    zero gradients; a zero gradient gets ``u_t = 0``) the LU solution is not finite and the
+    minimum-norm least-squares solution (``jnp.linalg.lstsq``, SVD) is used. The weights are
+    the ``alpha_t`` (they may be negative, as in the paper). Memory: ``2 (T-1) P`` floats
+    besides the gradients.
 
     ``decoder_weighting = 'ones'``: the task-specific parameters get the plain ``grad L_t``
     (the paper's IMTL-G). IMTL-L (learnable loss scales ``e^s L - s``) and the hybrid IMTL
@@ -40,7 +47,6 @@ class IMTL(Weighting):
     decoder_weighting: ClassVar[str] = "ones"
 
     rep_grad: bool = False
-    eps: float = 1e-6
 
     def __call__(self, losses, state, step, *, rng=None, grads=None,
                  decoder_grads=None) -> WeightingOutput:
@@ -51,24 +57,23 @@ class IMTL(Weighting):
         gram = gram_matrix(grads)
         # alpha does not depend on the gradients' scale: normalise it away (float32 range).
         scale = jnp.trace(gram) / num_tasks
-        gram = gram / jnp.where(scale > 0, scale, 1.0)
+        scale = jnp.where(scale > 0, scale, 1.0)
+        gram = gram / scale
         norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
         inv_norms = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
 
         if num_tasks == 1:
             alpha = jnp.ones((1,), jnp.float32)
         else:
-            eye = jnp.eye(num_tasks, dtype=jnp.float32)
-            # Rows t = 2..T of the coefficient matrices of D and U over the task gradients.
-            coef_d = eye[0][None, :] - eye[1:]
-            unit = eye * inv_norms[None, :]  # row t: coefficients of u_t
-            coef_u = unit[0][None, :] - unit[1:]
-            d_ut = coef_d @ gram @ coef_u.T  # D U^T, [T-1, T-1]
-            g1_ut = gram[0] @ coef_u.T  # g_1 U^T, [T-1]
-            m = d_ut.T
-            normal = m.T @ m
-            ridge = self.eps * jnp.trace(normal) / (num_tasks - 1) + 1e-30
-            rest = jnp.linalg.solve(normal + ridge * jnp.eye(num_tasks - 1), m.T @ g1_ut)
+            g_TxP = jnp.asarray(grads, jnp.float32) * jax.lax.rsqrt(scale)
+            u_TxP = g_TxP * inv_norms[:, None]
+            d_rows = g_TxP[0][None, :] - g_TxP[1:]  # D, [T-1, P]
+            u_rows = u_TxP[0][None, :] - u_TxP[1:]  # U, [T-1, P]
+            m = (d_rows @ u_rows.T).T
+            y = u_rows @ g_TxP[0]
+            rest = jnp.linalg.solve(m, y)
+            fallback = jnp.linalg.lstsq(m, y)[0]
+            rest = jnp.where(jnp.all(jnp.isfinite(rest)), rest, fallback)
             alpha = jnp.concatenate([1.0 - jnp.sum(rest, keepdims=True), rest])
 
         projection = jnp.mean((gram @ alpha) * inv_norms)

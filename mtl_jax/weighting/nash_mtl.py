@@ -121,10 +121,14 @@ class NashMTL(Weighting):
     Options: ``max_norm`` > 0 rescales the weights so that ``||d|| <= max_norm`` (the paper's
     code clips the shared gradient norm at 1.0 for some experiments; here the same factor
     also scales the decoder weights, and with ``rep_grad`` the norm is that of the
-    representation gradient). ``normalize_gram`` divides ``G`` by its Frobenius norm before
-    solving, as the authors' released code does (this is not in the paper; it multiplies
-    ``alpha`` by ``||G||_F^(1/2)``, making the weights O(1) and the update proportional to
-    the gradients' scale instead of ``||d|| = sqrt(T)``).
+    representation gradient). ``normalize_gram=False`` (default) is the paper **and** the
+    authors' released code: that code divides ``G`` by its Frobenius norm ``n`` for the solver
+    but multiplies ``n`` back into the constraint (``alpha_t n (G/n alpha)_t >= 1``), which is
+    the unnormalised problem (tests/test_weighting_fidelity.py checks the invariance).
+    ``normalize_gram=True`` solves ``alpha_t (G/n alpha)_t = 1`` without undoing it -- a
+    variant in neither the paper nor the code: it multiplies ``alpha`` by ``n^(1/2)``, making
+    the weights O(1) and the update proportional to the gradients' scale instead of
+    ``||d|| = sqrt(T)``.
 
     ``rep_grad`` is read by the train step (gradients w.r.t. the shared representation).
     State ``{'alpha': [T]}``: the last solution (zeros = none yet). Diagnostics: ``residual``

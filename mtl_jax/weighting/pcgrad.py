@@ -8,6 +8,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.errors import UserError
 from mtl_jax.weighting.base import Weighting, WeightingOutput, gram_matrix, unstack
 
 
@@ -29,8 +30,14 @@ class PCGrad(Weighting):
 
     ``rep_grad`` is read by the train step (gradients w.r.t. the shared representation instead
     of the shared parameters); the strategy itself ignores it. When ``rng`` is None a key is
-    derived from ``step``. Diagnostic ``conflict_fraction``: the fraction of ordered task pairs
-    whose original gradients conflict (negative dot product).
+    derived from ``step``.
+
+    ``task_order`` fixes the visiting order for reproducibility (the paper and LibMTL draw a
+    random one each step): ``()`` (default) random; ``'config'`` the tasks' own order (the
+    order of ``losses``, i.e. of ``config.tasks``); a sequence of every task name (or the same
+    as a comma-separated string), e.g. ``('depth', 'semseg', 'normals')``. Every task i then
+    visits the others in that order. Diagnostic ``conflict_fraction``: the fraction of ordered
+    task pairs whose original gradients conflict (negative dot product).
     """
 
     name: ClassVar[str] = "pcgrad"
@@ -38,6 +45,26 @@ class PCGrad(Weighting):
     decoder_weighting: ClassVar[str] = "ones"
 
     rep_grad: bool = False
+    task_order: tuple[str, ...] | str = ()
+
+    def __post_init__(self):
+        order = self.task_order
+        if isinstance(order, str) and order != "config":
+            order = tuple(t.strip() for t in order.split(",") if t.strip())
+        elif not isinstance(order, str):
+            order = tuple(str(t) for t in order)
+        object.__setattr__(self, "task_order", order)
+
+    def _fixed_order(self, tasks: list[str]) -> list[int] | None:
+        """Indices of the fixed visiting order, or None for a random one."""
+        if self.task_order == "config":
+            return list(range(len(tasks)))
+        if not self.task_order:
+            return None
+        if sorted(self.task_order) != sorted(tasks):
+            raise UserError(f"pcgrad: task_order {list(self.task_order)} must name every task "
+                            f"{tasks} exactly once (or be 'config' / empty)")
+        return [tasks.index(t) for t in self.task_order]
 
     def __call__(self, losses, state, step, *, rng=None, grads=None,
                  decoder_grads=None) -> WeightingOutput:
@@ -51,8 +78,12 @@ class PCGrad(Weighting):
         sq_norms = jnp.diagonal(gram)
         safe_sq_norms = jnp.where(sq_norms > 0, sq_norms, 1.0)
 
-        orders = jax.vmap(lambda k: jax.random.permutation(k, num_tasks))(
-            jax.random.split(rng, num_tasks))
+        fixed = self._fixed_order(tasks)
+        if fixed is None:
+            orders = jax.vmap(lambda k: jax.random.permutation(k, num_tasks))(
+                jax.random.split(rng, num_tasks))
+        else:
+            orders = jnp.tile(jnp.asarray(fixed, jnp.int32)[None, :], (num_tasks, 1))
 
         def project_one(i, order_i):
             coeffs = jax.nn.one_hot(i, num_tasks, dtype=jnp.float32)

@@ -62,8 +62,10 @@ def project_weights(gram: jax.Array, lower: jax.Array, *, iterations: int = 32,
     ``gram``: float32 ``[T, T]`` Gram matrix ``J J^T`` of the task gradients (the rows of
     ``J``); ``lower``: float32 ``[K, T]``. For every row ``u`` of ``lower`` this solves the
     box-constrained QP ``v* = argmin_{v >= u} v^T M v / 2`` with
-    ``M = gram / c + reg_eps * I`` (``c = trace(gram) / T``; scaling ``M`` does not change
-    ``v*``, so the ridge is relative to the mean squared gradient norm). By the paper's
+    ``M = gram / c + T reg_eps I`` (``c = trace(gram) / T``), i.e. ``T`` times TorchJD's /
+    LibMTL's ``gram / trace(gram) + reg_eps I``: scaling ``M`` does not change ``v*``, so this
+    is their definition (the ridge relative to the **full** trace, the sum of the squared
+    gradient norms), with the O(1) entries of the mean-normalised matrix. By the paper's
     Proposition, ``J^T v*`` is the projection of ``J^T u`` onto the dual cone
     ``{x : J x >= 0}`` (for ``reg_eps = 0``). Returns ``v* [K, T]`` and the largest
     violation of the optimality conditions (entry of the projected gradient of the QP, in
@@ -84,7 +86,8 @@ def project_weights(gram: jax.Array, lower: jax.Array, *, iterations: int = 32,
     lower = jnp.asarray(lower, jnp.float32)
     num_tasks = gram.shape[0]
     c = jnp.trace(gram) / num_tasks
-    m = gram / jnp.where(c > _TINY, c, 1.0) + reg_eps * jnp.eye(num_tasks, dtype=jnp.float32)
+    ridge = num_tasks * reg_eps  # reg_eps relative to trace(gram) (TorchJD), in units of c
+    m = gram / jnp.where(c > _TINY, c, 1.0) + ridge * jnp.eye(num_tasks, dtype=jnp.float32)
     v = jax.vmap(lambda u: _active_set_qp(m, u, iterations))(lower)
     grad = v @ m
     projected = jnp.where(v > lower, grad, jnp.minimum(grad, 0.0))
@@ -112,9 +115,10 @@ class UPGrad(Weighting):
     The T small QPs (one per task, on the Gram matrix only) are solved exactly by
     :func:`project_weights` with ``iterations`` steps of a primal active-set method (it
     needs at most about T + 4 in tests with T <= 10; the default 32 leaves a wide margin
-    for the few tasks of dense MTL), with the ridge ``reg_eps``
-    (relative to the mean squared gradient norm; TorchJD's default regularisation is also
-    1e-4) keeping the QP strictly convex, e.g. for identical or zero gradients (all zero:
+    for the few tasks of dense MTL), with the ridge ``reg_eps`` on the trace-normalised Gram
+    matrix ``J J^T / trace(J J^T)`` (TorchJD's and LibMTL's definition and default 1e-4; until
+    this version it was relative to ``trace / T``, T times weaker) keeping the QP strictly
+    convex, e.g. for identical or zero gradients (all zero:
     ``w = 1/T``). The ridge lets ``g_t . d`` dip below 0 by ``O(reg_eps)`` times the
     squared gradient norms. Too few iterations leave a feasible but not optimal ``v``
     (flagged by ``kkt_residual``).

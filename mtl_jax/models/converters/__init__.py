@@ -24,11 +24,14 @@ import numpy as np
 from flax import traverse_util
 
 from mtl_jax.errors import UserError
+from mtl_jax.models.converters.densemtl import convert_densemtl
 
 PyTree = Any
 Converter = Callable[..., dict[str, np.ndarray]]
 
-CONVERTERS: dict[str, Converter] = {}
+CONVERTERS: dict[str, Converter] = {
+    "densemtl": convert_densemtl,
+}
 
 
 def read_npz(path: str | os.PathLike, what: str) -> dict[str, np.ndarray]:

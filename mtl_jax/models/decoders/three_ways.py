@@ -16,7 +16,8 @@ prediction at full resolution, side output 1 the half-resolution one). With a Re
 and one output channel the head has 22,061,634 parameters.
 
 Besides the one-shot decoder contract (``(features, output_size, train) -> (pred, aux)``, aux =
-``{'side/<k>': side output k bilinearly resized to output_size}`` for k in ``side_scales``),
+``{'side/<k>': side output k bilinearly resized to output_size}``, with aligned corners as the
+reference (``align_corners``) for k in ``side_scales``),
 the decoder exposes ``stage(i, x, features, train)`` and ``side(k, x)`` so that
 :class:`~mtl_jax.models.exchange.ExchangeMultiTaskModel` can insert cross-task exchange
 blocks between stages. Parameters: ``aspp``, ``upconv_<i>_<k>`` (stage i, first (0) or second
@@ -74,6 +75,9 @@ class ThreeWaysDecoder(nn.Module):
       channels: channels of stages 0..4 (index = stage).
       aspp_rates, dropout: ASPP of stage 4.
       side_scales: stages whose side output is returned besides the final one (scale 0).
+      align_corners: bilinear convention of the resize of side outputs to the output size
+        (``True``, the default, is the reference's: its losses resize every side output to the
+        label size with ``F.interpolate(..., mode='bilinear', align_corners=True)``).
     """
 
     out_channels: int = 1
@@ -81,6 +85,7 @@ class ThreeWaysDecoder(nn.Module):
     aspp_rates: Sequence[int] = (6, 12, 18)
     dropout: float = 0.5
     side_scales: Sequence[int] = (1,)
+    align_corners: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -138,5 +143,10 @@ class ThreeWaysDecoder(nn.Module):
         for stage in STAGES:
             x = self.stage(stage, x, features, train)
             if stage in self.side_scales:
-                aux[f"side/{stage}"] = resize_bilinear(self.side(stage, x), output_size)
-        return resize_bilinear(self.side(0, x), output_size), aux
+                aux[f"side/{stage}"] = self.resize_side(self.side(stage, x), output_size)
+        return self.resize_side(self.side(0, x), output_size), aux
+
+    def resize_side(self, y_BxhxwxC: jax.Array, output_size: Sequence[int]) -> jax.Array:
+        """A side output resized bilinearly to ``output_size`` with this decoder's
+        ``align_corners`` convention (the identity when the size already matches)."""
+        return resize_bilinear(y_BxhxwxC, output_size, align_corners=self.align_corners)

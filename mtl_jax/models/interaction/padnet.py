@@ -83,10 +83,15 @@ class PADNetInteraction(nn.Module):
     Attributes:
       task_channels: ``((task, output channels), ...)`` in task order.
       width: channels of the task features (256).
+      side_align_corners: how the model resizes the initial predictions to the output size
+        (read by ``MultiTaskModel.decode``): ``True`` (default) as DenseMTL's PAD-Net baseline,
+        whose losses resize them with ``align_corners=True``; the final predictions are
+        resized with half-pixel centres, as its ``resize_input(..., False)``.
     """
 
     task_channels: Sequence[tuple[str, int]]
     width: int = 256
+    side_align_corners: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

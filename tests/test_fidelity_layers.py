@@ -1,0 +1,144 @@
+"""Conventions of the reference PyTorch codes in the shared layers: BatchNorm's running
+variance (PyTorch's unbiased update), its float32 variance formula, and DenseMTL's
+aligned-corner resize of side outputs."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtl_jax.models import build_model
+from mtl_jax.models.layers import BatchNorm, ConvBNAct, resize_bilinear
+
+KEY = jax.random.key(0)
+
+
+def _bn_step(module, x):
+    variables = module.init(KEY, x, train=True)
+    y, upd = module.apply(variables, x, train=True, mutable=["batch_stats"])
+    return variables, y, upd["batch_stats"]
+
+
+@pytest.fixture(scope="module")
+def x_small():
+    # 2 images x 4 x 4 positions = 32 values per channel: the ResNet's last stage at 128x256.
+    return np.random.default_rng(0).normal(2.0, 3.0, (2, 4, 4, 3)).astype(np.float32)
+
+
+def test_running_variance_is_pytorchs_unbiased_update(x_small):
+    variables, y, stats = _bn_step(BatchNorm(), x_small)
+    flat = x_small.reshape(-1, 3).astype(np.float64)
+    n = flat.shape[0]
+    # torch: running = 0.9 * running + 0.1 * var(unbiased); running starts at 0 / 1.
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-6)
+    np.testing.assert_allclose(stats["mean"], 0.1 * flat.mean(0), rtol=1e-6)
+    # Normalisation itself uses the biased variance (as torch and flax).
+    expected = (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 3), expected, rtol=1e-5, atol=1e-5)
+    # The unbiased factor n/(n-1) = 32/31 is 3 % here.
+    assert n == 32
+    assert set(variables["params"]) == {"scale", "bias"}
+    assert set(variables["batch_stats"]) == {"mean", "var"}
+
+
+def test_flax_update_kept_as_an_option(x_small):
+    _, y, stats = _bn_step(BatchNorm(unbiased_running_var=False), x_small)
+    ref = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+    ref_vars = ref.init(KEY, x_small)
+    y_ref, upd = ref.apply(ref_vars, x_small, mutable=["batch_stats"])
+    np.testing.assert_allclose(stats["var"], upd["batch_stats"]["var"], rtol=1e-6)
+    np.testing.assert_allclose(stats["mean"], upd["batch_stats"]["mean"], rtol=1e-6)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    # Same variable tree as flax's BatchNorm: checkpoints and converters keep working.
+    assert jax.tree.structure(ref_vars) == jax.tree.structure(
+        BatchNorm().init(KEY, x_small, train=True))
+
+
+def test_eval_mode_reads_running_stats(x_small):
+    module = BatchNorm()
+    variables = module.init(KEY, x_small, train=True)
+    variables = {"params": variables["params"],
+                 "batch_stats": {"mean": jnp.full((3,), 2.0), "var": jnp.full((3,), 4.0)}}
+    y = module.apply(variables, x_small, train=False)
+    np.testing.assert_allclose(y, (x_small - 2.0) / np.sqrt(4.0 + 1e-5), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mu, sd, fast_err, two_pass_err", [
+    (10.0, 0.1, 1e-3, 1e-6), (100.0, 0.1, 1e-2, 1e-6)])
+def test_two_pass_variance_is_accurate_in_float32(mu, sd, fast_err, two_pass_err):
+    x = (mu + sd * np.random.default_rng(0).standard_normal((8, 16, 16, 4))).astype(np.float32)
+    exact = x.astype(np.float64).reshape(-1, 4).var(0)
+    errs = {}
+    for fast in (False, True):
+        m = BatchNorm(use_fast_variance=fast, unbiased_running_var=False, momentum=0.0)
+        _, _, stats = _bn_step(m, x)
+        errs[fast] = float(np.max(np.abs(np.asarray(stats["var"]) - exact) / exact))
+    assert errs[False] < two_pass_err
+    assert errs[True] > fast_err  # what flax's default one-pass formula loses
+
+
+def test_every_model_batchnorm_uses_the_unbiased_update():
+    model = ConvBNAct(4, kernel_size=1)
+    x = np.random.default_rng(1).normal(size=(2, 3, 3, 2)).astype(np.float32)
+    variables = model.init(KEY, x, train=True)
+    _, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    y = np.einsum("bhwc,cd->bhwd", x, np.asarray(variables["params"]["conv"]["kernel"][0, 0]))
+    var = y.reshape(-1, 4).astype(np.float64).var(0, ddof=1)
+    np.testing.assert_allclose(upd["batch_stats"]["bn"]["var"], 0.9 + 0.1 * var, rtol=1e-5)
+
+
+def test_no_model_builds_flax_batchnorm_directly():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "mtl_jax" / "models"
+    offenders = [str(p) for p in root.rglob("*.py") if "nn.BatchNorm" in p.read_text()]
+    assert offenders == []
+
+
+# ----------------------------------------------------- DenseMTL: side outputs, aligned corners
+TINY_MODEL = dict(encoder="simple", encoder_kwargs=dict(widths=(4, 4, 4, 4, 4)),
+                  decoder="three_ways",
+    decoder_kwargs=dict(channels=(4, 8, 8, 8, 8), side_scales=(1,)))
+
+
+def test_densemtl_side_outputs_resize_with_aligned_corners():
+    # With an exchange block (the DenseMTL path); the plain decoder shares ``resize_side``.
+    model = build_model(dict(TINY_MODEL, exchange=dict(name="mteb", stages=(1,))),
+                        {"semseg": 3, "depth": 1})
+    image = jax.random.uniform(KEY, (1, 32, 48, 3))
+
+    @jax.jit
+    def run(image):
+        variables = model.init({"params": KEY, "dropout": KEY}, image, train=False)
+        return model.apply(variables, image, train=False, mutable=["intermediates"],
+                           capture_intermediates=lambda m, name: name == "side")
+
+    (_, aux), state = run(image)
+    for t in ("semseg", "depth"):
+        half = state["intermediates"]["decoders"][t]["side"][0]
+        assert half.shape[1:3] == (16, 24)
+        np.testing.assert_allclose(aux[f"{t}/side/1"],
+                                   resize_bilinear(half, (32, 48), align_corners=True),
+                                   rtol=1e-5, atol=1e-6)
+        assert not np.allclose(aux[f"{t}/side/1"], resize_bilinear(half, (32, 48)), atol=1e-6)
+
+
+def test_padnet_initial_predictions_resize_with_aligned_corners():
+    model = build_model(dict(encoder="simple", encoder_kwargs=dict(widths=(4, 4, 4, 4, 8)),
+                             decoder="padnet", decoder_kwargs=dict(width=8),
+                             interaction=dict(name="padnet", width=8)), {"depth": 1, "normals": 3})
+    image = jax.random.uniform(KEY, (1, 64, 64, 3))
+
+    @jax.jit
+    def run(image):
+        variables = model.init({"params": KEY, "dropout": KEY}, image, train=False)
+        return model.apply(variables, image, train=False, mutable=["intermediates"],
+                           capture_intermediates=lambda m, name: m.name == "padnet")
+
+    (_, aux), state = run(image)
+    initial = state["intermediates"]["padnet"]["__call__"][0][1]["depth/side/initial"]
+    assert initial.shape[1:3] == (2, 2)
+    np.testing.assert_allclose(aux["depth/side/initial"],
+                               resize_bilinear(initial, (64, 64), align_corners=True),
+                               rtol=1e-5, atol=1e-6)
