@@ -167,9 +167,10 @@ def shared_experiments():
     cache = {}
     original = train_mod.build_experiment
 
-    def build(config, steps_per_epoch=None):
+    def build(config, steps_per_epoch=None):  # (steps_per_epoch: unused by weighting 'ew')
+        assert config.weighting.name == "ew"
         key = json.dumps({k: v for k, v in json.loads(config.to_json_best_effort()).items()
-                          if k not in _LOOP_KEYS}, sort_keys=True) + str(steps_per_epoch)
+                          if k not in _LOOP_KEYS}, sort_keys=True)
         if key not in cache:
             cache[key] = original(config, steps_per_epoch=steps_per_epoch)
         return cache[key]
@@ -299,6 +300,23 @@ def test_out_of_range_labels_beyond_the_first_examples(base_run, tmp_path, monke
     assert not any(k.startswith("bad_labels") for k in results)
     # A clean split reports no counts.
     assert evaluate_state(exp, state, val_src).keys() == results.keys()
+
+
+def test_label_counters_count_real_examples_only():
+    from mtl_jax.tasks import Depth, Edges, SemSeg
+
+    semseg = np.zeros((3, 2, 4), np.int32)
+    semseg[0, 0, :3] = [77, 10, -1]  # 77 and 10 are out of range for 10 classes; -1 ignored
+    semseg[1, 1, 0] = -2
+    semseg[2] = 99  # a padding example (example_mask 0): not counted
+    edges = np.zeros((3, 2, 4), np.int32)
+    edges[0, 0, :4] = [2, -1, 1, 0]
+    edges[1, 0, 0] = 255
+    batch = {"semseg": semseg, "edges": edges, "example_mask": np.array([1.0, 1.0, 0.0])}
+    assert int(SemSeg(num_classes=10).count_bad_labels(batch)) == 3
+    assert int(SemSeg(num_classes=10, ignore_index=255).count_bad_labels(batch)) == 4
+    assert int(Edges().count_bad_labels(batch)) == 2
+    assert Depth().count_bad_labels(batch) is None
 
 
 def test_class_count_below_the_datasets_is_refused(data_dir):
