@@ -207,6 +207,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_devices = -1
     c.prefetch = 2
     c.skip_nonfinite = False
+    c.label_check = "error"  # 'warn': go on past out-of-range labels (docs/reliability.md)
     c.trivial_baseline = not smoke
     c.baseline_results = ""
     # Reference codes' metric averaging reported next to ours (docs/metrics.md "compat"):

@@ -88,6 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_devices = -1
     c.prefetch = 2
     c.skip_nonfinite = False
+    c.label_check = "error"  # 'warn': go on past out-of-range labels (docs/reliability.md)
     # Score constant predictors (majority class, mean depth, mean normal) on the val split
     # at the start: written to trivial_baseline.json and logged as trivial/<task>/<metric>.
     c.trivial_baseline = not args.smoke

@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mtl_jax.errors import UserError
+from mtl_jax.errors import UsageError
 
 FLAGS = flags.FLAGS
 
@@ -57,7 +57,7 @@ def _apply_data_dir(config) -> None:
 def _main(command: str) -> int:
     config = FLAGS.config
     if config is None:
-        raise UserError("--config is required, e.g. --config=configs/quickstart.py")
+        raise UsageError("--config is required, e.g. --config=configs/quickstart.py")
     _apply_data_dir(config)
     if FLAGS.distributed or FLAGS.coordinator_address:
         import jax
@@ -72,7 +72,7 @@ def _main(command: str) -> int:
         print(format_param_table(param_counts(config)))
         return 0
     if not FLAGS.workdir:
-        raise UserError(f"--workdir is required for 'mtl-jax {command}'")
+        raise UsageError(f"--workdir is required for 'mtl-jax {command}'")
     if command == "train":
         from mtl_jax.train import train_and_evaluate
 
@@ -93,7 +93,7 @@ def run(command: str, argv: list[str]) -> int:
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
         # ml_collections reports a mistyped --config.key as KeyError ("did you mean ...").
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        raise UserError(f"{msg}\n(see: mtl-jax {command} --helpfull)") from e
+        raise UsageError(f"{msg} (see: mtl-jax {command} --helpfull)") from e
     logging.set_verbosity(logging.INFO)
     logging.use_absl_handler()
     logging.get_absl_handler().addFilter(_QuietLibraries())

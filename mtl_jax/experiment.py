@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mtl_jax import optim, steps
+from mtl_jax import optim, run_config, steps
 from mtl_jax.data import DATASETS, augment, registry
 from mtl_jax.errors import UserError
 from mtl_jax.models import build_model
@@ -112,6 +112,7 @@ def build_experiment(config: ml_collections.ConfigDict,
     if "steps_per_epoch" in fields and not weighting.steps_per_epoch and steps_per_epoch:
         weighting = dataclasses.replace(weighting, steps_per_epoch=int(steps_per_epoch))
     mesh = make_mesh(config)
+    run_config.check_batch_sizes(config, mesh.shape["data"], jax.process_count())
     h, w = config.input_size
     image_shape = (1, int(h), int(w), 3)
     rng = jax.random.key(int(config.seed))
@@ -229,7 +230,10 @@ def open_data(config: ml_collections.ConfigDict, splits: Sequence[str] = ("train
 
     Generated datasets (``synthetic``) are built on first use; a real dataset that is not
     prepared raises an error with the ``mtl-jax data build`` command to run. The first
-    examples' labels are checked against the tasks (e.g. class ids within ``num_classes``).
+    examples' labels are checked against the tasks (e.g. class ids within ``num_classes``), and
+    the tasks against the class count the builder guarantees for every example (its labels are
+    checked at build time); the train and eval steps count out-of-range labels of every batch
+    (``config.label_check``).
     """
     ds = _to_dict(config.dataset)
     name = ds.get("name")
@@ -253,6 +257,8 @@ def open_data(config: ml_collections.ConfigDict, splits: Sequence[str] = ("train
     sources = [registry.open_split(name, s, builder_config, data_dir, **options)
                for s in splits]
     tasks = build_tasks(config)
+    run_config.check_dataset_classes(
+        name, registry.get_builder(name, builder_config, data_dir, **options), tasks)
     from_depth = dataset_normals_from_depth(config)
     for src in sources:
         for i in range(min(4, len(src))):

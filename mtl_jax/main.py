@@ -10,12 +10,19 @@ Subcommands::
     mtl-jax convert-weights SRC.pth DST.npz                   torchvision ResNet -> .npz
     mtl-jax convert-weights --from=NAME SRC.npz DST.npz [--option k=v]
                                                  authors' PyTorch model -> config.model.init_from
+
+Errors are one line ``mtl-jax: error: ...`` (add ``--verbose`` anywhere, or set
+``MTL_JAX_VERBOSE=1``, to see the traceback). Exit codes: 0 done, 1 error, 2 bad command
+line, 75 preempted by SIGTERM after saving (run the same command again to resume), 130
+interrupted by Ctrl-C; see docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 _TRAINING_COMMANDS = ("train", "eval", "params")
 
@@ -144,14 +151,28 @@ def _top_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``mtl-jax`` console script."""
-    from mtl_jax.errors import UserError
+    """Entry point of the ``mtl-jax`` console script; returns the exit code."""
+    from mtl_jax import errors
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv or os.environ.get("MTL_JAX_VERBOSE", "") not in ("", "0")
+    argv = [a for a in argv if a != "--verbose"]
     try:
         return _dispatch(argv)
-    except UserError as e:
+    except errors.Preempted as e:
+        print(f"mtl-jax: {e}", file=sys.stderr)
+        return errors.EXIT_PREEMPTED
+    except errors.UserError as e:
+        if verbose:
+            traceback.print_exc()
         print(f"mtl-jax: error: {e}", file=sys.stderr)
-        return 2
+        return errors.EXIT_USAGE if isinstance(e, errors.UsageError) else errors.EXIT_ERROR
+    except KeyboardInterrupt:
+        if verbose:
+            traceback.print_exc()
+        print("mtl-jax: interrupted (Ctrl-C); a train run resumes from its latest checkpoint "
+              "when started again", file=sys.stderr)
+        return errors.EXIT_INTERRUPTED
 
 
 def _dispatch(argv: list[str] | None) -> int:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from mtl_jax.models.multitask import side_outputs
+from mtl_jax.tasks.base import LabelErrorCount, bad_label_counts
 from mtl_jax.tasks.compat import compat_metrics
 from mtl_jax.weighting import Weighting
 
@@ -357,6 +358,7 @@ def train_step(state: TrainState, batch: Batch, *, model, tasks: Mapping[str, An
     metrics.update(_part_norms(state.params, "param_norm"))
     metrics.update(alpha_summaries(new_state.params))
     metrics["update_norm"] = optax.global_norm(updates)
+    metrics.update({f"bad_labels/{t}": n for t, n in bad_label_counts(tasks, batch).items()})
     for k, v in wout.diagnostics.items():
         metrics[f"weighting/{k}"] = v
     return new_state, metrics
@@ -378,6 +380,8 @@ def eval_step(state: TrainState, batch: Batch, *, model, tasks: Mapping[str, Any
             out[f"{name}/side/{key}"] = task.metrics(side, batch)
     if compat:
         out.update(compat_metrics(dict(tasks), preds, batch, compat))
+    for name, n in bad_label_counts(tasks, batch).items():  # out-of-range labels, counted
+        out[f"bad_labels/{name}"] = LabelErrorCount(count=n)
     return out
 
 

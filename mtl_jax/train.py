@@ -6,6 +6,13 @@ prediction pictures, ``results.json`` (final metrics) and checkpoints into ``wor
 resumes from the latest checkpoint there when restarted (bit-exactly: the data-iterator
 position is saved with every checkpoint). ``evaluate(config, workdir, step=None)``
 evaluates a saved checkpoint.
+
+Reliability (docs/reliability.md): a run holds ``<workdir>/LOCK`` (:mod:`mtl_jax.workdir_lock`),
+refuses to resume with a config that changes more than :data:`mtl_jax.run_config.SAFE_KEYS`,
+falls back from unreadable checkpoints, stops on a failed background save, drops the
+``metrics.jsonl`` lines of steps replayed after a resume, stops on labels outside the tasks'
+range (``config.label_check``), and raises :class:`~mtl_jax.errors.Preempted` after saving
+when SIGTERM arrives.
 """
 
 from __future__ import annotations
@@ -22,9 +29,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mtl_jax import checkpointing, writers
+from mtl_jax import checkpointing, run_config, workdir_lock, writers
 from mtl_jax.data import pipeline
-from mtl_jax.errors import UserError
+from mtl_jax.errors import Preempted, UserError
 from mtl_jax.evaluation import delta_m, load_baseline
 from mtl_jax.evaluation.metrics import compute_metrics, directions_for, merge_metrics
 from mtl_jax.evaluation.pictures import prediction_grid
@@ -32,7 +39,7 @@ from mtl_jax.evaluation.trivial import trivial_baseline
 from mtl_jax.experiment import Experiment, build_experiment, dataset_normals_from_depth, open_data
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """A task loss became NaN/inf; the update of that step was not applied."""
 
 
@@ -67,6 +74,8 @@ def evaluate_state(exp: Experiment, state, val_source, *, baseline: dict | None 
                                        mesh=exp.mesh, normals_from_depth=from_depth):
         acc = merge_metrics(acc, exp.eval_step(state, batch))
     results = compute_metrics(acc)
+    _check_label_counts("the validation split", label_counts(results, pop=True),
+                        exp.config.get("label_check", "error"))
     if baseline:
         # Main metrics only: side outputs and compat modes have no direction, never enter Δm.
         directions = directions_for(exp.tasks)
@@ -122,40 +131,78 @@ def _check_nonfinite(step: int, metrics: dict, tasks, skip: bool) -> None:
                              "config.skip_nonfinite=True to skip such steps.")
 
 
+def label_counts(metrics: dict, *, pop: bool = False) -> dict[str, int]:
+    """``{task: number of labels outside its range}`` from train metrics
+    (``bad_labels/<task>``) or eval results (``bad_labels/<task>/count``); ``pop`` removes
+    them from ``metrics``."""
+    keys = [k for k in metrics if k.startswith("bad_labels/")]
+    values = {k: metrics.pop(k) if pop else metrics[k] for k in keys}
+    return {k.split("/")[1]: int(v) for k, v in jax.device_get(values).items()}
+
+
+def _check_label_counts(where: str, counts: dict[str, int], mode: str) -> None:
+    """Error (``config.label_check='error'``, default) or warning (``'warn'``) naming the
+    number of out-of-range labels (already left out of the losses and metrics)."""
+    bad = {t: n for t, n in counts.items() if n}
+    if not bad:
+        return
+    listed = ", ".join(f"{n} {t} label pixel(s)" for t, n in bad.items())
+    msg = (f"{where} has {listed} outside the task's range (e.g. a class id >= "
+           "config.tasks.semseg.num_classes); they are ignored by the losses and metrics")
+    if mode == "warn":
+        logging.warning("%s (config.label_check='warn').", msg)
+        return
+    if mode != "error":
+        raise UserError(f"config.label_check must be 'error' or 'warn', got {mode!r}")
+    raise UserError(msg + ": fix the dataset or the task's options (e.g. num_classes), or set "
+                    "config.label_check='warn' to go on")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train, evaluate and checkpoint; resume from ``workdir`` if it has checkpoints.
 
     Returns the final evaluation metrics (``{'<task>/<metric>': value}``). A SIGTERM at any
-    time (preemption) makes the run save a checkpoint after the current step and return.
+    time (preemption) makes the run save a checkpoint after the current step and raise
+    :class:`~mtl_jax.errors.Preempted` (``mtl-jax train`` exits with code 75). The run holds
+    ``<workdir>/LOCK`` until it returns: a second run on the same workdir is refused.
     """
     with _StopFlag() as stop:  # installed first: a SIGTERM during setup is not lost either
-        return _train_and_evaluate(config, workdir, stop)
+        with workdir_lock.WorkdirLock(workdir):
+            return _train_and_evaluate(config, workdir, stop)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         stop: _StopFlag) -> dict[str, float]:
-    os.makedirs(workdir, exist_ok=True)
+    # Before anything is restored or written: refuse a resume with another model/tasks/data.
+    changes = run_config.check_resume(config, workdir) if checkpointing.saved_steps(workdir) else {}
     train_source, val_source = open_data(config, splits=("train", "val"))
     steps_per_epoch = max(1, len(train_source) // int(config.batch_size))
     exp = build_experiment(config, steps_per_epoch=steps_per_epoch)
     baseline = _baseline(config)
     is_primary = jax.process_index() == 0
-    if is_primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
 
-    writer = writers.create_default_writer(workdir, just_logging=not is_primary)
-    manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints,
+    manager = checkpointing.make_manager(workdir,
                                          async_save=config.get("async_checkpoints", True))
     train_it = pipeline.train_iterator(
         train_source, global_batch_size=config.batch_size, mesh=exp.mesh, seed=config.seed,
         augment=exp.augment, prefetch=config.get("prefetch", 2),
         normals_from_depth=dataset_normals_from_depth(config))
-    restored = checkpointing.restore(manager, exp.abstract_state)
+    try:
+        restored = checkpointing.restore(manager, exp.abstract_state, set_aside=True)
+    except BaseException:
+        train_it.close()
+        manager.close()
+        raise
+    if is_primary:  # the config and the logs now describe the run that resumes
+        start_step = restored[2] if restored is not None else 0
+        run_config.record(config, workdir, start_step, changes)
+        writers.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start_step)
+    writer = writers.create_default_writer(workdir, just_logging=not is_primary)
     if restored is not None:
         state, data_state, start = restored
         train_it.set_state(data_state)
         logging.info("Resumed from the checkpoint of step %d in %s.", start, workdir)
+        writer.write_resume(start)
     else:
         state, start = exp.init_state(), 0
         writer.write_hparams(config.to_dict())
@@ -173,6 +220,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     results: dict[str, float] = {}
     pending: tuple[int, dict] | None = None  # metrics are fetched one step late
     acc, acc_n = None, 0
+    saver = checkpointing.Saver(manager, config.keep_checkpoints)
+    label_check = config.get("label_check", "error")
 
     def flush_pending():
         nonlocal pending, acc, acc_n
@@ -181,10 +230,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         p_step, p_metrics = pending
         pending = None
         _check_nonfinite(p_step, p_metrics, exp.tasks, config.get("skip_nonfinite", False))
+        _check_label_counts(f"the training batch of step {p_step}", label_counts(p_metrics),
+                            label_check)
         if p_step % config.log_every_steps == 0 or p_step == total:
             means = jax.device_get(jax.tree.map(lambda a: a / acc_n, acc))
             scalars = {f"train/{k}": float(v) for k, v in means.items()
-                       if not k.startswith("nonfinite")}
+                       if not k.startswith(("nonfinite", "bad_labels"))}
             for part, lr in exp.learning_rates(p_step).items():
                 scalars[f"train/lr/{part}"] = lr
             writer.write_scalars(p_step, scalars)
@@ -196,6 +247,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             batch = next(train_it)
             state, metrics = exp.train_step(state, batch)
             flush_pending()
+            saver.check()  # a failed background save stops the run here
             step += 1
             acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
             acc_n += 1
@@ -212,15 +264,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             if last or stop.set or step % config.checkpoint_every_steps == 0:
                 flush_pending()  # never save a state whose step was not checked
                 with reporter.timed("checkpoint"):
-                    checkpointing.save(manager, step, state, train_it.get_state(),
-                                       force=True)
+                    saver.save(step, state, train_it.get_state())
             if stop.set:
                 break
         flush_pending()
-    finally:  # also on errors: finish in-flight async saves, stop the prefetch thread
-        manager.wait_until_finished()
-        manager.close()
+        saver.close()  # raises if the last save failed
+    except BaseException:  # finish in-flight async saves; the first error is the one reported
+        saver.close(check=False)
+        raise
+    finally:  # stop the prefetch thread
         train_it.close()
+    if stop.set and step < total:
+        writer.close()
+        raise Preempted(step, workdir)
     if results and is_primary and step == total:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump({"step": step, **results}, f, indent=2, sort_keys=True)

@@ -62,6 +62,9 @@ class MetricWriter:
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Once per run; JSON-able values (others are written as ``str``)."""
 
+    def write_resume(self, step: int) -> None:
+        """A run resumes at ``step``: what was written for later steps is orphaned."""
+
     def flush(self) -> None:
         """Pushes what was written to disk."""
 
@@ -104,6 +107,13 @@ class TensorBoardWriter(MetricWriter):
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         self.write_texts(0, {"hparams": f"```json\n{_hparams_json(hparams)}\n```"})
+
+    def write_resume(self, step: int) -> None:
+        """A ``SessionLog.START`` event at ``step``: TensorBoard then discards the events of
+        steps >= ``step`` written before it (those of a killed run that were replayed)."""
+        self._writer.add_event(event_pb2.Event(
+            wall_time=time.time(), step=int(step),
+            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
     def flush(self) -> None:
         self._writer.flush()
@@ -175,11 +185,45 @@ class MultiWriter(MetricWriter):
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         self._each("write_hparams", hparams)
 
+    def write_resume(self, step: int) -> None:
+        self._each("write_resume", step)
+
     def flush(self) -> None:
         self._each("flush")
 
     def close(self) -> None:
         self._each("close")
+
+
+def truncate_jsonl(path: str | os.PathLike, step: int) -> int:
+    """Keep only the records of ``path`` (a ``metrics.jsonl``) with ``"step" <= step`` (none
+    when ``step`` is 0) and lines that are not cut; returns how many were dropped.
+
+    A run resuming from the checkpoint of ``step`` calls it before writing: the steps after
+    that checkpoint are replayed, so their records from the interrupted run would repeat.
+    The file is rewritten atomically (a new file renamed over it)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record_step = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                dropped += 1  # a line cut by a kill
+                continue
+            if 0 < step and record_step <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+        logging.info("Dropped %d records of steps after %d from %s (they are replayed).",
+                     dropped, step, path)
+    return dropped
 
 
 def create_default_writer(workdir: str | os.PathLike, *, just_logging: bool = False) -> MultiWriter:

@@ -115,7 +115,7 @@ def test_cli_params_and_config_errors():
 def test_cli_missing_dataset_says_how_to_build(tmp_path):
     r = _cli("data", "show", "synthetic", "--data_dir", str(tmp_path), "--out",
              str(tmp_path / "g.png"))
-    assert r.returncode == 2
+    assert r.returncode == 1
     assert f"mtl-jax data build synthetic --data_dir={tmp_path}" in r.stderr
     assert "Traceback" not in r.stderr
 
@@ -138,7 +138,7 @@ def test_cli_data_show_writes_png(data_dir, tmp_path):
 def test_cli_eval_without_checkpoint(tmp_path, data_dir):
     env = dict(os.environ, TFDS_DATA_DIR=data_dir)
     r = _cli("eval", "--config=configs/quickstart.py:smoke", f"--workdir={tmp_path}", env=env)
-    assert r.returncode == 2 and "no checkpoint" in r.stderr
+    assert r.returncode == 1 and "no checkpoint" in r.stderr
 
 
 def test_schedules_and_part_learning_rates():

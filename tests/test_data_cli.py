@@ -44,13 +44,13 @@ def test_data_build_and_show(name, tmp_path, capsys):
                  "--split=val", *cfg]) == 0
     img = np.asarray(Image.open(out))
     assert img.ndim == 3 and img.std() > 5
-    # Without --manual_dir the build says what is missing, where to download, and exits 2.
-    assert main(["data", "build", name, f"--data_dir={tmp_path / 'other'}", *cfg]) == 2
+    # Without --manual_dir the build says what is missing, where to download, and exits 1.
+    assert main(["data", "build", name, f"--data_dir={tmp_path / 'other'}", *cfg]) == 1
     err = capsys.readouterr().err
     assert "--manual_dir" in err and DATASETS[name].DOWNLOAD_URL in err
     # An unknown builder config lists the valid ones.
     assert main(["data", "build", name, f"--manual_dir={manual}", f"--data_dir={data_dir}",
-                 "--config=nope"]) == 2
+                 "--config=nope"]) == 1
     assert "no builder config 'nope'" in capsys.readouterr().err
 
 

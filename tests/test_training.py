@@ -201,6 +201,10 @@ def test_sigkill_resume_is_bit_exact(data_dir, tmp_path):
     np.testing.assert_array_equal(jax.random.key_data(a.rng), jax.random.key_data(b.rng))
     resumed_from = int(re.search(r"Resumed from the checkpoint of step (\d+)", out).group(1))
     assert 0 < resumed_from < 40, resumed_from  # the kill really interrupted training
+    # metrics.jsonl holds every logged step once: the replayed steps' records were dropped.
+    records = [json.loads(x) for x in open(os.path.join(kill_wd, "metrics.jsonl"))]
+    logged = [r["step"] for r in records if "train/loss/total" in r]
+    assert logged == list(range(2, 41, 2)), logged
 
 
 def test_state_is_one_pytree(exp_and_batch):
@@ -228,6 +232,8 @@ def test_trivial_baseline_constants_and_scores(data_dir):
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):
+    """SIGTERM: checkpoint, then exit code 75 ('preempted, resume me'). While the run holds its
+    workdir, a second run on it is refused (exit 1, naming the first one's pid)."""
     env = dict(os.environ, TFDS_DATA_DIR=data_dir, XLA_FLAGS="", JAX_PLATFORMS="cpu")
     wd = str(tmp_path / "preempted")
     args = ["train", "--config=configs/quickstart.py:smoke", "--config.num_devices=1",
@@ -239,14 +245,23 @@ def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and not os.path.exists(jsonl):  # hparams/first write
         time.sleep(0.1)
-    time.sleep(3.0)  # let it train a while
+    second = _run_cli(args, env)  # the same workdir: refused at once
+    out2 = second.communicate(timeout=240)[0].decode()
+    assert second.returncode == 1, out2[-3000:]
+    assert (f"mtl-jax: error: the workdir {wd} is in use by another training run, pid "
+            f"{proc.pid} on host") in out2 and "Traceback" not in out2
+    assert proc.poll() is None  # the first run goes on
+    time.sleep(1.0)  # let it train a while
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=240)[0].decode()
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == 75, out[-3000:]
     steps_saved = [int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()]
     assert len(steps_saved) == 1 and 0 < steps_saved[0] < 100000
     assert "SIGTERM received" in out
+    assert (f"mtl-jax: preempted (SIGTERM) at step {steps_saved[0]}; the checkpoint of step "
+            f"{steps_saved[0]} is saved in {wd}: run the same command again to resume") in out
     assert not os.path.exists(os.path.join(wd, "results.json"))  # not finished
+    assert not os.path.exists(os.path.join(wd, "LOCK"))  # released
 
 
 def test_delta_m_against_stl_results(data_dir, tmp_path):

@@ -129,6 +129,31 @@ class Task:
         """Host-side sanity check of the task's labels; raises ValueError on bad values."""
         del batch
 
+    def count_bad_labels(self, batch: Batch) -> jax.Array | None:
+        """Int32 number of label pixels of real examples outside the task's label range (and
+        not the ignore value), which the loss and metrics leave out; ``None`` for tasks whose
+        labels have no range. Jit-compatible: the train and eval steps report it so that no
+        out-of-range label goes unnoticed (docs/reliability.md)."""
+        del batch
+        return None
+
+
+@flax.struct.dataclass
+class LabelErrorCount(SumMetric):
+    """Number of out-of-range label pixels (eval metric dict key ``'bad_labels/<task>'``)."""
+
+    count: jax.Array
+    field_specs: ClassVar = {"count": ((), jnp.int32)}
+
+    def compute(self) -> dict[str, jax.Array]:
+        return {"count": self.count}
+
+
+def bad_label_counts(tasks: Mapping[str, Task], batch: Batch) -> dict[str, jax.Array]:
+    """``{task: int32 count}`` of :meth:`Task.count_bad_labels` for the tasks that have one."""
+    counts = {name: task.count_bad_labels(batch) for name, task in tasks.items()}
+    return {name: n for name, n in counts.items() if n is not None}
+
 
 def check_label_values(name: str, labels: Any, num_classes: int, ignore_index: int = -1) -> None:
     """Raise ValueError naming the values of ``labels`` outside ``[0, num_classes)`` and not

@@ -142,3 +142,8 @@ class Edges(Task):
     def check_labels(self, batch: Batch) -> None:
         """Raise ValueError naming any ``edges`` label not in {-1, 0, 1}."""
         check_label_values(self.name, batch[self.label_key], 2)
+
+    def count_bad_labels(self, batch: Batch) -> jax.Array:
+        """Pixels of real examples whose ``edges`` label is not in {-1, 0, 1}."""
+        labels_BxHxW = jnp.asarray(batch[self.label_key], jnp.int32)
+        return count(pixel_mask(batch, (labels_BxHxW < -1) | (labels_BxHxW > 1)))

@@ -11,7 +11,15 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.tasks.base import Batch, SumMetric, Task, check_label_values, pixel_mask, safe_div
+from mtl_jax.tasks.base import (
+    Batch,
+    SumMetric,
+    Task,
+    check_label_values,
+    count,
+    pixel_mask,
+    safe_div,
+)
 
 
 @flax.struct.dataclass
@@ -142,3 +150,9 @@ class SemSeg(Task):
     def check_labels(self, batch: Batch) -> None:
         """Raise ValueError naming any label not in ``[0, num_classes)`` nor ``ignore_index``."""
         check_label_values(self.name, batch[self.label_key], self.num_classes, self.ignore_index)
+
+    def count_bad_labels(self, batch: Batch) -> jax.Array:
+        """Pixels of real examples whose label is outside ``[0, C)`` and not ``ignore_index``."""
+        labels_BxHxW = jnp.asarray(batch[self.label_key], jnp.int32)
+        bad = (labels_BxHxW < 0) | (labels_BxHxW >= self.num_classes)
+        return count(pixel_mask(batch, bad & (labels_BxHxW != self.ignore_index)))
