@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mtl_jax.errors import UsageError
+from mtl_jax.errors import UsageError, UserError
 
 FLAGS = flags.FLAGS
 
@@ -90,6 +90,10 @@ def run(command: str, argv: list[str]) -> int:
     _define_flags()
     try:
         FLAGS(["mtl-jax " + command, *argv])
+    except UsageError:
+        raise
+    except UserError as e:  # e.g. a wrong argument after the config file's colon
+        raise UsageError(str(e)) from e
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
         # ml_collections reports a mistyped --config.key as KeyError ("did you mean ...").
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
