@@ -7,7 +7,7 @@ Usage::
 Same model (the quickstart config), batch and devices for every strategy; random inputs of
 the config's resolution. Each strategy's train step is compiled, warmed up, then timed over
 ``--steps`` steps (median of 3 repetitions); gradient-based strategies are also timed with
-``rep_grad=True``. Prints a Markdown table for ``docs/benchmarks.md``.
+``rep_grad=True`` (those that support it). Prints a Markdown table for ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from step_time import _load_config, fake_batch  # noqa: E402
 
 EXTRA = {"fixed": {"weights": {"semseg": 1.0, "depth": 1.0, "normals": 1.0}},
-         "dwa": {"steps_per_epoch": 100}}
+         "dwa": {"steps_per_epoch": 100}, "stch": {"steps_per_epoch": 100}}
 
 
 def time_strategy(config, name: str, rep_grad: bool, steps: int, batch) -> float:
@@ -80,7 +80,7 @@ def main() -> None:
         cls = WEIGHTINGS[name]
         t = base if name == "ew" else time_strategy(config, name, False, args.steps, batch)
         row = f"| `{name}` | {cls.requires} | {t * 1000:.0f} | {t / base:.2f} |"
-        if cls.requires == "task_grads":
+        if cls.requires == "task_grads" and cls.supports_rep_grad:
             tr = time_strategy(config, name, True, args.steps, batch)
             row += f" {tr * 1000:.0f} | {tr / base:.2f} |"
         else:

@@ -22,6 +22,7 @@ import flax
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mtl_jax.models.multitask import side_outputs
@@ -55,12 +56,16 @@ def init_state(rng: jax.Array, param_rng: jax.Array, image_shape: tuple[int, ...
     variables = model.init({"params": param_rng, "dropout": param_rng},
                            jnp.zeros(image_shape, jnp.float32), train=False)
     params = variables["params"]
+    extra = {}
+    if weighting.needs_grad_dim:  # row length of the per-task gradients (shared parameters)
+        shared = {k: v for k, v in params.items() if k != "decoders"}
+        extra["grad_dim"] = sum(int(x.size) for x in jax.tree.leaves(shared))
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
-        weighting_state=weighting.init(tuple(task_names)),
+        weighting_state=weighting.init(tuple(task_names), **extra),
         rng=rng,
     )
 
@@ -141,6 +146,26 @@ def _flat_rows(per_task: PyTree) -> jax.Array:
                            axis=1)
 
 
+def _unflatten_row(row: jax.Array, per_task: PyTree) -> PyTree:
+    """Inverse of :func:`_flat_rows` for one row: float32 ``[N]`` -> a pytree shaped like one
+    task's slice of ``per_task`` (leaves ``x.shape[1:]``, their dtypes)."""
+    leaves, treedef = jax.tree.flatten(per_task)
+    out, start = [], 0
+    for x in leaves:
+        size = int(np.prod(x.shape[1:]))
+        out.append(row[start:start + size].reshape(x.shape[1:]).astype(x.dtype))
+        start += size
+    return jax.tree.unflatten(treedef, out)
+
+
+def _decoder_weights(weighting: Weighting, wout, w):
+    """Per-task decoder weights: the output's ``decoder_weights`` when given, else ``w`` or 1
+    by the strategy's ``decoder_weighting``."""
+    if wout.decoder_weights is not None:
+        return jax.lax.stop_gradient(wout.decoder_weights)
+    return w if weighting.decoder_weighting == "weights" else {t: 1.0 for t in w}
+
+
 def _select_prefix(tree: PyTree, prefix: str) -> PyTree:
     """The sub-tree of ``tree`` whose '/'-joined path starts with ``prefix``."""
     if not prefix:
@@ -206,7 +231,7 @@ def decomposed_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, 
         new_dec_stats[t] = stats_t.get("decoders", {}).get(t, {})
 
     inputs = {}
-    per_task_enc = None
+    per_task_enc = cts = None
     if weighting.requires == "decoder_grads":
         inputs["decoder_grads"] = g_dec
     elif weighting.requires == "task_grads":
@@ -221,7 +246,13 @@ def decomposed_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, 
                      state.weighting_state, state.step, rng=rng, **inputs)
     w = jax.lax.stop_gradient(wout.weights)
     w_vec = jnp.stack([w[t] for t in tasks])
-    if per_task_enc is not None:
+    if wout.shared_grad is not None:  # a direction given in the layout of the gradient rows
+        direction = jax.lax.stop_gradient(wout.shared_grad)
+        if per_task_enc is not None:
+            g_enc = _unflatten_row(direction, per_task_enc)
+        else:
+            (g_enc,) = enc_vjp(_unflatten_row(direction, cts))
+    elif per_task_enc is not None:
         g_enc = jax.tree.map(lambda x: jnp.tensordot(w_vec, x, axes=1).astype(x.dtype),
                              per_task_enc)
     else:
@@ -229,7 +260,7 @@ def decomposed_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, 
             lambda *xs: sum(w[t] * x for t, x in zip(tasks, xs, strict=True)).astype(xs[0].dtype),
             *[g_feat[t] for t in tasks])
         (g_enc,) = enc_vjp(combined)
-    dec_w = w if weighting.decoder_weighting == "weights" else {t: 1.0 for t in tasks}
+    dec_w = _decoder_weights(weighting, wout, w)
     grads = {"encoder": g_enc,
              "decoders": {t: jax.tree.map(lambda g, t=t: (dec_w[t] * g).astype(g.dtype), g_dec[t])
                           for t in tasks}}
@@ -297,17 +328,25 @@ def coupled_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, tas
                      state.weighting_state, state.step, rng=rng, **inputs)
     w = jax.lax.stop_gradient(wout.weights)
     w_vec = jnp.stack([w[t] for t in names])
-    dec_vec = w_vec if weighting.decoder_weighting == "weights" else jnp.ones_like(w_vec)
+    dec_w = _decoder_weights(weighting, wout, w)
+    dec_vec = jnp.stack([jnp.asarray(dec_w[t], jnp.float32) for t in names])
 
     def combine(vec, tree):
         return jax.tree.map(lambda x: jnp.tensordot(vec, x, axes=1).astype(x.dtype), tree)
 
-    if per_task_enc is not None:
+    g_shared_rest = combine(w_vec, shared_rest)
+    if wout.shared_grad is not None:  # a direction in the layout of the gradient rows
+        direction = jax.lax.stop_gradient(wout.shared_grad)
+        if per_task_enc is not None:
+            g_enc, g_shared_rest = _unflatten_row(direction, (per_task_enc, shared_rest))
+        else:
+            (g_enc,) = enc_vjp(_unflatten_row(direction, g_feat))
+    elif per_task_enc is not None:
         g_enc = combine(w_vec, per_task_enc)
     else:
         (g_enc,) = enc_vjp(combine(w_vec, g_feat))
     grads = {"encoder": g_enc, "decoders": combine(dec_vec, g_rest["decoders"]),
-             **combine(w_vec, shared_rest)}
+             **g_shared_rest}
     total = jnp.dot(w_vec, jnp.stack([losses[t] for t in names]))
     new_stats = {**stats, **head_stats}
     if "encoder" in enc_stats:

@@ -56,8 +56,12 @@ def test_every_weighting_name_builds_from_the_quickstart_config():
     for name, cls in WEIGHTINGS.items():
         w = make_weighting(qs.get_config(f"weighting={name}").weighting)
         assert type(w) is cls
-        w.init(("semseg", "depth", "normals")) if name != "dwa" else None
-        if cls.requires == "task_grads":
+        tasks = ("semseg", "depth", "normals")
+        if cls.needs_grad_dim:  # the train step passes the number of shared parameters
+            w.init(tasks, grad_dim=10)
+        elif name not in ("dwa", "stch"):  # those two need steps_per_epoch from the trainer
+            w.init(tasks)
+        if cls.requires == "task_grads" and cls.supports_rep_grad:
             assert make_weighting(qs.get_config(f"weighting={name},rep_grad").weighting).rep_grad
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import os
 import sys
+from typing import ClassVar
 
 import jax
 import jax.flatten_util
@@ -22,7 +23,21 @@ import pytest
 from mtl_jax import steps
 from mtl_jax.data import pipeline
 from mtl_jax.experiment import build_experiment, open_data
-from mtl_jax.weighting import WEIGHTINGS
+from mtl_jax.weighting import WEIGHTINGS, Weighting, WeightingOutput
+from mtl_jax.weighting.conflict_free import ConFIG
+from mtl_jax.weighting.db_mtl import DBMTL
+from mtl_jax.weighting.dualproj import DualProj
+from mtl_jax.weighting.excess_mtl import ExcessMTL
+from mtl_jax.weighting.fairgrad import FairGrad
+from mtl_jax.weighting.gls import GLS
+from mtl_jax.weighting.graddrop import GradDrop
+from mtl_jax.weighting.gradvac import GradVac
+from mtl_jax.weighting.imtl_full import IMTLFull
+from mtl_jax.weighting.imtl_l import IMTLL
+from mtl_jax.weighting.krum import Krum
+from mtl_jax.weighting.moco import MoCo
+from mtl_jax.weighting.stch import STCH
+from mtl_jax.weighting.trimmed_mean import TrimmedMean
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,13 +45,80 @@ EXTRA_ARGS = {"fixed": {"weights": {"semseg": 2.0, "depth": 1.0, "normals": 0.5}
               "dwa": {"steps_per_epoch": 1}}
 
 
+@dataclasses.dataclass(frozen=True)
+class _Bundle(Weighting):
+    """Test helper: every member runs in the same step (one compiled step for many
+    strategies). The first member's output drives the update (weights, ``shared_grad``,
+    ``decoder_weights``); every member's weights are logged as diagnostics
+    ``<member>/weight/<task>`` and its state is kept under its name."""
+
+    members: tuple = ()
+
+    def init(self, tasks, grad_dim=0):
+        return {m.name: m.init(tasks, grad_dim=grad_dim) if m.needs_grad_dim else m.init(tasks)
+                for m in self.members}
+
+    def __call__(self, losses, state, step, **inputs):
+        outs = {m.name: m(losses, state[m.name], step, **inputs) for m in self.members}
+        lead = outs[self.members[0].name]
+        diagnostics = {f"{n}/weight/{t}": o.weights[t] for n, o in outs.items() for t in losses}
+        diagnostics.update({f"{n}/{k}": v for n, o in outs.items()
+                            for k, v in o.diagnostics.items()})
+        return WeightingOutput(lead.weights, {n: o.state for n, o in outs.items()}, diagnostics,
+                               shared_grad=lead.shared_grad,
+                               decoder_weights=lead.decoder_weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ParamBundle(_Bundle):
+    """Gradient-based strategies on the shared parameters; the lead (DB-MTL) returns both a
+    ``shared_grad`` and ``decoder_weights``."""
+
+    name: ClassVar[str] = "_bundle_param"
+    requires: ClassVar[str] = "task_grads"
+    needs_grad_dim: ClassVar[bool] = True
+    rep_grad: bool = False
+    members: tuple = (DBMTL(), GradVac(), GradDrop(rep_grad=False), MoCo(), FairGrad(),
+                      ExcessMTL(), IMTLFull(), DualProj(), ConFIG(), Krum(), TrimmedMean())
+
+
+@dataclasses.dataclass(frozen=True)
+class _RepBundle(_Bundle):
+    """The same on the shared representation; the lead (GradDrop) returns a ``shared_grad``
+    that the step pulls back through the encoder."""
+
+    name: ClassVar[str] = "_bundle_rep"
+    requires: ClassVar[str] = "task_grads"
+    decoder_weighting: ClassVar[str] = "ones"
+    rep_grad: bool = True
+    members: tuple = (GradDrop(), GradVac(rep_grad=True), FairGrad(rep_grad=True),
+                      IMTLFull(rep_grad=True), DualProj(rep_grad=True),
+                      ConFIG(rep_grad=True), Krum(rep_grad=True), TrimmedMean(rep_grad=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class _LossBundle(_Bundle):
+    """Loss-only strategies (the ordinary one-backward step). STCH's nadir epoch is the
+    first call, so the second call uses the smooth Tchebycheff weights."""
+
+    name: ClassVar[str] = "_bundle_losses"
+    members: tuple = (STCH(steps_per_epoch=1, warmup_epoch=0), GLS(), IMTLL())
+
+
+BUNDLES = {cls.name: cls for cls in (_ParamBundle, _RepBundle, _LossBundle)}
+#: Strategies whose contract is checked inside a bundle (one compiled step for all of them).
+BUNDLED = {m.name for cls in BUNDLES.values() for m in cls.members}
+
+
 def variants():
     out = []
     for name, cls in sorted(WEIGHTINGS.items()):
+        if name in BUNDLED:
+            continue
         out.append((name, False))
-        if cls.requires == "task_grads":
+        if cls.requires == "task_grads" and cls.supports_rep_grad:
             out.append((name, True))
-    return out
+    return out + [(name, False) for name in BUNDLES]
 
 
 def _config(data_dir, name, rep_grad, n_devices):
@@ -74,11 +156,16 @@ def batch(data_dir):
 
 
 def _weights(metrics, tasks):
-    return np.array([float(metrics[f"weight/{t}"]) for t in tasks])
+    """The step's weights and, for a bundle, every member's."""
+    keys = [f"weight/{t}" for t in tasks]
+    keys += sorted(k for k in metrics if k.startswith("weighting/") and "/weight/" in k)
+    return np.array([float(metrics[k]) for k in keys])
 
 
 @pytest.mark.parametrize("name,rep_grad", variants())
-def test_strategy_contract(name, rep_grad, data_dir, batch, tmp_path):
+def test_strategy_contract(name, rep_grad, data_dir, batch, tmp_path, monkeypatch):
+    if name in BUNDLES:
+        monkeypatch.setitem(WEIGHTINGS, name, BUNDLES[name])
     exps = [build_experiment(_config(data_dir, name, rep_grad, n)) for n in (1, 4)]
     tasks = tuple(exps[0].tasks)
     results = []
@@ -89,6 +176,8 @@ def test_strategy_contract(name, rep_grad, data_dir, batch, tmp_path):
         state, m2 = exp.train_step(state, b)  # second step: strategies with history move
         results.append((state, m1, m2))
     (s1, a1, a2), (s4, b1, b2) = results
+    if name in BUNDLES:
+        assert len(_weights(a2, tasks)) == len(tasks) * (1 + len(BUNDLES[name].members))
     for m in (a1, a2):
         w = _weights(m, tasks)
         assert np.all(np.isfinite(w)), (name, w)
@@ -145,8 +234,13 @@ def _naive_grads(state, batch, rng, *, model, tasks, weighting):
     out = weighting(losses, state.weighting_state, state.step, rng=rng, **inputs)
     w = out.weights
     dec_w = w if weighting.decoder_weighting == "weights" else {t: 1.0 for t in tasks}
+    if out.decoder_weights is not None:
+        dec_w = out.decoder_weights
     enc = jax.tree.map(lambda *xs: sum(w[t] * x for t, x in zip(tasks, xs)),
                        *[per_task[t]["encoder"] for t in tasks])
+    if out.shared_grad is not None:  # parameter gradients only: the encoder's ravel order
+        enc = jax.flatten_util.ravel_pytree(per_task[next(iter(tasks))]["encoder"])[1](
+            out.shared_grad)
     dec = {t: jax.tree.map(lambda g, t=t: dec_w[t] * g, per_task[t]["decoders"][t])
            for t in tasks}
     return {"encoder": enc, "decoders": dec}, w
@@ -155,7 +249,7 @@ def _naive_grads(state, batch, rng, *, model, tasks, weighting):
 # One strategy per gradient source: decoder gradients, per-task gradients of the shared
 # parameters (vmapped encoder VJP) and of the shared representation.
 FAST_PATH_CASES = [("grad_magnitude", False), ("pcgrad", False), ("pcgrad", True),
-                   ("mgda", False)]
+                   ("mgda", False), ("db_mtl", False)]
 
 
 @pytest.mark.parametrize("name,rep_grad", [c for c in FAST_PATH_CASES if c[0] in WEIGHTINGS])
@@ -202,6 +296,9 @@ def test_registry_names_and_config_errors():
         assert cls.decoder_weighting in ("weights", "ones")
         if cls.requires == "task_grads":
             assert "rep_grad" in {f.name for f in dataclasses.fields(cls)}
+        if not cls.supports_rep_grad:
+            with pytest.raises(UserError, match="rep_grad"):
+                make_weighting({"name": name, "rep_grad": True})
     with pytest.raises(UserError, match="available"):
         make_weighting({"name": "nope"})
     with pytest.raises(UserError, match="bad options"):

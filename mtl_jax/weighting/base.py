@@ -37,6 +37,22 @@ Everything runs inside the one jitted, sharded train step. A strategy is a froze
 * ``decoder_weighting`` (class attribute): ``'weights'`` -- decoder t is trained with
   ``w_t * grad L_t`` (loss-weighting methods); ``'ones'`` -- with the plain ``grad L_t``
   (gradient-surgery methods, whose coefficients only make sense for the shared part).
+  A strategy may instead return ``decoder_weights`` (``{task: scalar}``) in its output,
+  which then train decoder t with ``decoder_weights[t] * grad L_t``.
+
+* Directions outside the span of the current gradients (per-coordinate masks or trimming,
+  moving averages of past gradients): a ``'task_grads'`` strategy may return
+  ``shared_grad``, a float32 vector ``[N]`` in the layout of the rows of ``grads``; the
+  step then updates the shared part with it instead of ``sum_t w_t g_t`` (with ``rep_grad``
+  it is pulled back through the encoder) and the weights only label the step (logged, and
+  ``loss/total = sum_t w_t L_t``). Such methods (``graddrop``, ``trimmed_mean``, ``moco``,
+  ``db_mtl``) need the full gradients, so grad_param_prefix does not apply to them.
+
+* ``needs_grad_dim`` (class attribute): when True, ``init(tasks, grad_dim=N)`` receives the
+  number of shared parameters (the row length of ``grads`` without ``rep_grad``), for
+  states that keep per-task gradient histories ``[T, N]`` (``moco``, ``db_mtl``,
+  ``excess_mtl``). ``supports_rep_grad`` (class attribute): False for those, whose history
+  of representation gradients (other examples at every step) would mean nothing.
 
 The step logs every weight as ``train/weight/<task>`` and every diagnostic ``d`` as
 ``train/weighting/<d>``, every step.
@@ -62,6 +78,10 @@ class WeightingOutput:
     weights: dict[str, jax.Array]
     state: PyTree
     diagnostics: dict[str, jax.Array] = flax.struct.field(default_factory=dict)
+    #: Optional: the shared update ``[N]`` (layout of the rows of ``grads``); see above.
+    shared_grad: jax.Array | None = None
+    #: Optional: per-task decoder weights, overriding ``decoder_weighting``.
+    decoder_weights: dict[str, jax.Array] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +91,8 @@ class Weighting:
     name: ClassVar[str] = ""
     requires: ClassVar[str] = "losses"
     decoder_weighting: ClassVar[str] = "weights"
+    needs_grad_dim: ClassVar[bool] = False
+    supports_rep_grad: ClassVar[bool] = True
 
     def init(self, tasks: Sequence[str]) -> PyTree:
         del tasks
