@@ -161,6 +161,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dtype="float32",
     )
     c.weighting = dict(name=args.weighting)
+    if args.weighting == "gradnorm":  # the last shared layer: the bottleneck conv
+        c.weighting.grad_param_prefix = "bottleneck/conv"
 
     steps = args.steps or (4 if smoke else 300 if synthetic else EPOCHS * epoch)
     # Paper: Adam 1e-4. From random weights, a 700-step CPU run on the procedural data needs
