@@ -76,8 +76,10 @@ inverse depth, and its "Rel." column there is on a different scale):
                         0.0125 / 22.23
 
 Hardware and time: smoke ~1 min on 2 CPU cores (mostly compilation). dataset=synthetic
-(96×128, width 16, S-D-N, batch 8, 700 steps): see docs/models/adamt.md for the measured
-grad_magnitude-vs-ew comparison, its wall time and which wins.
+(64×96, width 8, S-D-N, batch 8, 300 steps, one eval at the end): sized for a few minutes per
+run on 2 idle CPU cores. The grad_magnitude-vs-ew comparison (the two commands at the top) is
+not measured yet: the session that wrote this config had its 2 cores shared with ~40 other
+processes and neither run got past compilation (docs/models/adamt.md).
 """
 
 import ml_collections
