@@ -198,7 +198,8 @@ def sdn_setup():
              "semseg": jnp.asarray(rng.integers(-1, 5, (2, 32, 48)), jnp.int32),
              "depth": jnp.asarray(rng.uniform(0.0, 5.0, (2, 32, 48, 1)), jnp.float32),
              "normals": jnp.asarray(n / np.linalg.norm(n, axis=-1, keepdims=True))}
-    variables = model.init({"params": KEY, "dropout": KEY}, batch["image"], train=False)
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        {"params": KEY, "dropout": KEY}, batch["image"])
     import optax
 
     tx = optax.adam(1e-3)
