@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mtl_jax.models.multitask import side_outputs
+from mtl_jax.models.layers import resize_bilinear
+from mtl_jax.models.multitask import attention_masks, side_outputs
 from mtl_jax.tasks.base import LabelErrorCount, bad_label_counts
 from mtl_jax.tasks.compat import compat_metrics
 from mtl_jax.weighting import Weighting
@@ -426,7 +427,14 @@ def eval_step(state: TrainState, batch: Batch, *, model, tasks: Mapping[str, Any
 
 def predict_step(state: TrainState, image: jax.Array, *, model, tasks: Mapping[str, Any]
                  ) -> dict[str, jax.Array]:
-    """Post-processed predictions (``{task: array}``) for pictures and inference."""
-    preds, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats}, image,
-                           train=False)
-    return {name: task.postprocess(preds[name]) for name, task in tasks.items()}
+    """Post-processed predictions (``{task: array}``) for pictures and inference; for models
+    with attention masks in aux (``'<task>/attention/<block>'``, e.g. AdaMT-Net) also
+    ``'attention/<task>/<block>'``: the mask's channel 0 resized (bilinear) to the image size,
+    float32 ``[B, H, W]`` in [0, 1]."""
+    preds, aux = model.apply({"params": state.params, "batch_stats": state.batch_stats}, image,
+                             train=False)
+    out = {name: task.postprocess(preds[name]) for name, task in tasks.items()}
+    for key, mask in attention_masks(aux, tuple(tasks)).items():
+        channel0 = resize_bilinear(mask[..., :1].astype(jnp.float32), image.shape[1:3])
+        out[f"attention/{key}"] = jnp.clip(channel0[..., 0], 0.0, 1.0)
+    return out

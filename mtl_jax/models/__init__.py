@@ -9,7 +9,12 @@ from mtl_jax.models.build import ARCHITECTURES, build_model
 from mtl_jax.models.decoders import DECODERS
 from mtl_jax.models.encoders import ENCODERS, encoder_out_channels
 from mtl_jax.models.exchange import ExchangeMultiTaskModel
-from mtl_jax.models.multitask import MultiTaskModel, SingleTaskModel, side_outputs
+from mtl_jax.models.multitask import (
+    MultiTaskModel,
+    SingleTaskModel,
+    attention_masks,
+    side_outputs,
+)
 from mtl_jax.models.params import count_params, format_param_table
 
 __all__ = [
@@ -19,6 +24,7 @@ __all__ = [
     "ExchangeMultiTaskModel",
     "MultiTaskModel",
     "SingleTaskModel",
+    "attention_masks",
     "build_model",
     "count_params",
     "encoder_out_channels",

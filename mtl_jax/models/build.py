@@ -27,6 +27,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from mtl_jax.models.adamt import build_adamt
 from mtl_jax.models.composed import build_multitask
 
 Builder = Callable[[Mapping[str, Any], Mapping[str, int]], nn.Module]
@@ -34,6 +35,7 @@ Builder = Callable[[Mapping[str, Any], Mapping[str, int]], nn.Module]
 #: name -> builder(model_cfg, {task: channels}); ``config.model.architecture`` picks one.
 ARCHITECTURES: dict[str, Builder] = {
     "multitask": build_multitask,
+    "adamt": build_adamt,
 }
 
 

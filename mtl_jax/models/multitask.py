@@ -169,5 +169,17 @@ def side_outputs(aux: Mapping[str, jax.Array], task: str) -> dict[str, jax.Array
     return {k[len(prefix):]: aux[k] for k in sorted(aux) if k.startswith(prefix)}
 
 
+def attention_masks(aux: Mapping[str, jax.Array], tasks: Sequence[str]) -> dict[str, jax.Array]:
+    """``{'<task>/<block>': mask}`` for the attention masks in ``aux`` (keys
+    ``'<task>/attention/<block>'``, ``[B, h, w, C]`` in [0, 1], e.g. AdaMT-Net's decoders),
+    sorted by key."""
+    out = {}
+    for key in sorted(aux):
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] in tasks and parts[1] == "attention":
+            out[f"{parts[0]}/{parts[2]}"] = aux[key]
+    return out
+
+
 SingleTaskModel = MultiTaskModel
 """STL baseline: a ``MultiTaskModel`` with exactly one task, one model per task."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import flax.linen as nn
 
 from mtl_jax.models.decoders.aspp import ASPP, DeepLabHead
+from mtl_jax.models.decoders.attention_unet import AttentionUNetDecoder
 from mtl_jax.models.decoders.three_ways import ThreeWaysDecoder
 from mtl_jax.models.decoders.unet import UNetDecoder
 from mtl_jax.models.interaction.padnet import PADNetHead
@@ -22,6 +23,8 @@ DECODERS: dict[str, type[nn.Module]] = {
     "three_ways": ThreeWaysDecoder,
     "deeplab": DeepLabHead,
     "padnet": PADNetHead,
+    "adamt_attention": AttentionUNetDecoder,
 }
 
-__all__ = ["ASPP", "DECODERS", "DeepLabHead", "PADNetHead", "ThreeWaysDecoder", "UNetDecoder"]
+__all__ = ["ASPP", "DECODERS", "AttentionUNetDecoder", "DeepLabHead", "PADNetHead",
+           "ThreeWaysDecoder", "UNetDecoder"]

@@ -1,7 +1,9 @@
 """Encoder registry: name → constructor taking ``ResNet``-style keyword attributes.
 
 Every encoder maps a standardised image ``[B, H, W, 3]`` to a list of five feature maps
-``[stem s2, layer1 s4, layer2 s8, layer3 s16, layer4 s32]`` (see ``resnet.py``).
+``[stem s2, layer1 s4, layer2 s8, layer3 s16, layer4 s32]`` (see ``resnet.py``), except
+``adamt_dense`` (AdaMT-Net's dense U-Net encoder, ``dense_unet.py``): U-Net bridges and the
+bottleneck at strides 1, 2, 4, 8, 16 (decoders that resize to each skip's size accept both).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from mtl_jax.models.encoders.dense_unet import DenseUNetEncoder, dense_unet
 from mtl_jax.models.encoders.resnet import (
     ResNet,
     resnet18,
@@ -26,6 +29,7 @@ ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "resnet50": resnet50,
     "resnet101": resnet101,
     "simple": simple,
+    "adamt_dense": dense_unet,
 }
 
 
@@ -52,10 +56,12 @@ LAST_SHARED_LAYER = {
     "resnet50": "layer4_2/conv3",
     "resnet101": "layer4_2/conv3",
     "simple": "conv4",
+    "adamt_dense": "bottleneck/conv",
 }
 
 __all__ = [
     "ENCODERS",
+    "DenseUNetEncoder",
     "LAST_SHARED_LAYER",
     "ResNet",
     "SimpleConvEncoder",
