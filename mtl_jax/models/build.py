@@ -28,12 +28,14 @@ from typing import Any
 import flax.linen as nn
 
 from mtl_jax.models.composed import build_multitask
+from mtl_jax.models.xtasc import build_xtasc
 
 Builder = Callable[[Mapping[str, Any], Mapping[str, int]], nn.Module]
 
 #: name -> builder(model_cfg, {task: channels}); ``config.model.architecture`` picks one.
 ARCHITECTURES: dict[str, Builder] = {
     "multitask": build_multitask,
+    "xtasc": build_xtasc,
 }
 
 
