@@ -1,6 +1,7 @@
 """XTasC-Net (seed 002): parameter counts, TTNet, the decoder options, the two loss groups by
 hand, the train-step hook, the xtask_mt converter and smoke training of the four variants."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -230,7 +231,7 @@ def tiny_model():
                ttnet_kwargs=dict(features=(4, 8, 8)), lambda_seg=0.2, lambda_depth=0.1)
     model = build_model(cfg, {"depth": 1, "semseg": 3})
     image = jax.random.uniform(jax.random.key(0), (2, 32, 48, 3))
-    variables = model.init(jax.random.key(1), image, train=False)
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(1), image)
     return model, variables, image
 
 
@@ -238,7 +239,7 @@ def test_model_returns_transferred_predictions(tiny_model):
     model, variables, image = tiny_model
     assert set(variables["params"]) == {"encoder", "decoders", "transfer"}
     assert set(variables["params"]["transfer"]) == {"semseg_to_depth", "depth_to_semseg"}
-    preds, aux = model.apply(variables, image, train=False)
+    preds, aux = jax.jit(functools.partial(model.apply, train=False))(variables, image)
     assert aux["depth/from/semseg"].shape == (2, 32, 48, 1)
     assert aux["semseg/from/depth"].shape == (2, 32, 48, 3)
     # the transferred depth is the TTNet of the segmentation logits
@@ -259,9 +260,9 @@ def test_forward_losses_use_the_loss_groups(tiny_model, example):
              "depth": rng.uniform(0.0, 4.0, (2, 32, 48, 1)).astype(np.float32)}
     tasks = {"depth": make_task("depth", loss="l1_per_image"),
              "semseg": make_task("semseg", num_classes=3)}
-    losses, preds, aux, _ = forward_losses(variables["params"], variables["batch_stats"], batch,
-                                           jax.random.key(0), model=model, tasks=tasks,
-                                           train=False)
+    fwd = jax.jit(functools.partial(forward_losses, model=model, tasks=tasks, train=False))
+    losses, preds, aux, _ = fwd(variables["params"], variables["batch_stats"], batch,
+                                jax.random.key(0))
     plain = {t: tasks[t].loss(preds[t], batch) for t in tasks}
     expected = model.loss_groups(plain, preds, aux, batch, tasks)
     for t in tasks:
@@ -395,8 +396,8 @@ def test_convert_xtask_mt_fixture_loads_into_the_model(tmp_path):
                                   .transpose(2, 3, 1, 0))
     # a missing array and an extra one are named
     bad = dict(sd)
-    bad.pop("trans_d2s.dec3.double_conv.2.bias")
-    with pytest.raises(UserError, match="trans_d2s.dec3.double_conv.2.bias"):
+    bad.pop("trans_d2s.dec3.double_conv.2.weight")
+    with pytest.raises(UserError, match="trans_d2s.dec3.double_conv.2.weight"):
         CONVERTERS["xtask_mt"](bad)
     with pytest.raises(UserError, match="extra.weight"):
         CONVERTERS["xtask_mt"]({**sd, "extra.weight": np.zeros(1)})
