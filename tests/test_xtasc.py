@@ -248,8 +248,7 @@ def test_model_returns_transferred_predictions(tiny_model):
                       preds["semseg"], train=False)
     np.testing.assert_allclose(aux["depth/from/semseg"], direct, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="separable"):
-        model.apply(variables, model.apply(variables, image, False, method=model.encode),
-                    (32, 48), "depth", False, method=model.decode_task)
+        model.apply(variables, [], (32, 48), "depth", False, method=model.decode_task)
 
 
 def test_forward_losses_use_the_loss_groups(tiny_model, example):
