@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from mtl_jax.models.layers import resize_bilinear
-from mtl_jax.models.multitask import attention_masks, side_outputs
+from mtl_jax.models.multitask import attention_masks, side_outputs, transferred_outputs
 from mtl_jax.tasks.base import LabelErrorCount, bad_label_counts
 from mtl_jax.tasks.compat import compat_metrics
 from mtl_jax.weighting import Weighting
@@ -93,9 +93,19 @@ def forward_losses(params: PyTree, batch_stats: PyTree, batch: Batch, rng: jax.A
     else:
         preds, aux = model.apply(variables, batch["image"], train=False)
         new_stats = batch_stats
+    return task_losses(model, tasks, preds, aux, batch), preds, aux, new_stats
+
+
+def task_losses(model, tasks: Mapping[str, Any], preds: Mapping[str, jax.Array],
+                aux: Mapping[str, jax.Array], batch: Batch) -> dict[str, jax.Array]:
+    """``{task: loss}`` that the weighting sees: each task's :func:`task_objective`, regrouped
+    by the model's optional ``loss_groups(losses, preds, aux, batch, tasks) -> losses`` hook
+    when it has one (XTasC-Net adds its cross-task terms, which need every task's prediction).
+    Models with such a hook train through :func:`coupled_grads` in decomposed steps."""
     losses = {name: task_objective(task, name, preds[name], aux, batch)
               for name, task in tasks.items()}
-    return losses, preds, aux, new_stats
+    groups = getattr(model, "loss_groups", None)
+    return losses if groups is None else groups(losses, preds, aux, batch, tasks)
 
 
 def task_objective(task, name: str, pred: jax.Array, aux: Mapping[str, jax.Array],
@@ -207,8 +217,9 @@ def decomposed_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, 
     """
     params, stats = state.params, state.batch_stats
     shared = set(params) - {"decoders"}
-    if shared != {"encoder"}:
-        # Interaction/exchange modules couple the decoders: one VJP per task loss instead.
+    if shared != {"encoder"} or getattr(model, "loss_groups", None) is not None:
+        # Interaction/exchange modules or cross-task loss terms couple the decoders: one VJP
+        # per task loss instead.
         return coupled_grads(state, batch, rng, model=model, tasks=tasks, weighting=weighting)
     image = batch["image"]
     out_size = image.shape[1:3]
@@ -304,7 +315,7 @@ def coupled_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, tas
         (preds, aux), mutated = model.apply({"params": p, "batch_stats": stats}, feats, out_size,
                                             train=True, method=cls.decode,
                                             mutable=["batch_stats"], rngs=rngs)
-        losses = {t: task_objective(tasks[t], t, preds[t], aux, batch) for t in names}
+        losses = task_losses(model, tasks, preds, aux, batch)
         return jnp.stack([losses[t] for t in names]), (losses, mutated["batch_stats"])
 
     feats, enc_vjp, enc_stats = _encoder_vjp(params, stats, image, rngs, model)
@@ -409,15 +420,22 @@ def eval_step(state: TrainState, batch: Batch, *, model, tasks: Mapping[str, Any
     """Metric statistics (``{task: SumMetric}``, sums and counts) of one eval batch.
 
     The task's metrics are those of the final prediction; a model's side outputs are scored
-    too, under ``'<task>/side/<k>'`` (e.g. DenseMTL's half-resolution output). ``compat``
-    modes (:mod:`mtl_jax.tasks.compat`) add the reference codes' statistics of the final
-    prediction under ``'<task>/compat_<mode>'``."""
+    too, under ``'<task>/side/<k>'`` (e.g. DenseMTL's half-resolution output), and its
+    transferred predictions (aux ``'<task>/from/<source>'``, XTasC-Net) under
+    ``'<task>/from/<source>'`` and, against the direct prediction taken as the label (their
+    consistency), ``'<task>/from/<source>/vs_pred'``. ``compat`` modes
+    (:mod:`mtl_jax.tasks.compat`) add the reference codes' statistics of the final prediction
+    under ``'<task>/compat_<mode>'``."""
     preds, aux = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                              batch["image"], train=False)
     out = {name: task.metrics(preds[name], batch) for name, task in tasks.items()}
     for name, task in tasks.items():
         for key, side in side_outputs(aux, name).items():
             out[f"{name}/side/{key}"] = task.metrics(side, batch)
+        for src, pred in transferred_outputs(aux, name).items():
+            out[f"{name}/from/{src}"] = task.metrics(pred, batch)
+            direct = {**batch, task.label_key: task.postprocess(preds[name])}
+            out[f"{name}/from/{src}/vs_pred"] = task.metrics(pred, direct)
     if compat:
         out.update(compat_metrics(dict(tasks), preds, batch, compat))
     for name, n in bad_label_counts(tasks, batch).items():  # out-of-range labels, counted
@@ -427,13 +445,17 @@ def eval_step(state: TrainState, batch: Batch, *, model, tasks: Mapping[str, Any
 
 def predict_step(state: TrainState, image: jax.Array, *, model, tasks: Mapping[str, Any]
                  ) -> dict[str, jax.Array]:
-    """Post-processed predictions (``{task: array}``) for pictures and inference; for models
-    with attention masks in aux (``'<task>/attention/<block>'``, e.g. AdaMT-Net) also
+    """Post-processed predictions (``{task: array}``) for pictures and inference, plus the
+    transferred ones (``'<task>/from/<source>'``) of models that have them, and for models
+    with attention masks in aux (``'<task>/attention/<block>'``, e.g. AdaMT-Net)
     ``'attention/<task>/<block>'``: the mask's channel 0 resized (bilinear) to the image size,
     float32 ``[B, H, W]`` in [0, 1]."""
     preds, aux = model.apply({"params": state.params, "batch_stats": state.batch_stats}, image,
                              train=False)
     out = {name: task.postprocess(preds[name]) for name, task in tasks.items()}
+    for name, task in tasks.items():
+        for src, pred in transferred_outputs(aux, name).items():
+            out[f"{name}/from/{src}"] = task.postprocess(pred)
     for key, mask in attention_masks(aux, tuple(tasks)).items():
         channel0 = resize_bilinear(mask[..., :1].astype(jnp.float32), image.shape[1:3])
         out[f"attention/{key}"] = jnp.clip(channel0[..., 0], 0.0, 1.0)

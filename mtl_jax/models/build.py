@@ -29,6 +29,7 @@ import flax.linen as nn
 
 from mtl_jax.models.adamt import build_adamt
 from mtl_jax.models.composed import build_multitask
+from mtl_jax.models.xtasc import build_xtasc
 
 Builder = Callable[[Mapping[str, Any], Mapping[str, int]], nn.Module]
 
@@ -36,6 +37,7 @@ Builder = Callable[[Mapping[str, Any], Mapping[str, int]], nn.Module]
 ARCHITECTURES: dict[str, Builder] = {
     "multitask": build_multitask,
     "adamt": build_adamt,
+    "xtasc": build_xtasc,
 }
 
 

@@ -181,5 +181,13 @@ def attention_masks(aux: Mapping[str, jax.Array], tasks: Sequence[str]) -> dict[
     return out
 
 
+def transferred_outputs(aux: Mapping[str, jax.Array], task: str) -> dict[str, jax.Array]:
+    """``{source: prediction}`` of ``task`` transferred from other tasks' predictions (aux
+    ``'<task>/from/<source>'``, XTasC-Net's TTNets; in ``task``'s output space, sorted)."""
+    prefix = f"{task}/from/"
+    return {k[len(prefix):]: aux[k] for k in sorted(aux)
+            if k.startswith(prefix) and "/" not in k[len(prefix):]}
+
+
 SingleTaskModel = MultiTaskModel
 """STL baseline: a ``MultiTaskModel`` with exactly one task, one model per task."""

@@ -20,7 +20,8 @@ def _size(tree: Any) -> int:
 
 def count_params(params: Mapping[str, Any]) -> dict[str, int]:
     """Parameter counts per top-level part: ``encoder``, ``decoders/<task>`` (one entry per task),
-    each interaction module by its name, and ``total`` (last).
+    each interaction module by its name (``transfer/<a>_to_<b>`` one entry per task-transfer
+net), and ``total`` (last).
 
     ``params`` is the ``params`` collection; a full variables dict (``{'params': ...,
     'batch_stats': ...}``) is accepted too and only its ``params`` are counted.
@@ -30,9 +31,9 @@ def count_params(params: Mapping[str, Any]) -> dict[str, int]:
     counts: dict[str, int] = {}
     keys = sorted(params, key=lambda k: (k != "encoder", k != "decoders"))
     for key in keys:
-        if key == "decoders":
+        if key in ("decoders", "transfer"):  # one entry per task / per TTNet (XTasC-Net)
             for task, tree in params[key].items():
-                counts[f"decoders/{task}"] = _size(tree)
+                counts[f"{key}/{task}"] = _size(tree)
         else:
             counts[key] = _size(params[key])
     counts["total"] = sum(counts.values())

@@ -113,4 +113,8 @@ def apply_variables(params: PyTree, batch_stats: PyTree, flat: Mapping[str, np.n
     return out[0], out[1]
 
 
+from mtl_jax.models.converters.xtask_mt import convert_xtask_mt  # noqa: E402
+
+CONVERTERS["xtask_mt"] = convert_xtask_mt
+
 __all__ = ["CONVERTERS", "apply_variables", "convert_file", "load_variables", "read_npz"]
