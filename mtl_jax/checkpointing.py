@@ -62,10 +62,18 @@ class IteratorStateRestore(ocp.args.CheckpointArgs):
     pass
 
 
+def checkpoint_dir(workdir: str) -> str:
+    """``<workdir>/checkpoints``; a URL workdir (``gs://bucket/run``) stays a URL (orbax and
+    tensorstore write to Cloud Storage directly), a local one becomes absolute."""
+    if "://" in str(workdir):
+        return str(workdir).rstrip("/") + "/checkpoints"
+    return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
 def make_manager(workdir: str, *, keep: int = 3, async_save: bool = True,
                  read_only: bool = False) -> ocp.CheckpointManager:
     """Checkpoint manager over ``<workdir>/checkpoints`` keeping the latest ``keep``."""
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
         enable_async_checkpointing=async_save,

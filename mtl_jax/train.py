@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from mtl_jax import checkpointing, writers
 from mtl_jax.data import pipeline
@@ -80,6 +81,10 @@ def _write_pictures(exp: Experiment, state, val_source, writer, workdir: str, st
         val_source, global_batch_size=exp.eval_batch_size, mesh=exp.mesh,
         normals_from_depth=dataset_normals_from_depth(exp.config)))
     preds = exp.predict_step(state, batch["image"])
+    if jax.process_count() > 1:  # the batch is split over processes: gather it (collective)
+        from jax.experimental import multihost_utils
+
+        batch = multihost_utils.process_allgather(batch, tiled=True)
     host_batch = {k: np.asarray(jax.device_get(v))[:num] for k, v in batch.items()}
     host_preds = {k: np.asarray(jax.device_get(v))[:num] for k, v in preds.items()}
     picture = prediction_grid(host_batch, host_preds, max_examples=num)
@@ -119,6 +124,16 @@ def _check_nonfinite(step: int, metrics: dict, tasks, skip: bool) -> None:
                              "config.skip_nonfinite=True to skip such steps.")
 
 
+def _any_process_stopping(local_stop: bool) -> bool:
+    """Whether any process got SIGTERM: all processes must save and stop at the same step
+    (a preempted TPU pod signals its workers at slightly different times)."""
+    if jax.process_count() == 1:
+        return local_stop
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(local_stop))))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train, evaluate and checkpoint; resume from ``workdir`` if it has checkpoints.
 
@@ -131,15 +146,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         stop: _StopFlag) -> dict[str, float]:
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # also gs://bucket/run
     train_source, val_source = open_data(config, splits=("train", "val"))
     steps_per_epoch = max(1, len(train_source) // int(config.batch_size))
     exp = build_experiment(config, steps_per_epoch=steps_per_epoch)
     baseline = _baseline(config)
     is_primary = jax.process_index() == 0
     if is_primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     writer = writers.create_default_writer(workdir, just_logging=not is_primary)
     manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints,
@@ -161,8 +175,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                        normals_from_depth=dataset_normals_from_depth(config))
             writer.write_scalars(0, {f"trivial/{k}": v for k, v in trivial.items()})
             if is_primary:
-                with open(os.path.join(workdir, "trivial_baseline.json"), "w") as f:
-                    json.dump(trivial, f, indent=2, sort_keys=True)
+                (epath.Path(workdir) / "trivial_baseline.json").write_text(
+                    json.dumps(trivial, indent=2, sort_keys=True))
 
     total = int(config.num_train_steps)
     reporter = writers.ProgressReporter(total, writer=writer,
@@ -206,12 +220,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
                     _write_pictures(exp, state, val_source, writer, workdir, step,
                                     config.get("num_vis_examples", 4))
-            if last or stop.set or step % config.checkpoint_every_steps == 0:
+            stopping = _any_process_stopping(stop.set)
+            if last or stopping or step % config.checkpoint_every_steps == 0:
                 flush_pending()  # never save a state whose step was not checked
                 with reporter.timed("checkpoint"):
                     checkpointing.save(manager, step, state, train_it.get_state(),
                                        force=True)
-            if stop.set:
+            if stopping:
                 break
         flush_pending()
     finally:  # also on errors: finish in-flight async saves, stop the prefetch thread
@@ -219,8 +234,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         manager.close()
         train_it.close()
     if results and is_primary and step == total:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump({"step": step, **results}, f, indent=2, sort_keys=True)
+        (epath.Path(workdir) / "results.json").write_text(
+            json.dumps({"step": step, **results}, indent=2, sort_keys=True))
     writer.flush()
     writer.close()
     return results
