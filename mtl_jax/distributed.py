@@ -15,7 +15,7 @@ Failure contract (what a user sees when a peer dies):
   waiting for the dead peer is ended by it. If process 0 itself dies, the service goes with
   it and the others fail on their next heartbeat.
 * A process that fails with a Python exception (bad input, a bug) prints
-  ``mtl-jax: process <i> of <n> failed: ...`` and exits at once with status 1 (2 for a
+  ``mtl-jax: process <i> of <n> failed: ...`` and exits with status 1 (2 for a
   :class:`~mtl_jax.errors.UserError`) without waiting at JAX's shutdown barrier, so its
   peers then fail by the heartbeat rule above instead of hanging in a collective.
 """

@@ -150,6 +150,8 @@ def predict(workdir: str, images: str, out: str, *, step: int | None = None,
         written.append(base + "_input.png")
         for name, value in preds.items():
             arr = np.asarray(value)[0]
+            if arr.ndim == 3 and arr.shape[-1] == 1:  # depth, edges: [H,W,1] -> [H,W]
+                arr = arr[..., 0]
             tag = name.replace("/", "_")
             np.save(f"{base}_{tag}.npy", arr)
             pic = picture(name, arr)

@@ -42,7 +42,7 @@ def _execute(name, data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # inline figures
     nb = _load(name)
     start = time.time()
     NotebookClient(nb, timeout=600, kernel_name="python3",
