@@ -112,9 +112,7 @@ def two_process_run(data_dir, cache_dir, tmp_path_factory):
     ckpts = sorted(int(d) for d in os.listdir(wd / "checkpoints") if d.isdigit())
     config = _config(data_dir)
     exp = build_experiment(config)
-    mgr = checkpointing.make_manager(str(wd), read_only=True, async_save=False)
-    final_state, final_data, _ = checkpointing.restore(mgr, exp.abstract_state)
-    mgr.close()
+    final_state, final_data, _ = _restore(wd, exp)
     files = {p: (wd / p).read_text() for p in ("metrics.jsonl", "results.json")}
     # Crash after the checkpoint of step 2: drop the later one, restart both processes.
     shutil.rmtree(wd / "checkpoints" / str(STEPS))
@@ -128,6 +126,22 @@ def two_process_run(data_dir, cache_dir, tmp_path_factory):
     print(f"two-process run {first_s:.0f} s, restart {restart_s:.0f} s")
     return dict(wd=wd, tmp=tmp, config=config, exp=exp, ckpts=ckpts, logs=logs, relogs=relogs,
                 final_state=final_state, final_data=final_data, files=files)
+
+
+def _restore(wd, exp):
+    """The latest checkpoint's state (restored here, in one process) and the iterator
+    positions the two processes saved: ``(state, {file: position}, step)``."""
+    import orbax.checkpoint as ocp
+
+    mgr = checkpointing.make_manager(str(wd), read_only=True, async_save=False)
+    step = mgr.latest_step()
+    state = mgr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(exp.abstract_state)))["state"]
+    mgr.close()
+    data_dir = wd / "checkpoints" / str(step) / "data"
+    data = {p: json.loads((data_dir / p).read_text()) for p in sorted(os.listdir(data_dir))
+            if p.endswith(".json")}
+    return state, data, step
 
 
 def _config(data_dir):
@@ -201,12 +215,11 @@ def test_one_checkpoint_and_restart_resumes_in_place(two_process_run, reference)
         resumed = [r["images"] for r in _records(tmp / f"restart_rec{i}.jsonl", "train")]
         assert resumed[:STEPS - 2] == ref_digests[i][2:]  # batches 3 and 4, not 1 and 2
     config, exp = two_process_run["config"], two_process_run["exp"]
-    mgr = checkpointing.make_manager(str(wd), read_only=True, async_save=False)
-    state, data, step = checkpointing.restore(mgr, exp.abstract_state)
-    mgr.close()
+    state, data, step = _restore(wd, exp)
     assert step == STEPS
     del config
     assert data == two_process_run["final_data"]
+    assert sorted(data) == ["process_0-of-2.json", "process_1-of-2.json"]
     for a, b in zip(_leaves(state.params), _leaves(two_process_run["final_state"].params)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 

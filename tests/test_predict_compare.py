@@ -61,7 +61,9 @@ def test_predict_writes_every_task(run, images, tmp_path, monkeypatch):
     att = np.load(out / "a_attention_depth_stage1.npy")
     assert sem.shape == (h, w) and sem.dtype.kind == "i" and 0 <= sem.min() <= sem.max() < 10
     assert depth.shape == (h, w) and np.all(np.isfinite(depth))
-    np.testing.assert_allclose(np.linalg.norm(normals, axis=-1), 1.0, rtol=1e-4)
+    norms = np.linalg.norm(normals, axis=-1)  # unit, or 0 where the raw output was ~0
+    unit = np.abs(norms - 1.0) < 1e-4
+    assert np.all(unit | (norms == 0.0)) and unit.mean() > 0.95
     # PNGs: at the config's input size, the colour coding of the arrays.
     png = np.asarray(Image.open(out / "a_semseg.png"))
     np.testing.assert_array_equal(png, visualize.colorize_semseg(sem))
@@ -89,7 +91,7 @@ def test_predict_matches_the_step_on_the_same_input(run, images, tmp_path):
     image = predict.read_image(str(images / "a.png"), config.input_size)
     ref = jax.device_get(exp.predict_step(state, image[None]))
     np.testing.assert_array_equal(np.load(out / "a_semseg.npy"), ref["semseg"][0])
-    np.testing.assert_allclose(np.load(out / "a_depth.npy"), ref["depth"][0], rtol=1e-5)
+    np.testing.assert_allclose(np.load(out / "a_depth.npy"), ref["depth"][0, ..., 0], rtol=1e-5)
 
 
 def test_predict_errors(run, images, tmp_path, capsys):
