@@ -45,7 +45,7 @@ def _execute(name, data_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("MPLBACKEND", raising=False)  # inline figures
     nb = _load(name)
     start = time.time()
-    NotebookClient(nb, timeout=600, kernel_name="python3",
+    NotebookClient(nb, timeout=1800, kernel_name="python3",  # per cell; shared CI is slow
                    resources={"metadata": {"path": COLAB}}).execute()
     print(f"{name}: executed in {time.time() - start:.0f} s")
     return nb
