@@ -53,8 +53,10 @@ def _child_env(data_dir, cache_dir):
     return env
 
 
-def _start(tmp, tag, args, env, heartbeat=20):
-    """Both processes of one run: ``[(Popen, record path, log path)] * 2``."""
+def _start(tmp, tag, args, env, heartbeat=120):
+    """Both processes of one run: ``[(Popen, record path, log path)] * 2``. The heartbeat
+    timeout is long by default: on an overloaded machine (load average ~100 on 2 cores) the
+    heartbeat threads of healthy processes were starved for over 20 s and JAX stopped both."""
     port = _free_port()
     procs = []
     for i in range(2):
