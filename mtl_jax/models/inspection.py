@@ -20,7 +20,7 @@ import jax.numpy as jnp
 def xtam_attention(model: Any, variables: Mapping[str, Any], image_BxHxWx3: jax.Array
                    ) -> dict[str, jax.Array]:
     """``{'<module path>': probabilities [B, h, w, h, w]}`` for every spatial xTAM, keyed by
-    its parameter path (e.g. ``'exchange_stage1/semseg/depth_to_semseg'``); empty when the
+    its parameter path (e.g. ``'exchange_stage1/depth_to_semseg'``); empty when the
     model has none. The xTAM named ``<source>_to_<target>`` attends from the target task's
     positions (queries) to the source task's (keys)."""
     _, state = model.apply(dict(variables), image_BxHxWx3, train=False,
@@ -28,10 +28,10 @@ def xtam_attention(model: Any, variables: Mapping[str, Any], image_BxHxWx3: jax.
     flat = flax.traverse_util.flatten_dict(state.get("intermediates", {}), sep="/")
     out = {}
     for path, value in sorted(flat.items()):
-        if not path.endswith("/query"):
+        if not path.endswith("/attention_query"):
             continue
-        prefix = path[: -len("/query")]
-        q_BxhxwxC, k_BxhxwxC = value[0], flat[prefix + "/key"][0]
+        prefix = path[: -len("/attention_query")]
+        q_BxhxwxC, k_BxhxwxC = value[0], flat[prefix + "/attention_key"][0]
         b, h, w, c = q_BxhxwxC.shape
         q = q_BxhxwxC.reshape(b, h * w, c).astype(jnp.float32)
         k = k_BxhxwxC.reshape(b, h * w, c).astype(jnp.float32)

@@ -125,8 +125,8 @@ class XTAM(nn.Module):
         v = project("value", pooled)
         hs, ws = q.shape[1:3]
         # Kept only when "intermediates" is mutable (models/inspection.py, the notebooks).
-        self.sow("intermediates", "query", q)
-        self.sow("intermediates", "key", k)
+        self.sow("intermediates", "attention_query", q)
+        self.sow("intermediates", "attention_key", k)
         q, k, v = (x.reshape(b, hs * ws, c) for x in (q, k, v))
 
         corr = jnp.zeros((b, hs * ws, c), jnp.float32)
