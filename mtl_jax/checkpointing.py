@@ -87,12 +87,20 @@ class IteratorStateRestore(ocp.args.CheckpointArgs):
     pass
 
 
+def checkpoint_dir(workdir: str) -> str:
+    """``<workdir>/checkpoints``; a URL workdir (``gs://bucket/run``) stays a URL (orbax and
+    tensorstore write to Cloud Storage directly), a local one becomes absolute."""
+    if "://" in str(workdir):
+        return str(workdir).rstrip("/") + "/checkpoints"
+    return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
 def saved_steps(workdir: str) -> list[int]:
     """Steps of the (committed) checkpoints in ``<workdir>/checkpoints``, ascending."""
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
+    directory = epath.Path(checkpoint_dir(workdir))
+    if not directory.is_dir():
         return []
-    return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+    return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit())
 
 
 def make_manager(workdir: str, *, keep: int | None = None, async_save: bool = True,
@@ -102,7 +110,7 @@ def make_manager(workdir: str, *, keep: int | None = None, async_save: bool = Tr
     ``keep``: let orbax keep only the latest ``keep`` checkpoints; ``None`` keeps all (a
     :class:`Saver` then deletes old ones itself, only after a newer one is committed).
     """
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=None if keep is None else ocp.checkpoint_managers.LatestN(n=keep),
         enable_async_checkpointing=async_save,

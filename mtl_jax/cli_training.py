@@ -36,6 +36,9 @@ def _define_flags() -> None:
                         "multi-process runs: host:port of process 0 (implies --distributed)")
     flags.DEFINE_integer("num_processes", None, "multi-process runs: number of processes")
     flags.DEFINE_integer("process_id", None, "multi-process runs: this process's index")
+    flags.DEFINE_integer("heartbeat_timeout", 60,
+                         "multi-process runs: seconds without heartbeat after which a process "
+                         "is declared dead and all others stop (docs/tpu.md)")
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -60,11 +63,18 @@ def _main(command: str) -> int:
         raise UsageError("--config is required, e.g. --config=configs/quickstart.py")
     _apply_data_dir(config)
     if FLAGS.distributed or FLAGS.coordinator_address:
-        import jax
+        from mtl_jax import distributed
 
-        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                   num_processes=FLAGS.num_processes,
-                                   process_id=FLAGS.process_id)
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id, heartbeat_timeout_s=FLAGS.heartbeat_timeout)
+        try:
+            return _run_command(command, config)
+        except BaseException as e:  # noqa: BLE001 -- every failure must leave at once
+            distributed.exit_after_failure(e)
+    return _run_command(command, config)
+
+
+def _run_command(command: str, config) -> int:
     if command == "params":
         from mtl_jax.models import format_param_table
         from mtl_jax.params_report import param_counts

@@ -10,6 +10,8 @@ Subcommands::
     mtl-jax convert-weights SRC.pth DST.npz                   torchvision ResNet -> .npz
     mtl-jax convert-weights --from=NAME SRC.npz DST.npz [--option k=v]
                                                  authors' PyTorch model -> config.model.init_from
+    mtl-jax predict --workdir=W --images=DIR_OR_GLOB --out=DIR  PNGs + .npy per task
+    mtl-jax compare W1 W2 ... [--baseline S1,S2 ...]          Markdown table + curves PNG
 
 Errors are one line ``mtl-jax: error: ...`` (add ``--verbose`` anywhere, or set
 ``MTL_JAX_VERBOSE=1``, to see the traceback). Exit codes: 0 done, 1 error, 2 bad command
@@ -135,15 +137,69 @@ def _convert_weights(rest: list[str]) -> int:
     return 0
 
 
+def _predict(rest: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mtl-jax predict",
+        description="Run a trained checkpoint on image files. Each image is resized to the "
+                    "config's input_size; per image and task it writes <stem>_<task>.png "
+                    "(colour-coded) and .npy (semseg class ids, metric depth, unit normals, "
+                    "edge probabilities, attention maps) into --out.")
+    parser.add_argument("--workdir", required=True, help="the run's --workdir")
+    parser.add_argument("--images", required=True,
+                        help="a folder of images, a glob ('photos/*.jpg') or one file")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--step", type=int, default=None,
+                        help="checkpoint step (default: latest)")
+    parser.add_argument("--config", default=None,
+                        help="configs/x.py[:args] (default: the run's own config.json)")
+    args = parser.parse_args(rest)
+    from mtl_jax import predict
+
+    config = predict.load_config(args.config) if args.config else None
+    written = predict.predict(args.workdir, args.images, args.out, step=args.step,
+                              config=config)
+    n_images = sum(p.endswith("_input.png") for p in written)
+    print(f"wrote {len(written)} files for {n_images} images into {args.out}")
+    return 0
+
+
+def _compare(rest: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mtl-jax compare",
+        description="Markdown table of the final metrics (results.json) of several runs, "
+                    "with Δm against single-task runs when --baseline is given, and a PNG "
+                    "of their eval curves.")
+    parser.add_argument("workdirs", nargs="+", help="run directories (--workdir of train)")
+    parser.add_argument("--baseline", default="",
+                        help="comma-separated single-task run dirs (or results.json files)")
+    parser.add_argument("--plot", default="compare.png",
+                        help="PNG of the eval curves ('' to skip)")
+    parser.add_argument("--side", action="store_true",
+                        help="also list side-output metrics (<task>/side/<k>/...)")
+    args = parser.parse_args(rest)
+    from mtl_jax import compare
+
+    baselines = [b.strip() for b in args.baseline.split(",") if b.strip()]
+    print(compare.compare(args.workdirs, baselines, include_side=args.side), end="")
+    if args.plot:
+        compare.plot_curves(args.workdirs, args.plot, include_side=args.side)
+        print(f"\nwrote {args.plot}")
+    return 0
+
+
 def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtl-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command",
-                                metavar="{data,train,eval,params,convert-weights}")
+                                metavar="{data,train,eval,params,predict,compare,convert-weights}")
     sub.add_parser("data", help="prepare (build) and look at (show) datasets", add_help=False)
     sub.add_parser("train", help="train and evaluate a model from a config", add_help=False)
     sub.add_parser("eval", help="evaluate a checkpoint from a workdir", add_help=False)
     sub.add_parser("params", help="print parameter counts of a config's model", add_help=False)
+    sub.add_parser("predict", help="run a checkpoint on image files (PNGs + .npy)",
+                   add_help=False)
+    sub.add_parser("compare", help="table of several runs' metrics (+ Δm) and their curves",
+                   add_help=False)
     sub.add_parser("convert-weights", add_help=False,
                    help="torchvision ResNet .pth -> .npz (config.model.encoder_init), or "
                         "--from=NAME: an authors' model -> config.model.init_from")
@@ -190,6 +246,10 @@ def _dispatch(argv: list[str] | None) -> int:
         return cli_training.run(command, rest)
     if command == "convert-weights":
         return _convert_weights(rest)
+    if command == "predict":
+        return _predict(rest)
+    if command == "compare":
+        return _compare(rest)
     _top_parser().print_help()
     print(f"\nmtl-jax: unknown command {command!r}", file=sys.stderr)
     return 2

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from mtl_jax import checkpointing, run_config, workdir_lock, writers
 from mtl_jax.data import pipeline
@@ -92,6 +93,10 @@ def _write_pictures(exp: Experiment, state, val_source, writer, workdir: str, st
         val_source, global_batch_size=exp.eval_batch_size, mesh=exp.mesh,
         normals_from_depth=dataset_normals_from_depth(exp.config)))
     preds = exp.predict_step(state, batch["image"])
+    if jax.process_count() > 1:  # the batch is split over processes: gather it (collective)
+        from jax.experimental import multihost_utils
+
+        batch = multihost_utils.process_allgather(batch, tiled=True)
     host_batch = {k: np.asarray(jax.device_get(v))[:num] for k, v in batch.items()}
     host_preds = {k: np.asarray(jax.device_get(v))[:num] for k, v in preds.items()}
     picture = prediction_grid(host_batch, host_preds, max_examples=num)
@@ -158,6 +163,16 @@ def _check_label_counts(where: str, counts: dict[str, int], mode: str) -> None:
                     "config.label_check='warn' to go on")
 
 
+def _any_process_stopping(local_stop: bool) -> bool:
+    """Whether any process got SIGTERM: all processes must save and stop at the same step
+    (a preempted TPU pod signals its workers at slightly different times)."""
+    if jax.process_count() == 1:
+        return local_stop
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(local_stop))))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train, evaluate and checkpoint; resume from ``workdir`` if it has checkpoints.
 
@@ -173,6 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         stop: _StopFlag) -> dict[str, float]:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # also gs://bucket/run
     # Before anything is restored or written: refuse a resume with another model/tasks/data.
     changes = run_config.check_resume(config, workdir) if checkpointing.saved_steps(workdir) else {}
     train_source, val_source = open_data(config, splits=("train", "val"))
@@ -211,8 +227,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                        normals_from_depth=dataset_normals_from_depth(config))
             writer.write_scalars(0, {f"trivial/{k}": v for k, v in trivial.items()})
             if is_primary:
-                with open(os.path.join(workdir, "trivial_baseline.json"), "w") as f:
-                    json.dump(trivial, f, indent=2, sort_keys=True)
+                (epath.Path(workdir) / "trivial_baseline.json").write_text(
+                    json.dumps(trivial, indent=2, sort_keys=True))
 
     total = int(config.num_train_steps)
     reporter = writers.ProgressReporter(total, writer=writer,
@@ -242,6 +258,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             acc, acc_n = None, 0
 
     step = start
+    stopping = False
     try:
         while step < total:
             batch = next(train_it)
@@ -261,11 +278,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
                     _write_pictures(exp, state, val_source, writer, workdir, step,
                                     config.get("num_vis_examples", 4))
-            if last or stop.set or step % config.checkpoint_every_steps == 0:
+            stopping = _any_process_stopping(stop.set)
+            if last or stopping or step % config.checkpoint_every_steps == 0:
                 flush_pending()  # never save a state whose step was not checked
                 with reporter.timed("checkpoint"):
                     saver.save(step, state, train_it.get_state())
-            if stop.set:
+            if stopping:
                 break
         flush_pending()
         saver.close()  # raises if the last save failed
@@ -274,12 +292,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         raise
     finally:  # stop the prefetch thread
         train_it.close()
-    if stop.set and step < total:
+    if stopping and step < total:  # SIGTERM here or on another process: saved, resume me
         writer.close()
         raise Preempted(step, workdir)
     if results and is_primary and step == total:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump({"step": step, **results}, f, indent=2, sort_keys=True)
+        (epath.Path(workdir) / "results.json").write_text(
+            json.dumps({"step": step, **results}, indent=2, sort_keys=True))
     writer.flush()
     writer.close()
     return results

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+from etils import epath
 from PIL import Image
 from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, types_pb2
 from tensorboard.plugins.text import metadata as text_metadata
@@ -131,21 +132,32 @@ class JsonlWriter(MetricWriter):
     (over)writes ``hparams.json`` next to ``path``."""
 
     def __init__(self, path: str | os.PathLike):
+        self._url = "://" in os.fspath(path)
+        if self._url:  # Cloud Storage objects cannot be appended to: rewrite the whole file
+            self._path = epath.Path(path)
+            self._dir = self._path.parent
+            self._lines = self._path.read_text() if self._path.exists() else ""
+            self._file = None
+            return
         self._dir = os.path.dirname(os.path.abspath(path))
         os.makedirs(self._dir, exist_ok=True)
         self._file = open(path, "a", encoding="utf-8")  # closed in close()
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         record = {"step": int(step), **{k: _to_float(v) for k, v in scalars.items()}}
+        if self._url:
+            self._lines += json.dumps(record) + "\n"
+            self._path.write_text(self._lines)
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        with open(os.path.join(self._dir, "hparams.json"), "w", encoding="utf-8") as f:
-            f.write(_hparams_json(hparams) + "\n")
+        (epath.Path(self._dir) / "hparams.json").write_text(_hparams_json(hparams) + "\n")
 
     def close(self) -> None:  # every line is already flushed, so ``flush`` has nothing to do
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 class LoggingWriter(MetricWriter):

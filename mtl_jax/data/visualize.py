@@ -119,4 +119,14 @@ def example_grid(examples: Sequence[Mapping[str, np.ndarray]],
 
 
 def save_png(path, rgb: np.ndarray) -> None:
-    Image.fromarray(np.asarray(rgb, np.uint8)).save(path)
+    """Write a uint8 RGB picture as PNG to a local path or a URL (``gs://...``)."""
+    if "://" not in str(path):
+        Image.fromarray(np.asarray(rgb, np.uint8)).save(path)
+        return
+    import io
+
+    from etils import epath
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(rgb, np.uint8)).save(buffer, "PNG")
+    epath.Path(path).write_bytes(buffer.getvalue())

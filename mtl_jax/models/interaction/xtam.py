@@ -124,6 +124,9 @@ class XTAM(nn.Module):
         k = project("key", pooled)
         v = project("value", pooled)
         hs, ws = q.shape[1:3]
+        # Kept only when "intermediates" is mutable (models/inspection.py, the notebooks).
+        self.sow("intermediates", "attention_query", q)
+        self.sow("intermediates", "attention_key", k)
         q, k, v = (x.reshape(b, hs * ws, c) for x in (q, k, v))
 
         corr = jnp.zeros((b, hs * ws, c), jnp.float32)

@@ -1,0 +1,84 @@
+"""Multi-process (multi-host) start-up and failure handling around ``jax.distributed``.
+
+One process per host (TPU VM worker, GPU node, or several on one machine for tests) calls
+:func:`initialize` before touching a device. Process 0 runs the coordination service at
+``coordinator_address``; every process sends it heartbeats.
+
+Failure contract (what a user sees when a peer dies):
+
+* A peer that dies without a word (SIGKILL, OOM, lost host) stops sending heartbeats. After
+  ``heartbeat_timeout_s`` the coordination service marks it unhealthy and every surviving
+  process is terminated by JAX (SIGABRT, non-zero exit) with the message
+  ``Terminating process because the JAX distributed service detected fatal errors ...
+  The following tasks are unhealthy (stopped sending heartbeats): <process ids>``.
+  This is the *coordinator heartbeat* timeout, not a collective timeout: a collective
+  waiting for the dead peer is ended by it. If process 0 itself dies, the service goes with
+  it and the others fail on their next heartbeat.
+* A process that fails with a Python exception (bad input, a bug) prints
+  ``mtl-jax: process <i> of <n> failed: ...`` and exits with status 1 (2 for a
+  :class:`~mtl_jax.errors.UserError`) without waiting at JAX's shutdown barrier, so its
+  peers then fail by the heartbeat rule above instead of hanging in a collective.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import jax
+from absl import logging
+
+from mtl_jax.errors import UserError
+
+#: Default seconds without heartbeat after which a process is declared dead (JAX's is 100).
+DEFAULT_HEARTBEAT_TIMEOUT_S = 60
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *,
+               heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_TIMEOUT_S,
+               initialization_timeout_s: int = 300) -> None:
+    """``jax.distributed.initialize`` with the heartbeat timeout of the failure contract.
+
+    On Cloud TPU (and under SLURM / Open MPI) all three of ``coordinator_address``,
+    ``num_processes``, ``process_id`` may be ``None``: JAX finds them from the environment.
+    Elsewhere give all three (``host:port`` of process 0, reachable from every process).
+    """
+    given = [x is not None for x in (coordinator_address, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise UserError("multi-process runs outside Cloud TPU/SLURM need all of "
+                        "--coordinator_address=HOST:PORT, --num_processes=N and "
+                        "--process_id=I (0 on the host of the coordinator)")
+    if num_processes is not None and not 0 <= process_id < num_processes:
+        raise UserError(f"--process_id={process_id} must be in [0, {num_processes})")
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id,
+                               initialization_timeout=int(initialization_timeout_s),
+                               heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+    logging.info("Process %d of %d (coordinator %s): %d local of %d global devices; a peer "
+                 "silent for %d s is declared dead and every process stops.",
+                 jax.process_index(), jax.process_count(), coordinator_address or "auto",
+                 jax.local_device_count(), jax.device_count(), int(heartbeat_timeout_s))
+
+
+def process_tag() -> str:
+    """``'process <i> of <n>'`` (for messages)."""
+    return f"process {jax.process_index()} of {jax.process_count()}"
+
+
+def exit_after_failure(error: BaseException) -> None:
+    """Report ``error`` naming this process and leave now (no shutdown barrier: a peer may
+    be stuck in a collective that this process will never join)."""
+    if isinstance(error, UserError):
+        print(f"mtl-jax: {process_tag()} failed: error: {error}", file=sys.stderr)
+        code = 2
+    else:
+        traceback.print_exception(error, file=sys.stderr)
+        print(f"mtl-jax: {process_tag()} failed: {type(error).__name__}: {error}",
+              file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.flush()
+    os._exit(code)

@@ -1,0 +1,160 @@
+"""``mtl-jax predict``: run a trained checkpoint on arbitrary image files.
+
+``predict(workdir, images, out)`` loads the run's config (``<workdir>/config.json``, or a
+config given explicitly), restores the latest (or a given) checkpoint, and for every image
+writes into ``out``:
+
+* ``<stem>_input.png``: the image as the model saw it;
+* ``<stem>_<task>.png`` and ``<stem>_<task>.npy`` for every task: semseg colour-coded by class
+  (``.npy``: int32 class ids ``[H,W]``), depth through a colour ramp (``.npy``: metric depth
+  ``[H,W]`` float32), normals as ``(n + 1) / 2`` in RGB (``[H,W,3]`` unit vectors), edges as
+  grey probabilities (``[H,W]`` in [0, 1]), reconstruction as RGB;
+* ``<stem>_attention_<task>_<block>.png`` (grayscale) and ``.npy`` for every
+  ``'attention/<task>/<block>'`` entry the model's predict step returns (``[H,W]`` in [0, 1]).
+
+Size: each image is resized (bilinear, aspect ratio not kept) to the config's
+``input_size``; the outputs are at that size (``[H,W]`` = ``config.input_size``), not at
+the file's size. Images are read with Pillow (PNG, JPEG, BMP, TIFF, ...; grey and RGBA are
+converted to RGB).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from mtl_jax import checkpointing
+from mtl_jax.data import visualize
+from mtl_jax.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """``configs/x.py[:args]`` -> the file's ``get_config(args)`` (as ``--config`` reads it)."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location("_mtl_jax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def workdir_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run was trained with (``<workdir>/config.json``, written by ``train``)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise UserError(f"{workdir} has no config.json: is it the --workdir of a "
+                        "'mtl-jax train' run? (or pass --config=configs/x.py:args)")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def find_images(images: str) -> list[str]:
+    """A folder (its image files, sorted), a glob pattern, or one file."""
+    if os.path.isdir(images):
+        paths = sorted(os.path.join(images, p) for p in os.listdir(images)
+                       if p.lower().endswith(IMAGE_SUFFIXES))
+    else:
+        paths = sorted(glob.glob(images))
+    if not paths:
+        raise UserError(f"no image found for --images={images!r} (a folder of "
+                        f"{'/'.join(IMAGE_SUFFIXES)} files, a glob like 'dir/*.jpg', or a file)")
+    return paths
+
+
+def read_image(path: str, size_hw: Sequence[int]) -> np.ndarray:
+    """Float32 RGB ``[H,W,3]`` in [0, 1] at ``size_hw`` (bilinear resize)."""
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+            rgb.load()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from e
+    h, w = (int(s) for s in size_hw)
+    if rgb.size != (w, h):
+        rgb = rgb.resize((w, h), Image.BILINEAR)
+    return np.asarray(rgb, np.float32) / 255.0
+
+
+def picture(name: str, value: np.ndarray) -> np.ndarray:
+    """uint8 picture of one prediction ``name`` (task, or ``attention/<task>/<block>``):
+    RGB ``[H,W,3]``, or grayscale ``[H,W]`` for attention maps."""
+    if name.startswith("attention/"):
+        return np.round(np.clip(np.nan_to_num(value), 0.0, 1.0) * 255).astype(np.uint8)
+    field = "image" if name == "reconstruction" else name
+    return visualize.colorize(field, value)
+
+
+def _restore(exp, workdir: str, step: int | None):
+    manager = checkpointing.make_manager(workdir, read_only=True, async_save=False)
+    try:
+        if manager.latest_step() is None:
+            raise UserError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train "
+                            "first with: mtl-jax train --config=... --workdir=" + workdir)
+        try:
+            restored = checkpointing.restore(manager, exp.abstract_state, step)
+        except FileNotFoundError as e:
+            raise UserError(str(e)) from e
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"the checkpoint in {workdir} does not match the config (model, "
+                            f"tasks or optimiser differ from the run's; use the run's own "
+                            f"config.json, i.e. leave out --config): {str(e)[:500]}") from e
+    finally:
+        manager.close()
+    return restored
+
+
+def load_run(workdir: str, step: int | None = None,
+             config: ml_collections.ConfigDict | None = None):
+    """``(experiment, state, step)`` of a run's checkpoint (default: latest), built on one
+    device from the run's ``config.json`` (or ``config``); for predictions and notebooks."""
+    from mtl_jax.experiment import build_experiment
+
+    config = workdir_config(workdir) if config is None else config
+    config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
+    config.num_devices = 1
+    exp = build_experiment(config)
+    state, _, step = _restore(exp, workdir, step)
+    return exp, state, step
+
+
+def predict(workdir: str, images: str, out: str, *, step: int | None = None,
+            config: ml_collections.ConfigDict | None = None) -> list[str]:
+    """Predict every image of ``images`` with the checkpoint of ``workdir``; returns the
+    written file paths (see the module docstring for names and contents)."""
+    paths = find_images(images)
+    exp, state, step = load_run(workdir, step, config)
+    os.makedirs(out, exist_ok=True)
+    written = []
+    used_stems: set[str] = set()
+    for path in paths:
+        image = read_image(path, exp.config.input_size)
+        preds = jax.device_get(exp.predict_step(state, image[None]))
+        stem = os.path.splitext(os.path.basename(path))[0]
+        while stem in used_stems:  # same name in two folders of a glob
+            stem += "_"
+        used_stems.add(stem)
+        base = os.path.join(out, stem)
+        visualize.save_png(base + "_input.png", visualize.to_uint8_image(image))
+        written.append(base + "_input.png")
+        for name, value in preds.items():
+            arr = np.asarray(value)[0]
+            if arr.ndim == 3 and arr.shape[-1] == 1:  # depth, edges: [H,W,1] -> [H,W]
+                arr = arr[..., 0]
+            tag = name.replace("/", "_")
+            np.save(f"{base}_{tag}.npy", arr)
+            pic = picture(name, arr)
+            Image.fromarray(pic).save(f"{base}_{tag}.png")
+            written += [f"{base}_{tag}.npy", f"{base}_{tag}.png"]
+    return written
