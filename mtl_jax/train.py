@@ -126,6 +126,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     time (preemption) makes the run save a checkpoint after the current step and return.
     """
     with _StopFlag() as stop:  # installed first: a SIGTERM during setup is not lost either
+        if config.get("uda", None):  # domain adaptation: its own state, step and data
+            from mtl_jax.uda.loop import train_and_evaluate_uda
+
+            return train_and_evaluate_uda(config, workdir, stop)
         return _train_and_evaluate(config, workdir, stop)
 
 
@@ -229,6 +233,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None
              ) -> dict[str, Any]:
     """Evaluate the checkpoint of ``step`` (default: latest) in ``workdir`` on the val split."""
+    if config.get("uda", None):  # the target's val split (and the source's, "source/...")
+        from mtl_jax.uda.loop import evaluate_uda
+
+        return evaluate_uda(config, workdir, step)
     exp = build_experiment(config)
     (val_source,) = open_data(config, splits=("val",))
     manager = checkpointing.make_manager(workdir, read_only=True, async_save=False)
