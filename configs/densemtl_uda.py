@@ -17,17 +17,16 @@ Commands::
           --workdir=workdir/uda_synth_${v%%=*}_${v#*=}
     done
     # Table 6, Synthia -> Cityscapes, S-D (GPU/TPU; build both datasets first)
+    C=configs/densemtl_uda.py:source=synthia,target=cityscapes
     for m in ours mtl 3ways_padnet; do
-      mtl-jax train --config=configs/densemtl_uda.py:source=synthia,target=cityscapes,model=$m \
-          --workdir=workdir/uda_synthia_cs_$m
+      mtl-jax train --config=$C,model=$m --workdir=workdir/uda_synthia_cs_$m
     done
     for t in s d; do   # STL-UDA, the reference of the paper's Δ_SD
-      mtl-jax train --config=configs/densemtl_uda.py:source=synthia,target=cityscapes,model=stl,tasks=$t \
-          --workdir=workdir/uda_synthia_cs_stl_$t
+      mtl-jax train --config=$C,model=stl,tasks=$t --workdir=workdir/uda_synthia_cs_stl_$t
     done
-    # baselines: MTL source-only (uda=false) and the oracle (target labels)
-    mtl-jax train --config=configs/densemtl_uda.py:source=synthia,target=cityscapes,model=mtl,uda=false ...
-    mtl-jax train --config=configs/densemtl_uda.py:source=synthia,target=cityscapes,model=mtl,oracle ...
+    # baselines: MTL source-only (uda=false) and the oracle (trained on the target's labels)
+    mtl-jax train --config=$C,model=mtl,uda=false --workdir=workdir/uda_synthia_cs_source
+    mtl-jax train --config=$C,model=mtl,oracle --workdir=workdir/uda_synthia_cs_oracle
 
 Arguments (comma-separated after the colon):
   source=NAME    synthetic (the procedural dataset's source domain, default) | synthia | vkitti2
@@ -141,7 +140,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         scales=(0, 1) if has_side else (0,),
         target_dataset=target_ds,
         source_eval_dataset=source_ds,
-        discriminator=dict(channels=(8, 16, 32, 64) if small else (64, 128, 256, 512),
+        # smoke: 1/8 of the paper's width; synthetic_small: 1/4 (CPU time)
+        discriminator=dict(channels=(8, 16, 32, 64) if small else (16, 32, 64, 128)
+                           if args.synthetic_small else (64, 128, 256, 512),
                            negative_slope=0.2, power_iterations=1),
         optimizer=dict(name="adam", learning_rate=1e-4, b1=0.9, b2=0.99, schedule="poly",
                        power=0.9),
@@ -163,6 +164,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer = opt
     c.num_train_steps = steps
     c.batch_size = 4 if (args.smoke or not synthetic) else 16  # source + target halves
+    if args.synthetic_small:
+        c.eval_batch_size = 50
     c.eval_batch_size = 4 if args.smoke else (50 if synthetic else 2)
     c.log_every_steps = 1 if args.smoke else (25 if synthetic else 100)
     c.eval_every_steps = steps if args.smoke else (300 if synthetic else 10000)

@@ -36,8 +36,7 @@ from mtl_jax import checkpointing, optim, writers
 from mtl_jax.data import pipeline
 from mtl_jax.errors import UserError
 from mtl_jax.evaluation.metrics import compute_metrics, merge_metrics
-from mtl_jax.experiment import (Experiment, build_experiment, dataset_normals_from_depth,
-                                open_data)
+from mtl_jax.experiment import Experiment, build_experiment, dataset_normals_from_depth, open_data
 from mtl_jax.models.discriminator import TaskDiscriminators
 from mtl_jax.uda import inputs as uda_inputs
 from mtl_jax.uda import steps as uda_steps

@@ -84,20 +84,24 @@ def _accuracy(logits: jax.Array, label: float) -> jax.Array:
     return jnp.mean(((logits > 0).astype(jnp.float32) == label).astype(jnp.float32))
 
 
-def uda_train_step(state: UDATrainState, batch: Mapping[str, Mapping[str, jax.Array]], *,
-                   model, tasks: Mapping[str, Any], weighting: Weighting,
-                   tx: optax.GradientTransformation, disc,
-                   disc_tx: optax.GradientTransformation, lambda_adv: float,
-                   scales: Sequence[int], adversarial: bool = True
-                   ) -> tuple[UDATrainState, dict[str, jax.Array]]:
-    """One step of both players on a mixed batch (module docstring); scalar metrics."""
-    rng = jax.random.fold_in(state.rng, state.step)
-    r_src, r_tgt, r_flip_g, r_flip_d = jax.random.split(rng, 4)
+def generator_step(state: UDATrainState, batch: Mapping[str, Mapping[str, jax.Array]],
+                   rng: jax.Array, *, model, tasks: Mapping[str, Any], weighting: Weighting,
+                   tx: optax.GradientTransformation, disc, lambda_adv: float,
+                   scales: Sequence[int], adversarial: bool = True):
+    """The model's update (step 1 of the module docstring).
+
+    Returns ``(state, disc_inputs, finite, metrics)``: ``state`` with new ``params``,
+    ``batch_stats``, ``opt_state`` and ``weighting_state`` (the discriminators' fields are
+    untouched: the gradient is taken w.r.t. ``state.params`` only), the detached discriminator
+    inputs ``{'source': {key: x}, 'target': {key: x}}`` (empty without ``adversarial``), and
+    whether every loss and the gradient norm are finite.
+    """
+    r_src, r_tgt, r_flip = jax.random.split(rng, 3)
     names = tuple(tasks)
     source = batch["source"]
     disc_frozen = {"params": state.disc_params, "batch_stats": state.disc_stats}
 
-    def generator_objective(params):
+    def objective(params):
         losses, preds_s, aux_s, stats = steps.forward_losses(
             params, state.batch_stats, source, r_src, model=model, tasks=tasks)
         wout = weighting(steps._in_task_order(jax.lax.stop_gradient(losses), tasks),
@@ -113,81 +117,99 @@ def uda_train_step(state: UDATrainState, batch: Mapping[str, Mapping[str, jax.Ar
             d_in = {"source": discriminator_inputs(preds_s, aux_s, names, scales),
                     "target": discriminator_inputs(preds_t, aux_t, names, scales)}
             logits = disc.apply(disc_frozen, d_in["target"], update_stats=False,
-                                flip_rng=r_flip_g)
+                                flip_rng=r_flip)
             adv = {k: bce_with_logits(v, SOURCE) for k, v in logits.items()}
         adv_total = sum(adv.values()) if adv else jnp.zeros((), jnp.float32)
         total = supervised + lambda_adv * adv_total
         return total, (losses, wout, stats, supervised, adv, adv_total, d_in)
 
     (total, (losses, wout, new_stats, supervised, adv, adv_total, d_in)), grads = \
-        jax.value_and_grad(generator_objective, has_aux=True)(state.params)
+        jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-
-    metrics: dict[str, jax.Array] = {}
-    finite = jnp.isfinite(total) & jnp.isfinite(optax.global_norm(grads))
-    new_disc_params, new_disc_stats = state.disc_params, state.disc_stats
-    new_disc_opt_state = state.disc_opt_state
-    if adversarial:
-        d_src = jax.lax.stop_gradient(d_in["source"])
-        d_tgt = jax.lax.stop_gradient(d_in["target"])
-        r_flip_s, r_flip_t = jax.random.split(r_flip_d)
-
-        def disc_objective(disc_params):
-            logits_s, mut = disc.apply(
-                {"params": disc_params, "batch_stats": state.disc_stats}, d_src,
-                update_stats=True, flip_rng=r_flip_s, mutable=["batch_stats"])
-            logits_t, mut = disc.apply(
-                {"params": disc_params, "batch_stats": mut["batch_stats"]}, d_tgt,
-                update_stats=True, flip_rng=r_flip_t, mutable=["batch_stats"])
-            per_key = {k: 0.5 * (bce_with_logits(logits_s[k], SOURCE)
-                                 + bce_with_logits(logits_t[k], TARGET)) for k in logits_s}
-            acc = {k: 0.5 * (_accuracy(logits_s[k], SOURCE) + _accuracy(logits_t[k], TARGET))
-                   for k in logits_s}
-            return sum(per_key.values()), (per_key, acc, mut["batch_stats"])
-
-        (d_total, (d_losses, d_acc, d_stats)), d_grads = jax.value_and_grad(
-            disc_objective, has_aux=True)(state.disc_params)
-        d_updates, d_opt_state = disc_tx.update(d_grads, state.disc_opt_state,
-                                                state.disc_params)
-        d_grad_norm = optax.global_norm(d_grads)
-        finite &= jnp.isfinite(d_total) & jnp.isfinite(d_grad_norm)
-        new_disc_params = optax.apply_updates(state.disc_params, d_updates)
-        new_disc_stats, new_disc_opt_state = d_stats, d_opt_state
-        metrics["disc/loss"] = d_total
-        metrics["disc/grad_norm"] = d_grad_norm
-        metrics["disc/update_norm"] = optax.global_norm(d_updates)
-        metrics["loss/adversarial"] = adv_total
-        for k in d_losses:
-            metrics[f"disc/loss/{k}"] = d_losses[k]
-            metrics[f"disc/accuracy/{k}"] = d_acc[k]
-            metrics[f"adv/{k}"] = adv[k]
-
+    new_state = state.replace(params=optax.apply_updates(state.params, updates),
+                              batch_stats=new_stats, opt_state=new_opt_state,
+                              weighting_state=wout.state)
+    grad_norm = optax.global_norm(grads)
     finite_task = {t: jnp.isfinite(losses[t]) for t in names}
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     for f in finite_task.values():
         finite &= f
-
-    def keep_if_finite(new, old):
-        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
-    new_state = state.replace(
-        step=state.step + 1,
-        params=keep_if_finite(new_params, state.params),
-        batch_stats=keep_if_finite(new_stats, state.batch_stats),
-        opt_state=keep_if_finite(new_opt_state, state.opt_state),
-        weighting_state=keep_if_finite(wout.state, state.weighting_state),
-        disc_params=keep_if_finite(new_disc_params, state.disc_params),
-        disc_stats=keep_if_finite(new_disc_stats, state.disc_stats),
-        disc_opt_state=keep_if_finite(new_disc_opt_state, state.disc_opt_state),
-    )
-    metrics.update({"loss/total": total, "loss/supervised": supervised, "nonfinite": ~finite,
-                    "grad_norm": optax.global_norm(grads),
-                    "update_norm": optax.global_norm(updates)})
+    metrics = {"loss/total": total, "loss/supervised": supervised, "grad_norm": grad_norm,
+               "update_norm": optax.global_norm(updates)}
     for t in names:
         metrics[f"loss/{t}"] = losses[t]
         metrics[f"weight/{t}"] = wout.weights[t]
         metrics[f"nonfinite/{t}"] = ~finite_task[t]
     for k, v in wout.diagnostics.items():
         metrics[f"weighting/{k}"] = v
+    if adversarial:
+        metrics["loss/adversarial"] = adv_total
+        metrics.update({f"adv/{k}": v for k, v in adv.items()})
+    return new_state, jax.lax.stop_gradient(d_in), finite, metrics
+
+
+def discriminator_step(state: UDATrainState, disc_inputs: Mapping[str, Mapping[str, jax.Array]],
+                       rng: jax.Array, *, disc, disc_tx: optax.GradientTransformation):
+    """The discriminators' update (step 2 of the module docstring) on detached inputs.
+
+    Returns ``(state, finite, metrics)``; only ``disc_params``, ``disc_stats`` and
+    ``disc_opt_state`` change (the gradient is taken w.r.t. ``state.disc_params`` only).
+    """
+    d_src = jax.lax.stop_gradient(disc_inputs["source"])
+    d_tgt = jax.lax.stop_gradient(disc_inputs["target"])
+    r_flip_s, r_flip_t = jax.random.split(rng)
+
+    def objective(disc_params):
+        logits_s, mut = disc.apply(
+            {"params": disc_params, "batch_stats": state.disc_stats}, d_src,
+            update_stats=True, flip_rng=r_flip_s, mutable=["batch_stats"])
+        logits_t, mut = disc.apply(
+            {"params": disc_params, "batch_stats": mut["batch_stats"]}, d_tgt,
+            update_stats=True, flip_rng=r_flip_t, mutable=["batch_stats"])
+        per_key = {k: 0.5 * (bce_with_logits(logits_s[k], SOURCE)
+                             + bce_with_logits(logits_t[k], TARGET)) for k in logits_s}
+        acc = {k: 0.5 * (_accuracy(logits_s[k], SOURCE) + _accuracy(logits_t[k], TARGET))
+               for k in logits_s}
+        return sum(per_key.values()), (per_key, acc, mut["batch_stats"])
+
+    (d_total, (d_losses, d_acc, d_stats)), d_grads = jax.value_and_grad(
+        objective, has_aux=True)(state.disc_params)
+    d_updates, d_opt_state = disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
+    d_grad_norm = optax.global_norm(d_grads)
+    finite = jnp.isfinite(d_total) & jnp.isfinite(d_grad_norm)
+    new_state = state.replace(disc_params=optax.apply_updates(state.disc_params, d_updates),
+                              disc_stats=d_stats, disc_opt_state=d_opt_state)
+    metrics = {"disc/loss": d_total, "disc/grad_norm": d_grad_norm,
+               "disc/update_norm": optax.global_norm(d_updates)}
+    for k in d_losses:
+        metrics[f"disc/loss/{k}"] = d_losses[k]
+        metrics[f"disc/accuracy/{k}"] = d_acc[k]
+    return new_state, finite, metrics
+
+
+def uda_train_step(state: UDATrainState, batch: Mapping[str, Mapping[str, jax.Array]], *,
+                   model, tasks: Mapping[str, Any], weighting: Weighting,
+                   tx: optax.GradientTransformation, disc,
+                   disc_tx: optax.GradientTransformation, lambda_adv: float,
+                   scales: Sequence[int], adversarial: bool = True
+                   ) -> tuple[UDATrainState, dict[str, jax.Array]]:
+    """One step of both players on a mixed batch (module docstring); scalar metrics.
+
+    :func:`generator_step`, then (with ``adversarial``) :func:`discriminator_step` on the
+    detached outputs of the same forward passes; when anything is non-finite, both players
+    keep their previous state and only the step counter advances.
+    """
+    rng = jax.random.fold_in(state.rng, state.step)
+    r_gen, r_disc = jax.random.split(rng)
+    new_state, d_in, finite, metrics = generator_step(
+        state, batch, r_gen, model=model, tasks=tasks, weighting=weighting, tx=tx, disc=disc,
+        lambda_adv=lambda_adv, scales=scales, adversarial=adversarial)
+    if adversarial:
+        new_state, d_finite, d_metrics = discriminator_step(new_state, d_in, r_disc, disc=disc,
+                                                            disc_tx=disc_tx)
+        finite &= d_finite
+        metrics.update(d_metrics)
+    new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+    metrics["nonfinite"] = ~finite
     metrics.update(steps.alpha_summaries(new_state.params))
-    return new_state, metrics
+    return new_state.replace(step=state.step + 1), metrics
