@@ -6,11 +6,12 @@ Config (``config.optimizer``)::
     learning_rate=1e-4          # base (peak) learning rate
     b1=0.9, b2=0.999, eps=1e-8, momentum=0.9 (sgd)
     weight_decay=0.0            # adamw: decoupled; sgd: L2 added to the gradient (torch)
-    schedule='constant' | 'step' | 'cosine'
+    schedule='constant' | 'step' | 'cosine' | 'poly'
     warmup_steps=0
     decay_steps=(...)           # 'step': boundaries (absolute steps)
     decay_factor=0.1            # 'step': multiply at every boundary
     min_lr_ratio=0.0            # 'cosine': final lr = ratio * base
+    power=0.9                   # 'poly': lr = base * (1 - step / total) ** power
     part_lr_multipliers={'encoder': 0.1}   # per top-level parameter part; others 1.0
     grad_clip_norm=None | float # global-norm clipping of the combined gradient
 
@@ -43,8 +44,12 @@ def make_schedule(cfg: Mapping[str, Any], total_steps: int, base_lr: float) -> o
     elif name == "cosine":
         main = optax.cosine_decay_schedule(base_lr, max(1, total_steps - warmup),
                                            alpha=float(cfg.get("min_lr_ratio", 0.0)))
+    elif name == "poly":
+        main = optax.polynomial_schedule(base_lr, 0.0, float(cfg.get("power", 0.9)),
+                                         max(1, total_steps - warmup))
     else:
-        raise UserError(f"unknown schedule {name!r}; use 'constant', 'step' or 'cosine'")
+        raise UserError(f"unknown schedule {name!r}; use 'constant', 'step', 'cosine' or "
+                        "'poly'")
     if warmup > 0:
         return optax.join_schedules([optax.linear_schedule(0.0, base_lr, warmup), main], [warmup])
     return main

@@ -183,6 +183,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     with _StopFlag() as stop:  # installed first: a SIGTERM during setup is not lost either
         with workdir_lock.WorkdirLock(workdir):
+            if config.get("uda", None):  # domain adaptation: its own state, step and data
+                from mtl_jax.uda.loop import train_and_evaluate_uda
+
+                return train_and_evaluate_uda(config, workdir, stop)
             return _train_and_evaluate(config, workdir, stop)
 
 
@@ -310,6 +314,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     A workdir without checkpoints evaluates the initial state when the config loads converted
     weights (``config.model.init_from``, e.g. a model trained with the authors' code), as
     step 0."""
+    if config.get("uda", None):  # the target's val split (and the source's, "source/...")
+        from mtl_jax.uda.loop import evaluate_uda
+
+        return evaluate_uda(config, workdir, step)
     exp = build_experiment(config)
     (val_source,) = open_data(config, splits=("val",))
     manager = checkpointing.make_manager(workdir, read_only=True, async_save=False)
