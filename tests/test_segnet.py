@@ -271,3 +271,98 @@ def test_atinet_staged_training_switch_reset_and_resume(ati):
     assert not np.array_equal(
         final[".params['encoder']['latent']['semseg_deconv0']['conv']['kernel']"],
         _leaves(s0)[".params['encoder']['latent']['semseg_deconv0']['conv']['kernel']"])
+
+
+# ----------------------------------------------------------------------------- converter
+
+
+def _mtan_reference_state_dict(f, class_nb, rng):
+    """Names and shapes of lorenmt/mtan's ``SegNet`` (model_segnet_mtan.py) with widths ``f``,
+    written from its constructor; random values."""
+    shapes = {}
+
+    def conv(name, cin, cout, k):
+        shapes[f"{name}.weight"] = (cout, cin, k, k)
+        shapes[f"{name}.bias"] = (cout,)
+
+    def bn(name, c):
+        for p in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{name}.{p}"] = (c,)
+        shapes[f"{name}.num_batches_tracked"] = ()
+
+    def layer(name, cin, cout):
+        conv(f"{name}.0", cin, cout, 3)
+        bn(f"{name}.1", cout)
+
+    def att(name, c0, c1, c2):
+        conv(f"{name}.0", c0, c1, 1)
+        bn(f"{name}.1", c1)
+        conv(f"{name}.3", c1, c2, 1)
+        bn(f"{name}.4", c2)
+
+    layer("encoder_block.0", 3, f[0])
+    layer("decoder_block.0", f[0], f[0])
+    for i in range(4):
+        layer(f"encoder_block.{i + 1}", f[i], f[i + 1])
+        layer(f"decoder_block.{i + 1}", f[i + 1], f[i])
+    layer("conv_block_enc.0", f[0], f[0])
+    layer("conv_block_dec.0", f[0], f[0])
+    for i in range(4):
+        if i == 0:
+            layer("conv_block_enc.1", f[1], f[1])
+            layer("conv_block_dec.1", f[0], f[0])
+        else:
+            for k in range(2):
+                layer(f"conv_block_enc.{i + 1}.{k}", f[i + 1], f[i + 1])
+                layer(f"conv_block_dec.{i + 1}.{k}", f[i], f[i])
+    for j in range(3):
+        att(f"encoder_att.{j}.0", f[0], f[0], f[0])
+        att(f"decoder_att.{j}.0", 2 * f[0], f[0], f[0])
+        for i in range(4):
+            att(f"encoder_att.{j}.{i + 1}", 2 * f[i + 1], f[i + 1], f[i + 1])
+            att(f"decoder_att.{j}.{i + 1}", f[i + 1] + f[i], f[i], f[i])
+    layer("encoder_block_att.0", f[0], f[1])
+    layer("decoder_block_att.0", f[0], f[0])
+    for i in range(4):
+        if i < 3:
+            layer(f"encoder_block_att.{i + 1}", f[i + 1], f[i + 2])
+            layer(f"decoder_block_att.{i + 1}", f[i + 1], f[i])
+        else:
+            layer(f"encoder_block_att.{i + 1}", f[i + 1], f[i + 1])
+            layer(f"decoder_block_att.{i + 1}", f[i + 1], f[i + 1])
+    for t, c in enumerate((class_nb, 1, 3)):
+        conv(f"pred_task{t + 1}.0", f[0], f[0], 3)
+        conv(f"pred_task{t + 1}.1", f[0], c, 1)
+    shapes["logsigma"] = (3,)
+    return {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+
+
+def test_convert_weights_from_mtan_round_trip(tmp_path):
+    from mtl_jax.main import main
+    from mtl_jax.models import converters
+
+    rng = np.random.default_rng(0)
+    sd = _mtan_reference_state_dict((4, 8, 16, 32, 32), 13, rng)
+    src, dst = tmp_path / "mtan.npz", tmp_path / "ours.npz"
+    np.savez(src, **sd)
+    assert main(["convert-weights", "--from=mtan", str(src), str(dst)]) == 0
+    flat = converters.load_variables(dst)
+    model = build_model(dict(architecture="segnet_mtan", width=4), T3)
+    _, shapes = _count(model)
+    params, stats = converters.apply_variables(shapes["params"], shapes["batch_stats"], flat)
+    # every model leaf filled (strict), every source array used once: parameters + running
+    # statistics + the two dropped kinds (num_batches_tracked, logsigma)
+    n_src = sum(1 for k in sd if not k.endswith("num_batches_tracked") and k != "logsigma")
+    assert len(flat) == n_src == len(jax.tree.leaves(params)) + len(jax.tree.leaves(stats))
+    np.testing.assert_array_equal(params["encoder"]["enc_conv3_1"]["cba0"]["conv"]["kernel"],
+                                  sd["conv_block_enc.3.1.0.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(params["mtan"]["depth"]["att_dec_4"]["conv1"]["bias"],
+                                  sd["decoder_att.1.4.3.bias"])
+    np.testing.assert_array_equal(stats["mtan"]["shared_dec2"]["cba0"]["bn"]["var"],
+                                  sd["decoder_block_att.2.1.running_var"])
+    np.testing.assert_array_equal(params["decoders"]["normals"]["out"]["kernel"][0, 0],
+                                  sd["pred_task3.1.weight"][:, :, 0, 0].T)
+    # a foreign array is refused, naming it
+    np.savez(src, **sd, extra_head=np.zeros(3, np.float32))
+    with pytest.raises(UserError, match="extra_head"):
+        converters.convert_file("mtan", src, dst)

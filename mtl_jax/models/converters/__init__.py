@@ -110,4 +110,8 @@ def apply_variables(params: PyTree, batch_stats: PyTree, flat: Mapping[str, np.n
     return out[0], out[1]
 
 
+from mtl_jax.models.converters.mtan import convert_mtan_segnet  # noqa: E402
+
+CONVERTERS["mtan"] = convert_mtan_segnet  # lorenmt/mtan's SegNet (MTAN, NYUv2)
+
 __all__ = ["CONVERTERS", "apply_variables", "convert_file", "load_variables", "read_npz"]
