@@ -127,6 +127,10 @@ def test_uw_adds_three_and_the_cityscapes_mtan_difference_is_explained():
 
     counts = param_counts(_segnet_config("model=mtan,dataset=nyuv2,weighting=uw"))
     assert counts["weighting/uw"] == 3 and counts["total"] == 44_229_076
+    from mtl_jax.weighting import make_weighting
+
+    log_var = make_weighting({"name": "uw"}).init(("semseg", "depth", "normals"))["log_var"]
+    np.testing.assert_array_equal(np.asarray(log_var), [-0.5, -0.5, -0.5])  # as MTAN
     assert param_counts(_segnet_config("model=split,dataset=nyuv2,weighting=uw"))[
         "total"] == 25_055_188
     ours, shapes = _count(build_model(dict(architecture="segnet_mtan"),
@@ -138,6 +142,20 @@ def test_uw_adds_three_and_the_cityscapes_mtan_difference_is_explained():
     unused = sum(int(np.prod(x.shape)) for k in ("att_enc_0", "att_dec_0")
                  for x in jax.tree.leaves(row[k]))
     assert ours + unused + 3 == 41_228_235
+
+
+def test_xavier_normal_kernels_and_zero_biases():
+    model = build_model(dict(architecture="segnet_mtan", width=16), {"semseg": 3, "depth": 1})
+    params = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(
+        jax.random.key(0))["params"]
+    flat = {jax.tree_util.keystr(p): np.asarray(v)
+            for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    biases = [v for k, v in flat.items() if "['conv']['bias']" in k or "['out']['bias']" in k]
+    assert biases and all(not np.any(b) for b in biases)
+    # PyTorch xavier_normal_: untruncated normal, std = sqrt(2 / (fan_in + fan_out))
+    k = flat["['encoder']['enc_conv4_1']['cba0']['conv']['kernel']"]  # 3x3x128x128
+    assert abs(k.std() / np.sqrt(2.0 / (9 * 128 + 9 * 128)) - 1) < 0.01
+    assert np.abs(k).max() / k.std() > 4.0  # not truncated at 2 sigma
 
 
 # ----------------------------------------------------------------------------- training
