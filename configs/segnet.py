@@ -64,8 +64,8 @@ Expected numbers: NOT MEASURED YET. The session that wrote this config shared it
 with ~40 other processes (load average 30-43): the run reached 0.03-0.04 steps/s there and was
 stopped at step ~15 of 600, before its first eval. Its trivial predictors (trivial_baseline.json,
 val): semseg mIoU 0.046 / pixel accuracy 0.456, depth abs rel 0.390 / RMSE 1.32 m, normals mean
-angle 49.9°. Sized from an estimate of the model's cost (~17 GFLOP per train step, not measured) to fit 10 minutes on
-2 idle cores; re-run it and put the numbers here.
+angle 49.9°. Sized from an estimate of the model's cost (~17 GFLOP per train step, not
+measured) to fit 10 minutes on 2 idle cores; re-run it and put the numbers here.
 """
 
 import ml_collections
