@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mtl_jax import optim, run_config, steps
+from mtl_jax import optim, run_config, staging, steps
 from mtl_jax.data import DATASETS, augment, registry
 from mtl_jax.errors import UserError
 from mtl_jax.models import build_model
@@ -143,19 +143,30 @@ def build_experiment(config: ml_collections.ConfigDict,
     if init_from:
         init_state = _init_from_state(str(init_from), init_state, abstract, tx, state_sharding)
 
-    train_step = jax.jit(
-        functools.partial(steps.train_step, model=model, tasks=tasks, weighting=weighting,
-                          tx=tx),
-        in_shardings=(state_sharding, data_sharding),
-        out_shardings=(state_sharding, replicated),
-        donate_argnums=0)
-    eval_step = jax.jit(
-        functools.partial(steps.eval_step, model=model, tasks=tasks,
-                          compat=_eval_compat(config)),
-        in_shardings=(state_sharding, data_sharding), out_shardings=replicated)
-    predict_step = jax.jit(
-        functools.partial(steps.predict_step, model=model, tasks=tasks),
-        in_shardings=(state_sharding, data_sharding), out_shardings=replicated)
+    def compile_steps(model):
+        train_step = jax.jit(
+            functools.partial(steps.train_step, model=model, tasks=tasks, weighting=weighting,
+                              tx=tx),
+            in_shardings=(state_sharding, data_sharding),
+            out_shardings=(state_sharding, replicated),
+            donate_argnums=0)
+        eval_step = jax.jit(
+            functools.partial(steps.eval_step, model=model, tasks=tasks,
+                              compat=_eval_compat(config)),
+            in_shardings=(state_sharding, data_sharding), out_shardings=replicated)
+        predict_step = jax.jit(
+            functools.partial(steps.predict_step, model=model, tasks=tasks),
+            in_shardings=(state_sharding, data_sharding), out_shardings=replicated)
+        return train_step, eval_step, predict_step
+
+    train_step, eval_step, predict_step = compile_steps(model)
+    if staging.is_staged(model):  # e.g. ATI-Net: stage 1, then a reset, then the full model
+        switch = staging.switch_step(model, int(config.num_train_steps))
+        reset = staging.make_reset(model, model.stage_reset_prefixes(), tx, image_shape,
+                                   int(config.seed), switch, state_sharding)
+        train_step, eval_step, predict_step = staging.staged_steps(
+            switch, (train_step, eval_step, predict_step),
+            compile_steps(model.stage_one()), reset)
 
     aug_cfg = _to_dict(config.get("augment", None))
     aug = None

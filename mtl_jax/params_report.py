@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -17,4 +19,26 @@ def param_counts(config) -> dict[str, int]:
     shapes = jax.eval_shape(
         lambda r: model.init({"params": r, "dropout": r}, np.zeros((1, h, w, 3), np.float32),
                              train=False)["params"], jax.random.key(0))
-    return count_params(shapes)
+    counts = count_params(shapes)
+    learned = weighting_param_count(config, tuple(tasks))
+    if learned:  # e.g. uw's log-variances, trained by the weighting's own optimiser
+        total = counts.pop("total")
+        counts[f"weighting/{config.weighting.name}"] = learned
+        counts["total"] = total + learned
+    return counts
+
+
+def weighting_param_count(config, task_names: tuple[str, ...]) -> int:
+    """Scalars a weighting strategy learns with its own optimiser (``uw``: one log-variance
+    per task; 0 for most): the size of the first moments that optimiser keeps."""
+    from mtl_jax.weighting import make_weighting
+
+    weighting = make_weighting(config.weighting)
+    if getattr(weighting, "steps_per_epoch", 1) == 0:  # dwa: any epoch length gives the shapes
+        weighting = dataclasses.replace(weighting, steps_per_epoch=1)
+    state = jax.eval_shape(lambda: weighting.init(task_names))
+    if not isinstance(state, dict) or "opt_state" not in state:
+        return 0
+    moments = [leaf for leaf in jax.tree_util.tree_leaves(
+        state["opt_state"], is_leaf=lambda x: hasattr(x, "mu")) if hasattr(leaf, "mu")]
+    return sum(int(np.prod(x.shape)) for m in moments for x in jax.tree_util.tree_leaves(m.mu))

@@ -28,7 +28,10 @@ from typing import Any
 import flax.linen as nn
 
 from mtl_jax.models.adamt import build_adamt
+from mtl_jax.models.atinet import build_atinet
 from mtl_jax.models.composed import build_multitask
+from mtl_jax.models.mtan import build_mtan
+from mtl_jax.models.segnet_family import build_cross_stitch, build_dense, build_padnet, build_split
 from mtl_jax.models.xtasc import build_xtasc
 
 Builder = Callable[[Mapping[str, Any], Mapping[str, int]], nn.Module]
@@ -38,6 +41,12 @@ ARCHITECTURES: dict[str, Builder] = {
     "multitask": build_multitask,
     "adamt": build_adamt,
     "xtasc": build_xtasc,
+    "segnet_split": build_split,  # SegNet STL / Split standard|deep|wide (MTAN's baselines)
+    "segnet_dense": build_dense,
+    "segnet_cross_stitch": build_cross_stitch,
+    "segnet_mtan": build_mtan,  # MTAN / STAN (seed 003)
+    "segnet_padnet": build_padnet,
+    "segnet_atinet": build_atinet,
 }
 
 

@@ -25,12 +25,16 @@ from flax import traverse_util
 
 from mtl_jax.errors import UserError
 from mtl_jax.models.converters.densemtl import convert_densemtl
+from mtl_jax.models.converters.mtan import convert_mtan_segnet
+from mtl_jax.models.converters.xtask_mt import convert_xtask_mt
 
 PyTree = Any
 Converter = Callable[..., dict[str, np.ndarray]]
 
 CONVERTERS: dict[str, Converter] = {
-    "densemtl": convert_densemtl,
+    "densemtl": convert_densemtl,  # astra-vision/DenseMTL (ResNet-101, 3-ways heads, mTEB)
+    "mtan": convert_mtan_segnet,  # lorenmt/mtan's SegNet (MTAN, NYUv2)
+    "xtask_mt": convert_xtask_mt,  # akarimoon/xtask_mt's XTaskTSNet
 }
 
 
@@ -111,10 +115,5 @@ def apply_variables(params: PyTree, batch_stats: PyTree, flat: Mapping[str, np.n
         raise UserError("converted weights do not fit the model (same architecture, task set, "
                         "classes and widths as the converted checkpoint?): " + "; ".join(parts))
     return out[0], out[1]
-
-
-from mtl_jax.models.converters.xtask_mt import convert_xtask_mt  # noqa: E402
-
-CONVERTERS["xtask_mt"] = convert_xtask_mt
 
 __all__ = ["CONVERTERS", "apply_variables", "convert_file", "load_variables", "read_npz"]

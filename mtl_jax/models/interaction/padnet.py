@@ -34,6 +34,8 @@ class PADNetDistillation(nn.Module):
     """PAD-Net distillation over ``tasks`` (≥ 2) of same-shape features (module docstring)."""
 
     tasks: Sequence[str]
+    use_bias: bool = False  # the SegNet PAD-Net / ATI-Net codes use biased convs
+    kernel_init: Any = torch_default_kernel_init
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -44,7 +46,7 @@ class PADNetDistillation(nn.Module):
         tasks = tuple(self.tasks)
         if len(tasks) < 2:
             raise ValueError(f"PAD-Net distillation needs at least 2 tasks, got {tasks}")
-        kw = dict(kernel_init=torch_default_kernel_init, dtype=self.dtype,
+        kw = dict(kernel_init=self.kernel_init, use_bias=self.use_bias, dtype=self.dtype,
                   param_dtype=self.param_dtype)
         out = {}
         for t in tasks:
