@@ -328,5 +328,6 @@ def test_smoke_training_every_variant(arg, data_dir, tmp_path):
     assert len(weights) == len(config.tasks)
     if config.weighting.name == "grad_magnitude":  # convex weights, unequal for 2+ tasks
         assert abs(sum(weights.values()) - 1.0) < 1e-5
-        assert len(set(weights.values())) == min(len(weights), 2) or len(weights) > 2
+        if len(weights) > 1:
+            assert len(set(weights.values())) > 1
     assert os.path.exists(os.path.join(wd, "predictions.png"))
