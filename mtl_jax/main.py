@@ -123,14 +123,14 @@ def _convert_weights(rest: list[str]) -> int:
         n = pretrained.convert_torch_checkpoint(args.src, args.dst)
         print(f"wrote {args.dst}: {n} arrays")
         return 0
-    from mtl_jax.errors import UserError
+    from mtl_jax.errors import UsageError
     from mtl_jax.models import converters
 
     options = {}
     for item in args.option:
         key, eq, value = item.partition("=")
         if not eq or not key:
-            raise UserError(f"--option needs KEY=VALUE, got {item!r}")
+            raise UsageError(f"--option needs KEY=VALUE, got {item!r}")
         options[key.strip()] = value.strip()
     n = converters.convert_file(args.source, args.src, args.dst, **options)
     print(f"wrote {args.dst}: {n} arrays (load with --config.model.init_from={args.dst})")

@@ -166,9 +166,9 @@ def test_init_from_mismatch_and_cli_errors(tmp_path, data_dir, base_variables, f
     with pytest.raises(UserError, match="outside params/ and batch_stats/"):
         build_experiment(config)
 
-    assert main(["convert-weights", "--from=nope", path, path]) == 2
+    assert main(["convert-weights", "--from=nope", path, path]) == 1
     assert "unknown converter --from='nope'" in capsys.readouterr().err
-    assert main(["convert-weights", "--from=fake", str(tmp_path / "absent.npz"), path]) == 2
+    assert main(["convert-weights", "--from=fake", str(tmp_path / "absent.npz"), path]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert main(["convert-weights", "--from=fake", "--option", "novalue", path, path]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err

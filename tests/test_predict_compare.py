@@ -116,9 +116,9 @@ def test_predict_errors(run, images, tmp_path, capsys):
         predict.predict(wd, str(images), str(tmp_path / "o5"), config=other)
     with pytest.raises(UserError, match="no checkpoint for step 7"):
         predict.predict(wd, str(images), str(tmp_path / "o6"), step=7)
-    # The command line turns them into exit status 2 and one line on stderr.
+    # The command line turns them into exit status 1 and one line on stderr.
     assert main(["predict", f"--workdir={empty}", f"--images={images}",
-                 f"--out={tmp_path / 'o7'}"]) == 2
+                 f"--out={tmp_path / 'o7'}"]) == 1
     assert "mtl-jax: error: no checkpoint in" in capsys.readouterr().err
 
 
@@ -175,7 +175,7 @@ def test_compare_errors(runs, tmp_path, capsys):
     (conflicting / "results.json").write_text(json.dumps({"semseg/miou": 0.123}))
     with pytest.raises(UserError, match="conflicting baseline values"):
         compare.compare([wd], [stl_s, str(conflicting)])
-    assert main(["compare", wd, str(tmp_path / "missing"), "--plot="]) == 2
+    assert main(["compare", wd, str(tmp_path / "missing"), "--plot="]) == 1
     assert "not a finished run" in capsys.readouterr().err
     table = compare.compare([wd, second])  # no baselines: no Δm column
     assert "Δm" not in table and table.count("\n") == 4
