@@ -102,10 +102,17 @@ def _restore(exp, workdir: str, step: int | None):
         if manager.latest_step() is None:
             raise UserError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train "
                             "first with: mtl-jax train --config=... --workdir=" + workdir)
+        if step is not None and step not in manager.all_steps():
+            raise UserError(f"no checkpoint for step {step} in {workdir}; available: "
+                            f"{sorted(manager.all_steps())}")
         try:
             restored = checkpointing.restore(manager, exp.abstract_state, step)
         except FileNotFoundError as e:
             raise UserError(str(e)) from e
+        except checkpointing.CheckpointError as e:  # no step restores into this config's shapes
+            raise UserError(f"the checkpoint in {workdir} does not match the config, or is "
+                            f"unreadable (if you gave --config, leave it out to use the run's "
+                            f"own config.json): {str(e)[:500]}") from e
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"the checkpoint in {workdir} does not match the config (model, "
                             f"tasks or optimiser differ from the run's; use the run's own "
