@@ -20,13 +20,14 @@ joint scale-crop + flip augmentation.
 Hardware and time: 2 CPU cores (x86_64): 7 min 45 s for 1,200 steps (2.8 steps/s) plus ~50 s
 to build the dataset on first use (docs/benchmarks.md).
 
-Expected numbers (val split, 500 images at 96x128; measured at commit 325d159), against the
-trivial predictors (majority class / mean training depth / mean training normal) that the
-run itself writes to trivial_baseline.json:
+Expected numbers (val split, 500 images at 96x128; measured 2026-11-26 on one NVIDIA H200 with
+the same config and seed -- a CPU run differs only by rounding), against the trivial
+predictors (majority class / mean training depth / mean training normal) that the run itself
+writes to trivial_baseline.json:
 
-  semseg   mIoU 0.586 (trivial 0.046), pixel accuracy 0.898 (0.456)
-  depth    abs err 0.437 m (1.109), abs rel 0.129 (0.390), delta1 0.832 (0.382)
-  normals  mean angle 15.3 deg (49.9), median 9.2 deg (47.8), within 11.25 deg 56.8 % (0.1 %)
+  semseg   mIoU 0.595 (trivial 0.046), pixel accuracy 0.900 (0.456)
+  depth    abs err 0.429 m (1.109), abs rel 0.127 (0.390), delta1 0.840 (0.382)
+  normals  mean angle 15.2 deg (49.9), median 9.1 deg (47.8), within 11.25 deg 57.4 % (0.1 %)
 
 The smoke variant trains 6 steps on 32x48 images in seconds; its numbers are meaningless.
 """

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Everything this project measures on one lent GPU, in one call (docs/benchmarks.md "GPU").
+#
+#   bash benchmarks/device_runs.sh            # from the repository root; results under $OUT
+#
+# The machine this was written for has JAX (CUDA) but none of our other dependencies and no
+# network: the missing wheels travel in .whl/ (Python 3.12; see docs/benchmarks.md for the
+# `pip download` line) and are installed into /tmp/site. Phase A trains the configs whose
+# numbers the docs quote (all at once, one process each, each with its own data dir, so the
+# GPU is shared and their *timings* mean nothing; their metrics are what counts). Phase B then
+# times the benchmarks alone on the idle GPU. Every job has its own deadline, so the results
+# archive ($OUT/runs.tgz: each workdir's results.json, metrics.jsonl, trivial_baseline.json,
+# config.json, and every log) is always written.
+set -u
+OUT=${OUT:-/tmp/device_out}
+mkdir -p "$OUT"
+ROOT=$(pwd)
+W=/tmp/device_work
+LOGS=$W/logs
+mkdir -p "$W" "$LOGS"
+export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$ROOT"
+PY=${PY:-python3}
+DEADLINE=$(( $(date +%s) + ${BUDGET:-540} ))  # the whole script, archive included
+
+finish() {
+  (cd "$W" && find . -name results.json -o -name metrics.jsonl -o -name trivial_baseline.json \
+      -o -name config.json -o -name '*.log' | grep -v /checkpoints/ |
+    tar czf "$OUT/runs.tgz" -T -)
+  cp "$LOGS/summary.txt" "$OUT/" 2>/dev/null
+}
+trap finish EXIT
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; } \
+  >"$LOGS/machine.log" 2>&1
+if [ -d .whl ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl >"$LOGS/pip.log" 2>&1 || { echo "pip failed"; exit 1; }
+fi
+$PY -c "import jax, flax, mtl_jax.train; print(jax.__version__, flax.__version__, jax.devices())" \
+  >>"$LOGS/machine.log" 2>&1 || { cat "$LOGS/machine.log"; exit 1; }
+cat "$LOGS/machine.log"
+
+mtl() { $PY -c "import sys; from mtl_jax.main import main; sys.exit(main())" "$@"; }
+
+# ---- Phase A: trainings (in parallel; metrics only) --------------------------------------
+PHASE_A=${PHASE_A:-300}
+train() {  # name config-with-args
+  local name=$1 cfg=$2
+  mkdir -p "$W/data_$name"
+  ( export TFDS_DATA_DIR="$W/data_$name" XLA_PYTHON_CLIENT_MEM_FRACTION=0.09
+    start=$(date +%s)
+    timeout "$PHASE_A" bash -c "$(declare -f mtl); PY=$PY; mtl train --config=$cfg \
+        --workdir=$W/$name" >"$LOGS/$name.log" 2>&1
+    echo "$name rc=$? wall=$(( $(date +%s) - start ))s" >>"$LOGS/summary.txt" ) &
+}
+train segnet_mtan configs/segnet.py
+train segnet_atinet configs/segnet.py:model=atinet
+train adamt_grad_magnitude configs/adamt.py:weighting=grad_magnitude
+train adamt_ew configs/adamt.py:weighting=ew
+train uda_false configs/densemtl_uda.py:uda=false,synthetic_small
+train uda_true configs/densemtl_uda.py:uda=true,synthetic_small
+train uda_oracle configs/densemtl_uda.py:oracle,synthetic_small
+train quickstart configs/quickstart.py
+wait
+cat "$LOGS/summary.txt"
+
+# ---- Phase B: timings on the idle GPU ------------------------------------------------------
+bench() {  # name seconds command...
+  local name=$1 secs=$2; shift 2
+  local left=$(( DEADLINE - $(date +%s) - 10 ))
+  [ "$left" -lt "$secs" ] && secs=$left
+  [ "$secs" -lt 5 ] && { echo "bench $name skipped (deadline)" >>"$LOGS/summary.txt"; return; }
+  timeout "$secs" "$@" >"$LOGS/bench_$name.log" 2>&1
+  echo "bench $name rc=$?" >>"$LOGS/summary.txt"
+  tail -n 25 "$LOGS/bench_$name.log"
+}
+bench step_quickstart 60 $PY benchmarks/step_time.py --devices 1
+bench step_quickstart_b64 60 $PY benchmarks/step_time.py --devices 1 --batch_size 64
+bench adamt 90 $PY benchmarks/adamt.py --steps 5 --rounds 3
+bench segnet 90 $PY benchmarks/segnet.py --devices 1 --no_weightings
+bench weighting ${PHASE_B_WEIGHTING:-120} $PY benchmarks/weighting.py --devices 1 --steps 20
+cat "$LOGS/summary.txt"
