@@ -2,8 +2,9 @@
 
 Flags: ``--config=configs/x.py[:args]`` (locked: a mistyped override key is an error),
 overrides ``--config.a.b=value``, ``--workdir=DIR``, ``--data_dir=DIR`` (where prepared
-datasets live; default ``$TFDS_DATA_DIR`` or the TFDS default) and, for ``eval``,
-``--step=N`` (default: latest checkpoint).
+datasets live; default ``$TFDS_DATA_DIR`` or the TFDS default), ``--compilation_cache=DIR|off``
+(JAX's persistent compilation cache, on by default: :mod:`mtl_jax.compile_cache`) and, for
+``eval``, ``--step=N`` (default: latest checkpoint).
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ def _define_flags() -> None:
                         "multi-process runs: host:port of process 0 (implies --distributed)")
     flags.DEFINE_integer("num_processes", None, "multi-process runs: number of processes")
     flags.DEFINE_integer("process_id", None, "multi-process runs: this process's index")
+    flags.DEFINE_string("compilation_cache", None,
+                        "directory of JAX's persistent compilation cache (default: "
+                        "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/mtl_jax/"
+                        "jax_compilation_cache); 'off' switches it off. A restarted or "
+                        "resumed run then reads its compiled steps back instead of compiling")
     flags.DEFINE_integer("heartbeat_timeout", 60,
                          "multi-process runs: seconds without heartbeat after which a process "
                          "is declared dead and all others stop (docs/tpu.md)")
@@ -62,6 +68,9 @@ def _main(command: str) -> int:
     if config is None:
         raise UsageError("--config is required, e.g. --config=configs/quickstart.py")
     _apply_data_dir(config)
+    from mtl_jax import compile_cache
+
+    compile_cache.enable(FLAGS.compilation_cache)
     if FLAGS.distributed or FLAGS.coordinator_address:
         from mtl_jax import distributed
 

@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import jax
@@ -266,7 +267,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     try:
         while step < total:
             batch = next(train_it)
+            t_call = time.perf_counter()
             state, metrics = exp.train_step(state, batch)
+            if step == start:  # this process's first step: compilation (or a cache read)
+                jax.block_until_ready(metrics)
+                first_s = time.perf_counter() - t_call
+                logging.info("First train step of this process (compilation or a read of the "
+                             "persistent compilation cache, plus one step): %.1f s", first_s)
+                writer.write_scalars(start + 1, {"perf/time/first_step": first_s})
             flush_pending()
             saver.check()  # a failed background save stops the run here
             step += 1

@@ -127,6 +127,8 @@ def test_train_evaluate_and_restore(data_dir, tmp_path):
     assert train_lines and {"step", "train/weight/semseg", "train/lr/base"} <= set(train_lines[0])
     assert [x["step"] for x in train_lines] == list(range(2, config.num_train_steps + 1, 2))
     assert any("eval/semseg/miou" in x for x in lines)
+    first = [x for x in lines if "perf/time/first_step" in x]  # compile time, logged once
+    assert [x["step"] for x in first] == [1] and first[0]["perf/time/first_step"] > 0
     saved = json.load(open(os.path.join(wd, "results.json")))
     assert saved["step"] == config.num_train_steps
     # Checkpoints: latest N kept, the final one evaluates to the same numbers.
