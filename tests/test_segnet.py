@@ -237,8 +237,12 @@ def _run(exp, state, n, batches):
 
 
 def _leaves(tree):
-    return {jax.tree_util.keystr(p): np.asarray(v)
-            for p, v in jax.tree_util.tree_leaves_with_path(jax.device_get(tree))}
+    def arr(v):  # typed PRNG keys (the state's rng) compare by their key data
+        if jnp.issubdtype(v.dtype, jax.dtypes.prng_key):
+            v = jax.random.key_data(v)
+        return np.asarray(jax.device_get(v))
+    return {jax.tree_util.keystr(p): arr(v)
+            for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def test_atinet_staged_training_switch_reset_and_resume(ati):

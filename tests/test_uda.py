@@ -347,7 +347,8 @@ def test_sigkill_resume_of_uda_run_is_bit_exact(uda_data_dir, tmp_path):
     for part in ("params", "batch_stats", "opt_state", "weighting_state", "step",
                  "disc_params", "disc_stats", "disc_opt_state"):
         la, lb = _leaves(getattr(a, part)), _leaves(getattr(b, part))
-        assert la and len(la) == len(lb), part
+        # the weighting strategy of this config (fixed weights) keeps no state
+        assert (la or part == "weighting_state") and len(la) == len(lb), part
         for x, y in zip(la, lb):
             np.testing.assert_array_equal(x, y, err_msg=part)
     np.testing.assert_array_equal(jax.random.key_data(a.rng), jax.random.key_data(b.rng))
