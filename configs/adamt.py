@@ -90,7 +90,6 @@ Neither wins everywhere at 300 steps: eq. 5 favours semseg (+1.8 mIoU) over dept
 normals (docs/models/adamt.md). Step time: grad_magnitude 1.01x ew on the H200 at the paper's
 width (benchmarks/adamt.py).
 """
-"""
 
 import ml_collections
 

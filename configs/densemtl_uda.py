@@ -69,7 +69,6 @@ only by rounding; docs/models/densemtl.md "MTL-UDA"):
 Source-only loses clearly against the oracle; adaptation closes about 40 % of the gap on both
 tasks.
 """
-"""
 
 import importlib.util
 import os

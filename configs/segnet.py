@@ -74,7 +74,6 @@ Time: 32 steps/s on the H200 (600 steps in ~20 s; 260 s wall there with compilat
 dataset build and seven other runs sharing the GPU). On 2 idle CPU cores the model's train step
 was sized (~17 GFLOP/step, an estimate) for 10 minutes; that wall time is not measured yet.
 """
-"""
 
 import ml_collections
 

@@ -24,20 +24,34 @@ from mtl_jax import steps
 from mtl_jax.data import pipeline
 from mtl_jax.experiment import build_experiment, open_data
 from mtl_jax.weighting import WEIGHTINGS, Weighting, WeightingOutput
+from mtl_jax.weighting.aligned_mtl import AlignedMTL
+from mtl_jax.weighting.cagrad import CAGrad
 from mtl_jax.weighting.conflict_free import ConFIG
 from mtl_jax.weighting.db_mtl import DBMTL
 from mtl_jax.weighting.dualproj import DualProj
+from mtl_jax.weighting.dwa import DynamicWeightAverage
+from mtl_jax.weighting.ew import EqualWeighting
 from mtl_jax.weighting.excess_mtl import ExcessMTL
 from mtl_jax.weighting.fairgrad import FairGrad
+from mtl_jax.weighting.famo import FAMO
+from mtl_jax.weighting.fixed import FixedWeighting
 from mtl_jax.weighting.gls import GLS
 from mtl_jax.weighting.graddrop import GradDrop
+from mtl_jax.weighting.gradnorm import GradNorm
 from mtl_jax.weighting.gradvac import GradVac
+from mtl_jax.weighting.imtl import IMTL
 from mtl_jax.weighting.imtl_full import IMTLFull
 from mtl_jax.weighting.imtl_l import IMTLL
 from mtl_jax.weighting.krum import Krum
+from mtl_jax.weighting.mgda import MGDA
 from mtl_jax.weighting.moco import MoCo
+from mtl_jax.weighting.nash_mtl import NashMTL
+from mtl_jax.weighting.pcgrad import PCGrad
+from mtl_jax.weighting.rlw import RandomLossWeighting
 from mtl_jax.weighting.stch import STCH
 from mtl_jax.weighting.trimmed_mean import TrimmedMean
+from mtl_jax.weighting.upgrad import UPGrad
+from mtl_jax.weighting.uw import UncertaintyWeighting, UncertaintyWeightingXTasC
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,7 +93,9 @@ class _ParamBundle(_Bundle):
     needs_grad_dim: ClassVar[bool] = True
     rep_grad: bool = False
     members: tuple = (DBMTL(), GradVac(), GradDrop(rep_grad=False), MoCo(), FairGrad(),
-                      ExcessMTL(), IMTLFull(), DualProj(), ConFIG(), Krum(), TrimmedMean())
+                      ExcessMTL(), IMTLFull(), DualProj(), ConFIG(), Krum(), TrimmedMean(),
+                      PCGrad(), CAGrad(), MGDA(), NashMTL(), AlignedMTL(), UPGrad(), IMTL(),
+                      GradNorm())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,32 +109,51 @@ class _RepBundle(_Bundle):
     rep_grad: bool = True
     members: tuple = (GradDrop(), GradVac(rep_grad=True), FairGrad(rep_grad=True),
                       IMTLFull(rep_grad=True), DualProj(rep_grad=True),
-                      ConFIG(rep_grad=True), Krum(rep_grad=True), TrimmedMean(rep_grad=True))
+                      ConFIG(rep_grad=True), Krum(rep_grad=True), TrimmedMean(rep_grad=True),
+                      PCGrad(rep_grad=True), CAGrad(rep_grad=True), MGDA(rep_grad=True),
+                      NashMTL(rep_grad=True), AlignedMTL(rep_grad=True),
+                      UPGrad(rep_grad=True), IMTL(rep_grad=True), GradNorm(rep_grad=True))
 
 
 @dataclasses.dataclass(frozen=True)
 class _LossBundle(_Bundle):
-    """Loss-only strategies (the ordinary one-backward step). STCH's nadir epoch is the
-    first call, so the second call uses the smooth Tchebycheff weights."""
+    """Loss-only strategies (the ordinary one-backward step), led by uncertainty weighting
+    (learnt state). STCH's nadir epoch is the first call, so the second call uses the smooth
+    Tchebycheff weights; DWA's epoch is one step, so its second call moves too."""
 
     name: ClassVar[str] = "_bundle_losses"
-    members: tuple = (STCH(steps_per_epoch=1, warmup_epoch=0), GLS(), IMTLL())
+    members: tuple = (UncertaintyWeighting(), UncertaintyWeightingXTasC(), EqualWeighting(),
+                      FixedWeighting(weights={"semseg": 2.0, "depth": 1.0, "normals": 0.5}),
+                      DynamicWeightAverage(steps_per_epoch=1), RandomLossWeighting(), FAMO(),
+                      STCH(steps_per_epoch=1, warmup_epoch=0), GLS(), IMTLL())
 
 
 BUNDLES = {cls.name: cls for cls in (_ParamBundle, _RepBundle, _LossBundle)}
-#: Strategies whose contract is checked inside a bundle (one compiled step for all of them).
-BUNDLED = {m.name for cls in BUNDLES.values() for m in cls.members}
+#: Strategies also run alone, as the step's only strategy, for the ways of combining gradients
+#: that the bundles' leads (DB-MTL: a shared-parameter direction; GradDrop: a representation
+#: direction; UW: loss weights) do not drive: decoder gradients, and per-task weights on
+#: representation gradients. (Per-task weights on parameter gradients: MGDA in
+#: ``test_fast_path_equals_naive_reference``.)
+ALONE = [("grad_magnitude", False), ("pcgrad", True)]
 
 
 def variants():
-    out = []
-    for name, cls in sorted(WEIGHTINGS.items()):
-        if name in BUNDLED:
-            continue
-        out.append((name, False))
-        if cls.requires == "task_grads" and cls.supports_rep_grad:
-            out.append((name, True))
-    return out + [(name, False) for name in BUNDLES]
+    return ALONE + [(name, False) for name in BUNDLES]
+
+
+def test_every_strategy_is_in_a_contract_case():
+    """A new strategy must join a bundle (one compiled step for many strategies), and each
+    gradient strategy that supports ``rep_grad`` the representation bundle too."""
+    members = {cls.name: {m.name for m in cls.members} for cls in BUNDLES.values()}
+    covered = set().union(*members.values()) | {n for n, _ in ALONE}
+    assert covered == set(WEIGHTINGS), sorted(set(WEIGHTINGS) ^ covered)
+    rep = {n for n, cls in WEIGHTINGS.items()
+           if cls.requires == "task_grads" and cls.supports_rep_grad}
+    assert rep <= members["_bundle_rep"], sorted(rep - members["_bundle_rep"])
+    assert {n for n, cls in WEIGHTINGS.items() if cls.requires == "task_grads"} <= \
+        members["_bundle_param"]
+    for cls in BUNDLES.values():
+        assert {m.requires for m in cls.members} == {cls.requires}, cls.name
 
 
 def _config(data_dir, name, rep_grad, n_devices):
@@ -248,8 +283,8 @@ def _naive_grads(state, batch, rng, *, model, tasks, weighting):
 
 # One strategy per gradient source: decoder gradients, per-task gradients of the shared
 # parameters (vmapped encoder VJP) and of the shared representation.
-FAST_PATH_CASES = [("grad_magnitude", False), ("pcgrad", False), ("pcgrad", True),
-                   ("mgda", False), ("db_mtl", False)]
+FAST_PATH_CASES = [("grad_magnitude", False), ("pcgrad", True), ("mgda", False),
+                   ("db_mtl", False)]
 
 
 @pytest.mark.parametrize("name,rep_grad", [c for c in FAST_PATH_CASES if c[0] in WEIGHTINGS])
