@@ -2,6 +2,7 @@
 # Everything this project measures on one lent GPU, in one call (docs/benchmarks.md "GPU").
 #
 #   bash benchmarks/device_runs.sh            # from the repository root; results under $OUT
+#   bash benchmarks/device_runs.sh strategies gradvac moco ...   # smoke-train these strategies
 #
 # The machine this was written for has JAX (CUDA) but none of our other dependencies and no
 # network: the missing wheels travel in .whl/ (Python 3.12; see docs/benchmarks.md for the
@@ -41,6 +42,24 @@ $PY -c "import jax, flax, mtl_jax.train; print(jax.__version__, flax.__version__
 cat "$LOGS/machine.log"
 
 mtl() { $PY -c "import sys; from mtl_jax.main import main; sys.exit(main())" "$@"; }
+
+# ---- `bash benchmarks/device_runs.sh strategies A B ...`: each strategy trains the quickstart
+# smoke config (all at once; prints "NAME rc=.. results=yes|no" per strategy) ---------------
+if [ "${1:-}" = strategies ]; then
+  shift
+  for name in "$@"; do
+    ( export TFDS_DATA_DIR="$W/data_$name" XLA_PYTHON_CLIENT_MEM_FRACTION=0.02
+      timeout "${PHASE_A:-240}" bash -c "$(declare -f mtl); PY=$PY; mtl train \
+          --config=configs/quickstart.py:smoke,weighting=$name --workdir=$W/smoke_$name" \
+          >"$LOGS/smoke_$name.log" 2>&1
+      rc=$?
+      res=no; [ -f "$W/smoke_$name/results.json" ] && res=yes
+      echo "$name rc=$rc results=$res" >>"$LOGS/summary.txt" ) &
+  done
+  wait
+  cat "$LOGS/summary.txt"
+  exit 0
+fi
 
 # ---- Phase A: trainings (in parallel; metrics only) --------------------------------------
 PHASE_A=${PHASE_A:-300}

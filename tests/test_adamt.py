@@ -337,3 +337,27 @@ def test_smoke_training_every_variant(arg, data_dir, tmp_path):
         if len(weights) > 1:
             assert len(set(weights.values())) > 1
     assert os.path.exists(os.path.join(wd, "predictions.png"))
+
+
+@pytest.mark.parametrize("arg", ["smoke,variant=unet,tasks=sd,weighting=ew",
+                                 "smoke,variant=st,tasks=d"])
+def test_other_variants_train_two_steps(arg):
+    """The remaining variants take two real train steps of their smoke config (the jitted
+    step of ``build_experiment``; the loop around it is the one tested above)."""
+    from mtl_jax.experiment import build_experiment
+
+    config = adamt_config(arg)
+    config.num_devices = 1
+    exp = build_experiment(config, steps_per_epoch=2)
+    h, w = config.input_size
+    rng = np.random.default_rng(1)
+    batch = {"image": jnp.asarray(rng.uniform(size=(2, h, w, 3)), jnp.float32),
+             "semseg": jnp.asarray(rng.integers(-1, 10, (2, h, w)), jnp.int32),
+             "depth": jnp.asarray(rng.uniform(0.5, 5.0, (2, h, w, 1)), jnp.float32)}
+    state = exp.init_state()
+    before = jax.device_get(state.params)
+    for _ in range(2):
+        state, metrics = exp.train_step(state, {k: batch[k] for k in ("image", *config.tasks)})
+    assert int(state.step) == 2 and np.isfinite(float(metrics["loss/total"]))
+    moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, jax.device_get(state.params))
+    assert all(jax.tree.leaves(moved["decoders"])) and any(jax.tree.leaves(moved["encoder"]))

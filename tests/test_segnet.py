@@ -160,10 +160,10 @@ def test_xavier_normal_kernels_and_zero_biases():
 
 # ----------------------------------------------------------------------------- training
 
-# One train step + prediction per architecture (compilation dominates: ~1 min each on 2 CPU
-# cores). STAN is segnet_mtan with one task and split_deep/_wide are split with other widths
-# (their builds and counts are checked above); ATI-Net trains in the staging test below.
-MODELS = ["mtan", "stl", "split", "dense", "cross_stitch", "padnet"]
+# Two train steps + prediction per model (compilation dominates). ATI-Net trains in the
+# staging test below (both stages, the switch and a resume).
+MODELS = ["mtan", "stan", "stl", "split", "split_deep", "split_wide", "dense", "cross_stitch",
+          "padnet"]
 
 
 def _batch(config, b=2, seed=0):
