@@ -1,6 +1,6 @@
 """Units of the multi-process support that need no second process: URL workdirs, the
 coordinator flags, and workdir files written through etils.epath (mocked Cloud Storage). The
-two-process runs are in ``tests/check_multiprocess.py`` (run explicitly)."""
+two-process runs are in ``tests/test_multiprocess.py``."""
 
 import json
 import os

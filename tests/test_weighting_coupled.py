@@ -93,13 +93,13 @@ def _naive(state, batch, rng, *, model, tasks, weighting):
     return combined, w
 
 
-# Shared-parameter rows (encoder + mTEB) on DenseMTL; decoder gradients on PAD-Net, whose
+# Per-task weights on the shared-parameter rows (MGDA) and decoder gradients on PAD-Net, whose
 # interaction module couples the heads before the decoders; a strategy that returns its own
-# shared direction and decoder weights (DB-MTL) on DenseMTL. (pcgrad with rep_grad and
-# grad_magnitude on DenseMTL were checked the same way when this was written; left out of the
-# suite for its compile time.)
+# shared direction and decoder weights (DB-MTL) on DenseMTL (encoder + mTEB). (mgda on
+# DenseMTL, pcgrad with rep_grad and grad_magnitude on DenseMTL were checked the same way when
+# this was written; left out of the suite for their compile time.)
 @pytest.mark.parametrize("weighting,model,rep_grad", [
-    ("mgda", "ours", False), ("grad_magnitude", "padnet", False), ("db_mtl", "ours", False)])
+    ("mgda", "padnet", False), ("grad_magnitude", "padnet", False), ("db_mtl", "ours", False)])
 def test_coupled_grads_equal_naive_reference(weighting, model, rep_grad):
     exp = build_experiment(_config(weighting, model, rep_grad))
     state = exp.init_state()

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import json
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,9 +33,9 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mtl_jax import checkpointing, optim, writers
+from mtl_jax import checkpointing, optim, run_config, writers
 from mtl_jax.data import pipeline
-from mtl_jax.errors import UserError
+from mtl_jax.errors import Preempted, UserError
 from mtl_jax.evaluation.metrics import compute_metrics, merge_metrics
 from mtl_jax.experiment import Experiment, build_experiment, dataset_normals_from_depth, open_data
 from mtl_jax.models.discriminator import TaskDiscriminators
@@ -201,10 +202,22 @@ def evaluate_both(uexp: UDAExperiment, state, data: dict) -> dict[str, float]:
 
 def train_and_evaluate_uda(config: ml_collections.ConfigDict, workdir: str, stop
                            ) -> dict[str, float]:
-    """:func:`mtl_jax.train.train_and_evaluate` for ``config.uda`` (module docstring)."""
-    from mtl_jax.train import _check_nonfinite, _write_pictures
+    """:func:`mtl_jax.train.train_and_evaluate` for ``config.uda`` (module docstring), with
+    the same guarantees (docs/reliability.md): a resume refuses a config that changes the
+    model, tasks or data; unreadable checkpoints fall back to the newest readable one; a
+    failed background save stops the run; ``metrics.jsonl`` never repeats a step; labels
+    outside a task's range are counted every step; SIGTERM saves and raises
+    :class:`~mtl_jax.errors.Preempted`."""
+    from mtl_jax.train import (
+        _any_process_stopping,
+        _check_label_counts,
+        _check_nonfinite,
+        _write_pictures,
+        label_counts,
+    )
 
     os.makedirs(workdir, exist_ok=True)
+    changes = run_config.check_resume(config, workdir) if checkpointing.saved_steps(workdir) else {}
     data = open_uda_data(config)
     source_train = data["source"][0]
     uexp = build_uda_experiment(config, steps_per_epoch=max(
@@ -212,11 +225,7 @@ def train_and_evaluate_uda(config: ml_collections.ConfigDict, workdir: str, stop
     exp = uexp.exp
     opts = uda_options(config)
     is_primary = jax.process_index() == 0
-    if is_primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    writer = writers.create_default_writer(workdir, just_logging=not is_primary)
-    manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints,
+    manager = checkpointing.make_manager(workdir,
                                          async_save=config.get("async_checkpoints", True))
     iterators = {"source": pipeline.train_iterator(
         source_train, global_batch_size=uexp.half_batch, mesh=exp.mesh, seed=int(config.seed),
@@ -227,12 +236,24 @@ def train_and_evaluate_uda(config: ml_collections.ConfigDict, workdir: str, stop
             data["target"][0], global_batch_size=uexp.half_batch, mesh=exp.mesh,
             seed=int(config.seed) + 1, augment=exp.augment, prefetch=config.get("prefetch", 2),
             normals_from_depth=_eval_normals_from_depth(config, opts["target_dataset"]))
-    restored = checkpointing.restore(manager, uexp.abstract_state)
+    try:
+        restored = checkpointing.restore(manager, uexp.abstract_state, set_aside=True)
+    except BaseException:
+        for it in iterators.values():
+            it.close()
+        manager.close()
+        raise
+    if is_primary:  # the config and the logs now describe the run that resumes
+        run_config.record(config, workdir, restored[2] if restored is not None else 0, changes)
+        writers.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"),
+                               restored[2] if restored is not None else 0)
+    writer = writers.create_default_writer(workdir, just_logging=not is_primary)
     if restored is not None:
         state, data_state, start = restored
         for name, it in iterators.items():
             it.set_state(data_state[name])
         logging.info("Resumed from the checkpoint of step %d in %s.", start, workdir)
+        writer.write_resume(start)
     else:
         state, start = uexp.init_state(), 0
         writer.write_hparams(config.to_dict())
@@ -243,18 +264,22 @@ def train_and_evaluate_uda(config: ml_collections.ConfigDict, workdir: str, stop
     results: dict[str, float] = {}
     pending: tuple[int, dict] | None = None
     acc, acc_n = None, 0
+    saver = checkpointing.Saver(manager, config.keep_checkpoints)
+    label_check = config.get("label_check", "error")
 
     def flush_pending():
         nonlocal pending, acc, acc_n
         if pending is None:
             return
-        p_step, _ = pending
-        _check_nonfinite(p_step, pending[1], exp.tasks, config.get("skip_nonfinite", False))
+        p_step, p_metrics = pending
         pending = None
+        _check_nonfinite(p_step, p_metrics, exp.tasks, config.get("skip_nonfinite", False))
+        _check_label_counts(f"the training batch of step {p_step}", label_counts(p_metrics),
+                            label_check)
         if p_step % config.log_every_steps == 0 or p_step == total:
             means = jax.device_get(jax.tree.map(lambda a: a / acc_n, acc))
             scalars = {f"train/{k}": float(v) for k, v in means.items()
-                       if not k.startswith("nonfinite")}
+                       if not k.startswith(("nonfinite", "bad_labels"))}
             for part, lr in exp.learning_rates(p_step).items():
                 scalars[f"train/lr/{part}"] = lr
             if uexp.adversarial:
@@ -267,11 +292,18 @@ def train_and_evaluate_uda(config: ml_collections.ConfigDict, workdir: str, stop
         return {name: it.get_state() for name, it in iterators.items()}
 
     step = start
+    stopping = False
     try:
         while step < total:
             batch = {name: next(it) for name, it in iterators.items()}
+            t_call = time.perf_counter()
             state, metrics = uexp.train_step(state, batch)
+            if step == start:  # this process's first step: compilation (or a cache read)
+                jax.block_until_ready(metrics)
+                writer.write_scalars(start + 1,
+                                     {"perf/time/first_step": time.perf_counter() - t_call})
             flush_pending()
+            saver.check()  # a failed background save stops the run here
             step += 1
             acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
             acc_n += 1
@@ -285,18 +317,24 @@ def train_and_evaluate_uda(config: ml_collections.ConfigDict, workdir: str, stop
                     writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
                     _write_pictures(exp, state.model_state(), data["target"][-1], writer,
                                     workdir, step, config.get("num_vis_examples", 4))
-            if last or stop.set or step % config.checkpoint_every_steps == 0:
-                flush_pending()
+            stopping = _any_process_stopping(stop.set)
+            if last or stopping or step % config.checkpoint_every_steps == 0:
+                flush_pending()  # never save a state whose step was not checked
                 with reporter.timed("checkpoint"):
-                    checkpointing.save(manager, step, state, data_state(), force=True)
-            if stop.set:
+                    saver.save(step, state, data_state())
+            if stopping:
                 break
         flush_pending()
+        saver.close()  # raises if the last save failed
+    except BaseException:  # finish in-flight async saves; the first error is the one reported
+        saver.close(check=False)
+        raise
     finally:
-        manager.wait_until_finished()
-        manager.close()
         for it in iterators.values():
             it.close()
+    if stopping and step < total:  # SIGTERM here or on another process: saved, resume me
+        writer.close()
+        raise Preempted(step, workdir)
     if results and is_primary and step == total:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump({"step": step, **results}, f, indent=2, sort_keys=True)

@@ -1,9 +1,5 @@
 """Two processes on 127.0.0.1 (2 fake CPU devices each, ``jax.distributed``) against one.
 
-NOT collected by the suite (the file name does not start with ``test_``): it never completed
-on the overloaded machine of the session that wrote it (issue 16 stays open until it passes).
-Run it explicitly: ``python -m pytest -q tests/check_multiprocess.py``.
-
 The children run the real ``mtl-jax train`` through ``tests/multiprocess_driver.py``, which
 records the SHA-1 of every example image each process consumed. The reference is computed
 here, in one process on 4 devices, from the same per-process data streams.
