@@ -116,6 +116,7 @@ def two_process_run(data_dir, cache_dir, tmp_path_factory):
     exp = build_experiment(config)
     final_state, final_data, _ = _restore(wd, exp)
     files = {p: (wd / p).read_text() for p in ("metrics.jsonl", "results.json")}
+    tensorboard = sorted(os.listdir(wd / "tensorboard"))  # the restart adds its own file
     # Crash after the checkpoint of step 2: drop the later one, restart both processes.
     shutil.rmtree(wd / "checkpoints" / str(STEPS))
     (wd / "results.json").unlink()
@@ -127,7 +128,8 @@ def two_process_run(data_dir, cache_dir, tmp_path_factory):
     assert codes == [0, 0], relogs[0][-3000:] + relogs[1][-3000:]
     print(f"two-process run {first_s:.0f} s, restart {restart_s:.0f} s")
     return dict(wd=wd, tmp=tmp, config=config, exp=exp, ckpts=ckpts, logs=logs, relogs=relogs,
-                final_state=final_state, final_data=final_data, files=files)
+                final_state=final_state, final_data=final_data, files=files,
+                tensorboard=tensorboard)
 
 
 def _restore(wd, exp):
@@ -258,7 +260,7 @@ def test_only_process_zero_writes(two_process_run):
     lines = [json.loads(x) for x in two_process_run["files"]["metrics.jsonl"].splitlines()]
     train_steps = [x["step"] for x in lines if "train/loss/total" in x]
     assert train_steps == list(range(1, STEPS + 1))  # one writer, not two
-    assert len(os.listdir(wd / "tensorboard")) == 1
+    assert len(two_process_run["tensorboard"]) == 1  # one event file for the first run
     assert (wd / "predictions.png").exists()
     assert sorted(p for p in os.listdir(wd) if p.startswith("predictions_step")) == [
         f"predictions_step{STEPS:07d}.png"]
@@ -267,8 +269,10 @@ def test_only_process_zero_writes(two_process_run):
 
 
 def test_a_dead_peer_stops_the_others(data_dir, cache_dir, tmp_path):
-    """SIGKILL process 1 mid-training: process 0 exits non-zero within the heartbeat timeout,
-    naming the dead process, instead of waiting in the next collective forever."""
+    """SIGKILL process 1 mid-training: process 0 exits non-zero within the heartbeat timeout
+    instead of waiting in the next collective forever -- stopped by the coordination service
+    (naming the process that stopped sending heartbeats) or, sooner, by the collective that
+    finds its peer's connection closed (both seen on this machine)."""
     env = _child_env(data_dir, cache_dir)
     args = [*COMMON, "--config.num_train_steps=100000", "--config.eval_every_steps=100000",
             "--config.checkpoint_every_steps=100000", f"--workdir={tmp_path / 'wd'}"]
@@ -292,8 +296,10 @@ def test_a_dead_peer_stops_the_others(data_dir, cache_dir, tmp_path):
     waited = time.time() - killed_at
     out = open(procs[0][2]).read()
     assert code != 0
-    assert "stopped sending heartbeats" in out, out[-3000:]
-    assert re.search(r"stopped sending heartbeats\):\s*1\b", out), out[-3000:]
-    assert "detected fatal errors" in out
+    by_heartbeat = re.search(r"stopped sending heartbeats\):\s*1\b", out)
+    by_collective = re.search(r"process 0 of 2 failed: .*Connection closed by peer", out)
+    assert by_heartbeat or by_collective, out[-3000:]
+    if by_heartbeat:
+        assert "detected fatal errors" in out
     assert waited < heartbeat + 120
     print(f"process 0 stopped {waited:.0f} s after its peer died (heartbeat {heartbeat} s)")
