@@ -71,8 +71,11 @@ against the trivial predictors the run writes to trivial_baseline.json:
   MTAN 600        0.239  0.801     | 0.163          0.71 | 22.9          15.1    64.1 %
 
 Time: 32 steps/s on the H200 (600 steps in ~20 s; 260 s wall there with compilation, the
-dataset build and seven other runs sharing the GPU). On 2 idle CPU cores the model's train step
-was sized (~17 GFLOP/step, an estimate) for 10 minutes; that wall time is not measured yet.
+dataset build and seven other runs sharing the GPU). On 2 CPU cores this config does NOT fit
+10 minutes: `python benchmarks/step_time.py --config configs/segnet.py --steps 5 --devices 1`
+gave 7.0 s/step (compile + first step 155 s) with three other jobs sharing the cores; even at
+half that on an idle machine, 600 steps take over 30 minutes. A CPU-sized variant (smaller
+width/resolution, re-measured) is still to be made (issue 12).
 """
 
 import ml_collections
