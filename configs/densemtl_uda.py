@@ -55,7 +55,10 @@ is then refused; tasks=d works).
 
 Hardware and time: smoke ~1-2 min on an idle 2-core CPU (mostly compilation; 2m38s of CPU
 time measured). synthetic_small: three runs sized for <= 15 min together on 2 idle CPU cores
-(CPU wall time not measured yet; 176-216 s each on a shared H200, mostly compilation).
+(measured for uda=true, the slowest of the three: both domains built in ~45 s, compile + first
+step 60 s, then 0.26 s/step (3.8 steps/s), so 600 steps with three evaluations take about
+5 minutes; source-only and the oracle train no discriminators; the three together about
+13 minutes; 176-216 s each on a shared H200).
 
 Numbers on the procedural dataset (synthetic_small, seed 0, target val = 200 images of the
 target domain; measured 2026-11-26 on one NVIDIA H200 with these configs -- a CPU run differs
