@@ -164,6 +164,16 @@ def _check_label_counts(where: str, counts: dict[str, int], mode: str) -> None:
                     "config.label_check='warn' to go on")
 
 
+def log_first_step(writer, start: int, metrics, t_call: float) -> None:
+    """Log this process's first train step time (compilation or a read of the persistent
+    compilation cache, plus one step) as ``perf/time/first_step`` at step ``start + 1``."""
+    jax.block_until_ready(metrics)
+    first_s = time.perf_counter() - t_call
+    logging.info("First train step of this process (compilation or a read of the persistent "
+                 "compilation cache, plus one step): %.1f s", first_s)
+    writer.write_scalars(start + 1, {"perf/time/first_step": first_s})
+
+
 def _any_process_stopping(local_stop: bool) -> bool:
     """Whether any process got SIGTERM: all processes must save and stop at the same step
     (a preempted TPU pod signals its workers at slightly different times)."""
@@ -269,12 +279,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             batch = next(train_it)
             t_call = time.perf_counter()
             state, metrics = exp.train_step(state, batch)
-            if step == start:  # this process's first step: compilation (or a cache read)
-                jax.block_until_ready(metrics)
-                first_s = time.perf_counter() - t_call
-                logging.info("First train step of this process (compilation or a read of the "
-                             "persistent compilation cache, plus one step): %.1f s", first_s)
-                writer.write_scalars(start + 1, {"perf/time/first_step": first_s})
+            if step == start:
+                log_first_step(writer, start, metrics, t_call)
             flush_pending()
             saver.check()  # a failed background save stops the run here
             step += 1

@@ -214,6 +214,7 @@ def train_and_evaluate_uda(config: ml_collections.ConfigDict, workdir: str, stop
         _check_nonfinite,
         _write_pictures,
         label_counts,
+        log_first_step,
     )
 
     os.makedirs(workdir, exist_ok=True)
@@ -298,10 +299,8 @@ def train_and_evaluate_uda(config: ml_collections.ConfigDict, workdir: str, stop
             batch = {name: next(it) for name, it in iterators.items()}
             t_call = time.perf_counter()
             state, metrics = uexp.train_step(state, batch)
-            if step == start:  # this process's first step: compilation (or a cache read)
-                jax.block_until_ready(metrics)
-                writer.write_scalars(start + 1,
-                                     {"perf/time/first_step": time.perf_counter() - t_call})
+            if step == start:
+                log_first_step(writer, start, metrics, t_call)
             flush_pending()
             saver.check()  # a failed background save stops the run here
             step += 1
