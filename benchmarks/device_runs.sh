@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/device_runs.sh            # from the repository root; results under $OUT
 #   bash benchmarks/device_runs.sh strategies gradvac moco ...   # smoke-train these strategies
+#   bash benchmarks/device_runs.sh segnet ew dwa ...  # ATI-Net synthetic, then benchmarks/segnet.py
 #
 # The machine this was written for has JAX (CUDA) but none of our other dependencies and no
 # network: the missing wheels travel in .whl/ (Python 3.12; see docs/benchmarks.md for the
@@ -58,6 +59,27 @@ if [ "${1:-}" = strategies ]; then
   done
   wait
   cat "$LOGS/summary.txt"
+  exit 0
+fi
+
+# ---- `bash benchmarks/device_runs.sh segnet [strategy ...]`: the ATI-Net synthetic training
+# (staged; metrics only), then benchmarks/segnet.py alone on the GPU (model row + the named
+# strategies, in that order, until the deadline) ---------------------------------------------
+if [ "${1:-}" = segnet ]; then
+  shift
+  export JAX_COMPILATION_CACHE_DIR=$W/jax_cache
+  ( export TFDS_DATA_DIR="$W/data_atinet"
+    start=$(date +%s)
+    timeout "${PHASE_A:-200}" bash -c "$(declare -f mtl); PY=$PY; mtl train \
+        --config=configs/segnet.py:model=atinet --workdir=$W/segnet_atinet" \
+        >"$LOGS/segnet_atinet.log" 2>&1
+    echo "segnet_atinet rc=$? wall=$(( $(date +%s) - start ))s" >>"$LOGS/summary.txt" )
+  only=$(IFS=,; echo "$*")
+  left=$(( DEADLINE - $(date +%s) - 15 ))
+  timeout "$left" $PY benchmarks/segnet.py --devices 1 ${only:+--only $only} \
+      >"$LOGS/bench_segnet.log" 2>&1
+  echo "bench segnet rc=$?" >>"$LOGS/summary.txt"
+  cat "$LOGS/bench_segnet.log" "$LOGS/summary.txt"
   exit 0
 fi
 
