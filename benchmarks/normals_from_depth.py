@@ -1,6 +1,7 @@
 """Normals from depth: ours (``data.geometry.normals_from_depth``) against DenseMTL's
-(``d2normals(unproject(depth), n_bases=4)`` with its border/dilation mask), both scored against
-the exact normals of the procedural dataset (its renderer knows the surfaces).
+(``data.geometry.densemtl_normals_from_depth``: ``d2normals(unproject(depth), n_bases=4)`` with
+its border/dilation mask), both scored against the exact normals of the procedural dataset (its
+renderer knows the surfaces).
 
     python benchmarks/normals_from_depth.py [--num=50] [--height=96] [--width=128]
 
@@ -19,36 +20,8 @@ import argparse
 
 import numpy as np
 
-from mtl_jax.data.geometry import backproject, normals_from_depth
+from mtl_jax.data.geometry import densemtl_normals_from_depth, normals_from_depth
 from mtl_jax.data.synthetic_render import render_example
-
-
-def densemtl_normals(depth_HxW: np.ndarray, intrinsics, valid: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """DenseMTL's d2normals with four bases and its NormalsLoss mask (written from its
-    description: sum of the cross products of the 4 pairs of neighbour differences, rolled
-    with wrap-around; mask = valid depth minus the 1-pixel border, eroded by a 3x3 window)."""
-    points = backproject(depth_HxW, intrinsics)
-
-    def v(w, h):
-        return np.roll(np.roll(points, -w, axis=1), -h, axis=0) - points
-
-    bases = [((1, 0), (0, -1)), ((-1, 0), (0, 1)), ((1, 1), (1, -1)), ((-1, -1), (-1, 1))]
-    n = sum(np.cross(v(*b1), v(*b0)) for b1, b0 in bases)
-    length = np.linalg.norm(n, axis=-1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        n = n / np.maximum(length, 1e-12)
-    n[..., 2] = np.abs(n[..., 2])
-    mask = valid.copy()
-    mask[[0, -1], :] = False
-    mask[:, [0, -1]] = False
-    bad = np.pad(~mask, 1, constant_values=True)
-    eroded = np.zeros_like(mask)
-    h, w = mask.shape
-    for dy in range(3):
-        for dx in range(3):
-            eroded |= bad[dy:dy + h, dx:dx + w]
-    return n, mask & ~eroded & np.all(np.isfinite(n), axis=-1)
 
 
 def angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -79,7 +52,7 @@ def main() -> None:
         if args.inverse:
             inputs.append(("densemtl_inverse", 65536.0 / (100.0 * depth + 1.0)))
         for name, d in inputs:
-            n, ok = densemtl_normals(np.where(valid, d, 0.0), k, valid)
+            n, ok = densemtl_normals_from_depth(d, k, valid)
             # |n_z| mirrors the camera-facing normals (z < 0 for a camera looking along +z)
             # through the image plane: a reflection, so angles between two such normals are
             # those of the true ones. Undo it to score the geometry.

@@ -1,5 +1,5 @@
-"""Surface normals from z-depth and intrinsics (mtl_jax.data.geometry) and their pipeline
-option ``config.dataset.normals_from_depth``."""
+"""Surface normals from z-depth and intrinsics (mtl_jax.data.geometry): ours, DenseMTL's
+reference convention next to them, and the pipeline option ``config.dataset.normals_from_depth``."""
 
 import jax
 import ml_collections
@@ -9,7 +9,13 @@ from conftest import TINY
 from jax.sharding import Mesh
 
 from mtl_jax.data import augment, pipeline, registry
-from mtl_jax.data.geometry import normals_from_depth, scale_intrinsics
+from mtl_jax.data.geometry import (
+    DENSEMTL_BASES,
+    backproject,
+    densemtl_normals_from_depth,
+    normals_from_depth,
+    scale_intrinsics,
+)
 from mtl_jax.experiment import dataset_normals_from_depth
 
 H, W = 24, 32
@@ -131,6 +137,86 @@ def test_plane_at_twice_the_resolution_gives_the_same_normals():
     assert _angle_deg(hi, n).max() < 0.1 and _angle_deg(lo, n).max() < 0.1
     # The unscaled intrinsics describe another camera: a visibly wrong normal.
     assert _angle_deg(normals_from_depth(depth_hi, K), n).min() > 1.0
+
+
+# ------------------------------------------------------ DenseMTL's convention, next to ours
+def _unmirror(n):
+    """The reference's n_z = |n_z| undone: camera-facing normals (n_z < 0), as ours."""
+    return np.asarray(n, np.float64) * np.array([1.0, 1.0, -1.0])
+
+
+@pytest.mark.parametrize("normal", [[0.0, 0.0, -1.0], [0.3, -0.4, -0.8]])
+def test_both_methods_give_the_plane_normal(normal):
+    n = _unit(normal)
+    depth = _plane_depth(n, rho=2.0)
+    ours = normals_from_depth(depth, K)
+    ref, mask = densemtl_normals_from_depth(depth, K)
+    assert ref.dtype == np.float32 and ref.shape == (H, W, 3) and mask.dtype == bool
+    # The reference keeps the interior only: border removed, then a 3x3 erosion.
+    expected = np.zeros((H, W), bool)
+    expected[2:-2, 2:-2] = True
+    np.testing.assert_array_equal(mask, expected)
+    assert mask.sum() == (H - 4) * (W - 4) == 560 and _valid(ours).sum() == H * W
+    assert np.all(ref[..., 2][mask] > 0)  # its sign convention: |n_z|
+    assert _angle_deg(_unmirror(ref[mask]), n).max() < 0.1
+    assert _angle_deg(ours, n).max() < 0.1
+    assert np.all(ref[~mask] == 0)
+
+
+def test_densemtl_mask_counted_by_hand():
+    h, w = 8, 10
+    k = np.array([8.0, 8.0, 4.5, 3.5])
+    depth = np.full((h, w), 2.0)
+    depth[0, 0] = 0.0   # on the removed border: its 3x3 window is already out, costs nothing
+    depth[1, 3] = 0.0   # in the eroded ring: removes (2, 2..4) from the interior
+    depth[4, 5] = 0.0   # inside: removes its whole 3x3 window, rows 3..5 x cols 4..6
+    _, mask = densemtl_normals_from_depth(depth, k)
+    expected = np.zeros((h, w), bool)
+    expected[2:6, 2:8] = True  # (8 - 4) x (10 - 4) = 24 interior pixels
+    expected[2, 2:5] = False
+    expected[3:6, 4:7] = False
+    np.testing.assert_array_equal(mask, expected)
+    assert mask.sum() == 24 - 3 - 9 == 12
+    # Ours loses the three holes and (0, 3) (outside above it, the hole (1, 3) below: no
+    # neighbour along v); the other neighbours switch to one-sided differences.
+    ours_invalid = ~_valid(normals_from_depth(depth, k))
+    assert set(zip(*np.nonzero(ours_invalid))) == {(0, 0), (1, 3), (4, 5), (0, 3)}
+    assert h * w - ours_invalid.sum() == 76
+    # An explicit validity mask (e.g. the reference's eval range) is used instead of depth > 0.
+    far = np.ones((h, w), bool)
+    far[4, 5] = False
+    _, mask_far = densemtl_normals_from_depth(np.full((h, w), 2.0), k, far)
+    assert mask_far.sum() == 24 - 9
+    with pytest.raises(ValueError, match="shape"):
+        densemtl_normals_from_depth(depth, k, far[:-1])
+
+
+def test_depth_discontinuity_ours_drops_it_the_reference_mixes_the_surfaces():
+    depth = np.full((H, W), 2.0, np.float32)
+    depth[:, W // 2:] = 3.0  # two fronto-parallel planes, a 1 m step between columns 15 and 16
+    ours_valid = _valid(normals_from_depth(depth, K))
+    ref, mask = densemtl_normals_from_depth(depth, K)
+    edge = np.zeros((H, W), bool)
+    edge[:, W // 2 - 1:W // 2 + 1] = True
+    np.testing.assert_array_equal(ours_valid, ~edge)
+    # The reference keeps the edge columns (only the border and the erosion cut its mask) ...
+    assert mask.sum() == (H - 4) * (W - 4) and mask[edge].sum() == 2 * (H - 4)
+    # ... exact elsewhere, but there its normals tilt towards the step, 76-80 deg off.
+    facing = np.broadcast_to([0.0, 0.0, -1.0], (H, W, 3))
+    err = _angle_deg(_unmirror(ref), facing)
+    assert err[mask & ~edge].max() < 1e-3
+    assert 75.0 < err[mask & edge].min() and err[mask & edge].max() < 80.0
+    np.testing.assert_allclose(ref[mask & edge][:, 1], 0.0, atol=1e-6)  # no tilt along v
+    # Each kept normal is the normalised sum of the four bases' cross products, the
+    # neighbours indexed directly (no roll): checks the offsets' directions.
+    points = backproject(depth, K)
+    for r, c in [(7, W // 2 - 1), (7, W // 2), (7, 5)]:
+        total = sum(np.cross(points[r + dv1, c + du1] - points[r, c],
+                             points[r + dv0, c + du0] - points[r, c])
+                    for (du1, dv1), (du0, dv0) in DENSEMTL_BASES)
+        total = total / np.linalg.norm(total)
+        total[2] = abs(total[2])
+        np.testing.assert_allclose(ref[r, c], total, atol=1e-6)
 
 
 def test_decode_needs_intrinsics():

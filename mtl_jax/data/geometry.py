@@ -1,5 +1,9 @@
 """Camera geometry on the host (NumPy): surface normals from z-depth, intrinsics rescaling.
 
+Two normals-from-depth methods: ours (:func:`normals_from_depth`, what the datasets store) and
+DenseMTL's (:func:`densemtl_normals_from_depth`, the reference's convention, to compare with it;
+docs/models/densemtl.md has the numbers).
+
 Conventions (those of the batch contract, ``docs/datasets.md``):
 
 * camera frame: x right, y down, z forward (optical axis);
@@ -146,3 +150,75 @@ def normals_from_depth(depth_HxW: np.ndarray, intrinsics, *,
     facing = np.sum(normal * points, axis=-1) < 0
     normal = np.where(facing[..., None], normal, -normal)
     return np.where(ok[..., None], normal, 0.0).astype(np.float32)
+
+
+#: DenseMTL's four bases (``models/normals.py``, ``d2normals``): pairs of neighbour offsets
+#: ``((du1, dv1), (du0, dv0))``; a base contributes ``(P[v+dv1, u+du1] - P) x (P[v+dv0, u+du0]
+#: - P)``. Right/up, left/down and the two diagonal pairs.
+DENSEMTL_BASES = (((1, 0), (0, -1)), ((-1, 0), (0, 1)), ((1, 1), (1, -1)), ((-1, -1), (-1, 1)))
+
+
+def densemtl_normals_from_depth(depth_HxW: np.ndarray, intrinsics,
+                                valid_HxW: np.ndarray | None = None
+                                ) -> tuple[np.ndarray, np.ndarray]:
+    """DenseMTL's normals from depth and their validity mask, in the reference's convention.
+
+    ``d2normals(unproject(depth), n_bases=4)`` with the mask of its ``NormalsLoss`` (written
+    from the reference's definition, ``models/normals.py`` and ``loss/normals.py`` of
+    astra-vision/DenseMTL), for comparing with :func:`normals_from_depth`.
+
+    Args:
+      depth_HxW: z-depth ``[H,W]`` or ``[H,W,1]``.
+      intrinsics: ``(fx, fy, cx, cy)`` in pixels of this depth map's resolution.
+      valid_HxW: bool ``[H,W]``, the reference's ``depth_mask``; default: finite depth ``> 0``.
+        The reference's evaluation also requires ``1e-3 < depth < 80`` m: pass that here to
+        reproduce its eval mask.
+
+    Returns:
+      ``(normals [H,W,3] float32, mask [H,W] bool)``. Method (float64 inside): the
+      back-projected points ``P`` (as :func:`backproject`; invalid pixels' depth set to 0),
+      rolled with wrap-around; the sum over :data:`DENSEMTL_BASES` of the cross products of
+      the two neighbour differences, divided by ``max(|sum|, 1e-12)`` (``F.normalize``), then
+      ``n_z = |n_z|`` (the reference's sign convention: it mirrors our camera-facing normals,
+      ``n_z < 0``, through the image plane; multiply ``n_z`` by -1 to compare with them).
+      ``mask`` = ``valid`` with the 1-pixel image border removed, then eroded by a 3×3 window
+      (a pixel is kept when its whole 3×3 neighbourhood is valid and inside the border, so at
+      most ``(H-4)·(W-4)`` pixels), and finite normals. Every difference a kept pixel uses lies
+      in its 3×3 neighbourhood, so neither the wrap-around nor the invalid pixels' depth reach
+      a kept pixel. ``normals`` are all-zero outside ``mask``.
+
+    Unlike :func:`normals_from_depth`, nothing detects depth discontinuities: a pixel next to
+    a depth edge keeps a normal mixing the two surfaces, while a hole removes its whole 3×3
+    neighbourhood.
+    """
+    z = np.asarray(depth_HxW, np.float64)
+    if z.ndim == 3 and z.shape[-1] == 1:
+        z = z[..., 0]
+    if z.ndim != 2:
+        raise ValueError(f"depth must be [H,W] or [H,W,1], got shape {np.shape(depth_HxW)}")
+    if valid_HxW is None:
+        valid = np.isfinite(z) & (z > 0)
+    else:
+        valid = np.asarray(valid_HxW, bool)
+        if valid.shape != z.shape:
+            raise ValueError(f"valid_HxW must have the depth's shape {z.shape}, got "
+                             f"{valid.shape}")
+    points = backproject(np.where(valid, z, 0.0), intrinsics)
+
+    def diff(du: int, dv: int) -> np.ndarray:  # P[v + dv, u + du] - P[v, u], wrapping around
+        return np.roll(points, (-dv, -du), axis=(0, 1)) - points
+
+    normal = sum(np.cross(diff(*b1), diff(*b0)) for b1, b0 in DENSEMTL_BASES)
+    normal = normal / np.maximum(np.linalg.norm(normal, axis=-1, keepdims=True), 1e-12)
+    normal[..., 2] = np.abs(normal[..., 2])
+    inner = valid.copy()
+    inner[[0, -1], :] = False
+    inner[:, [0, -1]] = False
+    h, w = inner.shape
+    padded = np.pad(inner, 1, constant_values=True)  # the reference's zero padding of 1 - m
+    mask = np.ones_like(inner)
+    for dv in range(3):
+        for du in range(3):
+            mask &= padded[dv:dv + h, du:du + w]
+    mask &= np.all(np.isfinite(normal), axis=-1)
+    return np.where(mask[..., None], normal, 0.0).astype(np.float32), mask
