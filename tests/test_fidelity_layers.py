@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mtl_jax.models import build_model
-from mtl_jax.models.layers import BatchNorm, ConvBNAct, resize_bilinear
+from mtl_jax.models.layers import BatchNorm, ConvBNAct, batch_norm, resize_bilinear
 
 KEY = jax.random.key(0)
 
@@ -78,6 +78,27 @@ def test_two_pass_variance_is_accurate_in_float32(mu, sd, fast_err, two_pass_err
     assert errs[True] > fast_err  # what flax's default one-pass formula loses
 
 
+def test_batchnorm_defaults_are_two_pass_and_pytorchs_update(x_small):
+    bn = BatchNorm()
+    assert bn.use_fast_variance is False and bn.unbiased_running_var is True
+    assert (bn.momentum, bn.epsilon) == (0.9, 1e-5)  # torch's momentum 0.1, eps 1e-5
+    built = batch_norm(True).func  # the helper every ConvBNAct goes through
+    assert built.use_fast_variance is False and built.unbiased_running_var is True
+    # The defaults at work on mean 100 / std 0.1 in float32 (one pass loses 5.9 % there), the
+    # running variance replaced by one step (momentum 0): the float64 variance times
+    # n / (n - 1) = 2048 / 2047 (+0.05 %, far above the two-pass error).
+    x = (100.0 + 0.1 * np.random.default_rng(0).standard_normal((8, 16, 16, 4))
+         ).astype(np.float32)
+    flat = x.astype(np.float64).reshape(-1, 4)
+    errs = {}
+    for name, kw in [("default", {}), ("one pass", dict(use_fast_variance=True)),
+                     ("biased", dict(unbiased_running_var=False))]:
+        _, _, stats = _bn_step(BatchNorm(momentum=0.0, **kw), x)
+        errs[name] = np.max(np.abs(np.asarray(stats["var"]) / flat.var(0, ddof=1) - 1.0))
+    assert errs["default"] < 1e-5
+    assert errs["one pass"] > 1e-2 and 4e-4 < errs["biased"] < 6e-4, errs
+
+
 def test_every_model_batchnorm_uses_the_unbiased_update():
     model = ConvBNAct(4, kernel_size=1)
     x = np.random.default_rng(1).normal(size=(2, 3, 3, 2)).astype(np.float32)
@@ -142,3 +163,55 @@ def test_padnet_initial_predictions_resize_with_aligned_corners():
     np.testing.assert_allclose(aux["depth/side/initial"],
                                resize_bilinear(initial, (64, 64), align_corners=True),
                                rtol=1e-5, atol=1e-6)
+
+
+# ------------------------- XTasC-Net decoders and TTNets, MTAN's attention: aligned corners
+def _record_resizes(monkeypatch, module_names):
+    """Wrap ``resize_bilinear`` where each module looks it up; returns the list of calls
+    ``(module, input (h, w), output (h, w), align_corners)`` made while tracing."""
+    import importlib
+
+    calls = []
+    for module_name in module_names:
+        module = importlib.import_module(module_name)
+        real = module.resize_bilinear
+
+        def recording(x, size, *, align_corners=False, _real=real, _name=module_name):
+            calls.append((_name.rsplit(".", 1)[-1], tuple(x.shape[1:3]),
+                          tuple(int(s) for s in size), align_corners))
+            return _real(x, size, align_corners=align_corners)
+
+        monkeypatch.setattr(module, "resize_bilinear", recording)
+    return calls
+
+
+def _trace_init(model, image):
+    # eval_shape traces init (every resize is called) without compiling or computing.
+    return jax.eval_shape(lambda: model.init({"params": KEY, "dropout": KEY}, image,
+                                             train=False))
+
+
+def test_xtasc_decoders_and_ttnets_resize_with_aligned_corners(monkeypatch):
+    calls = _record_resizes(monkeypatch, ["mtl_jax.models.decoders.unet",
+                                          "mtl_jax.models.interaction.ttnet"])
+    model = build_model(dict(architecture="xtasc", encoder="resnet18",
+                             encoder_kwargs=dict(width=4),
+                             decoder_kwargs=dict(features=4, hidden_features=4),
+                             ttnet_kwargs=dict(features=(4, 4, 4))), {"semseg": 3, "depth": 1})
+    _trace_init(model, jnp.zeros((1, 32, 64, 3)))
+    # Each decoder: four x2 steps onto the skips (stride 32 -> 2), then the stem's size to the
+    # output (x2); each TTNet: its three x2 steps back to 32x64.
+    decoder = [((1, 2), (2, 4)), ((2, 4), (4, 8)), ((4, 8), (8, 16)), ((8, 16), (16, 32)),
+               ((16, 32), (32, 64))]
+    ttnet = [((4, 8), (8, 16)), ((8, 16), (16, 32)), ((16, 32), (32, 64))]
+    assert sorted(calls) == sorted([("unet", i, o, True) for i, o in decoder] * 2
+                                   + [("ttnet", i, o, True) for i, o in ttnet] * 2)
+
+
+def test_mtan_attention_upsamples_with_aligned_corners(monkeypatch):
+    calls = _record_resizes(monkeypatch, ["mtl_jax.models.interaction.mtan"])
+    model = build_model(dict(architecture="segnet_mtan", width=4), {"semseg": 3, "depth": 1})
+    _trace_init(model, jnp.zeros((1, 32, 32, 3)))
+    # Per task, the five decoder levels: 1x1 -> 2x2 -> ... -> 32x32.
+    steps = [((s, s), (2 * s, 2 * s), True) for s in (1, 2, 4, 8, 16)]
+    assert sorted(calls) == sorted([("mtan", *c) for c in steps] * 2)
