@@ -12,7 +12,12 @@ from mtl_jax.models import build_model, count_params
 
 
 def param_counts(config) -> dict[str, int]:
-    """``{part: count, ..., 'total': count}`` for ``config.model`` with ``config.tasks``."""
+    """``{part: count, ..., 'total': count}`` for ``config.model`` with ``config.tasks``.
+
+    When the weighting strategy learns parameters of its own (e.g. ``uw``'s log-variances),
+    the model's parts are followed by ``'model total'`` (the model alone, the number papers
+    quote), then ``'weighting/<name>'``, and ``'total'`` includes them.
+    """
     tasks = build_tasks(config)
     model = build_model(config.model, {name: task.channels for name, task in tasks.items()})
     h, w = config.input_size
@@ -23,6 +28,7 @@ def param_counts(config) -> dict[str, int]:
     learned = weighting_param_count(config, tuple(tasks))
     if learned:  # e.g. uw's log-variances, trained by the weighting's own optimiser
         total = counts.pop("total")
+        counts["model total"] = total
         counts[f"weighting/{config.weighting.name}"] = learned
         counts["total"] = total + learned
     return counts

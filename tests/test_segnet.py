@@ -127,6 +127,7 @@ def test_uw_adds_three_and_the_cityscapes_mtan_difference_is_explained():
 
     counts = param_counts(_segnet_config("model=mtan,dataset=nyuv2,weighting=uw"))
     assert counts["weighting/uw"] == 3 and counts["total"] == 44_229_076
+    assert counts["model total"] == 44_229_073
     from mtl_jax.weighting import make_weighting
 
     log_var = make_weighting({"name": "uw"}).init(("semseg", "depth", "normals"))["log_var"]

@@ -14,7 +14,7 @@ from flax import traverse_util
 
 from mtl_jax.errors import UserError
 from mtl_jax.evaluation.pictures import prediction_grid
-from mtl_jax.models import build_model
+from mtl_jax.models import build_model, format_param_table
 from mtl_jax.models.converters import CONVERTERS, apply_variables, convert_file
 from mtl_jax.models.decoders.unet import UNetDecoder
 from mtl_jax.models.interaction.ttnet import TTNet
@@ -38,24 +38,30 @@ def xtasc_config(arg=""):
 # ------------------------------------------------------------------------- parameter counts
 def test_param_counts_cityscapes_7_classes_per_part():
     counts = param_counts(xtasc_config("dataset=cityscapes_mtan"))
-    # The model's parts, plus the two learnable log-variances of uw_xtasc (a weighting row,
-    # outside SPEC's model count, as MTAN's "+3 with uw").
+    # The model's parts and their total (SPEC's count), then the two learnable log-variances
+    # of uw_xtasc (a weighting row, as MTAN's "+3 with uw") and the total with them.
     assert counts == {
         "encoder": 21_284_672,
         "decoders/depth": 3_249_920,
         "decoders/semseg": 3_250_688,
         "transfer/depth_to_semseg": 1_882_496,
         "transfer/semseg_to_depth": 1_885_568,
+        "model total": 31_553_344,
         "weighting/uw_xtasc": 2,
         "total": 31_553_344 + 2,
     }
+    # What `mtl-jax params --config=configs/xtasc.py:dataset=cityscapes_mtan` prints.
+    lines = format_param_table(counts).splitlines()
+    assert lines[-3:] == ["model total               31,553,344",
+                          "weighting/uw_xtasc                 2",
+                          "total                     31,553,346"]
 
 
 @pytest.mark.parametrize("arg, total", [("dataset=cityscapes_mtan,classes=19", 31_562_560),
                                         ("dataset=nyuv2", 31_557_952)])
 def test_param_counts_19_classes_and_nyuv2(arg, total):
     counts = param_counts(xtasc_config(arg))
-    assert counts["total"] - counts["weighting/uw_xtasc"] == total
+    assert counts["model total"] == counts["total"] - counts["weighting/uw_xtasc"] == total
 
 
 def test_unet_decoder_hidden_width_and_default_unchanged():
