@@ -22,6 +22,7 @@ from mtl_jax.models.layers import resize_bilinear
 from mtl_jax.params_report import param_counts
 from mtl_jax.steps import forward_losses, task_losses
 from mtl_jax.tasks import make_task
+from mtl_jax.tasks.compat import COMPAT, parse_compat
 from mtl_jax.tasks.cross_task import XTasCLossGroups, label_smoothing_ce, masked_l1_per_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -319,6 +320,13 @@ def test_config_schedules_in_steps_and_recipe():
     assert list(cs.tasks) == ["depth", "semseg"]
     g = xtasc_config("weighting=gradnorm")
     assert g.weighting.alpha == 0.16 and g.weighting.grad_param_prefix == "layer4_2/conv2"
+    # The released code's per-image metrics: --config.eval.compat=per_image on the locked
+    # config (the CLI's), covering both tasks.
+    assert cs.eval.compat == ""
+    cs.lock()
+    cs.eval.compat = "per_image"
+    assert parse_compat(cs.eval.compat) == ("per_image",)
+    assert {"semseg", "depth"} <= set(COMPAT["per_image"])
     with pytest.raises(UserError, match="task=s or task=d"):
         xtasc_config("model=st")
     with pytest.raises(UserError, match="unknown model"):
