@@ -83,6 +83,23 @@ def test_dataset_implies_the_range_and_config_overrides_it():
     assert build_tasks(c)["depth"].max_depth is None
 
 
+@pytest.mark.parametrize("dataset, depth_range", [
+    ("vkitti2", (1e-3, 80.0)), ("synthia", (1e-3, 80.0)), ("cityscapes", (1e-3, 80.0)),
+    ("nyuv2", (1e-3, 10.0)), ("nyud_mt", (1e-3, 10.0)),
+    ("synthetic", (0.0, None)), ("cityscapes_mtan", (0.0, None)),
+])
+def test_every_dataset_implies_its_documented_range(dataset, depth_range):
+    """The table of docs/metrics.md ("Evaluation range"): KITTI's 1e-3-80 m for the driving
+    datasets in metres, the Kinect's 10 m for NYUv2, none for disparity or synthetic depth."""
+    c = ml_collections.ConfigDict(dict(dataset=dict(name=dataset), tasks=dict(depth=dict())))
+    depth = build_tasks(c)["depth"]
+    assert (depth.min_depth, depth.max_depth) == depth_range  # (0, None): no range
+    assert depth.has_range == (depth_range[1] is not None)
+    c.tasks.depth = dict(min_depth=0.5)  # an explicit option wins, the other bound stays
+    depth = build_tasks(c)["depth"]
+    assert (depth.min_depth, depth.max_depth) == (0.5, depth_range[1])
+
+
 # ---------------------------------------------------------------------------- berHu
 def test_berhu_all_pixels_normalisation():
     gt = jnp.asarray([[[[1.0], [2.0], [0.0], [0.0]]]])  # 2 of 4 pixels valid
