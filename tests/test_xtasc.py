@@ -14,8 +14,9 @@ from flax import traverse_util
 
 from mtl_jax.errors import UserError
 from mtl_jax.evaluation.pictures import prediction_grid
+from mtl_jax.main import main
 from mtl_jax.models import build_model, format_param_table
-from mtl_jax.models.converters import CONVERTERS, apply_variables, convert_file
+from mtl_jax.models.converters import CONVERTERS, apply_variables
 from mtl_jax.models.decoders.unet import UNetDecoder
 from mtl_jax.models.interaction.ttnet import TTNet
 from mtl_jax.models.layers import resize_bilinear
@@ -377,7 +378,7 @@ def xtask_ts_shapes(num_classes=7):
     return s
 
 
-def test_convert_xtask_mt_fixture_loads_into_the_model(tmp_path):
+def test_convert_xtask_mt_fixture_loads_into_the_model(tmp_path, capsys):
     shapes = xtask_ts_shapes(7)
     assert sum(int(np.prod(v)) for k, v in shapes.items()
                if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))) \
@@ -387,9 +388,15 @@ def test_convert_xtask_mt_fixture_loads_into_the_model(tmp_path):
           for k, v in shapes.items()}
     src, dst = tmp_path / "xtask.npz", tmp_path / "ours.npz"
     np.savez(src, **sd)
-    n = convert_file("xtask_mt", src, dst)
+    # Through the command line (`mtl-jax convert-weights --from=xtask_mt SRC DST`), which calls
+    # converters.convert_file.
+    assert main(["convert-weights", "--from=xtask_mt", str(src), str(dst)]) == 0
     flat = dict(np.load(dst))
-    assert n == len(flat)
+    assert capsys.readouterr().out.strip() == (
+        f"wrote {dst}: {len(flat)} arrays (load with --config.model.init_from={dst})")
+    # one array of ours per array of the state_dict, BN counters (num_batches_tracked) aside
+    n_bn = sum(k.endswith("num_batches_tracked") for k in sd)
+    assert len(flat) == len(sd) - n_bn
     config = xtasc_config("dataset=cityscapes_mtan")
     model = build_model(config.model, {"depth": 1, "semseg": 7})
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
