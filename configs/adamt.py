@@ -78,18 +78,20 @@ inverse depth, and its "Rel." column there is on a different scale):
 Hardware and time: smoke ~1 min on 2 CPU cores (mostly compilation). dataset=synthetic
 (64×96, width 8, S-D-N, batch 8, 300 steps, one eval at the end): sized for a few minutes per
 run on 2 idle CPU cores. The grad_magnitude-vs-ew comparison (the two commands at the top),
-measured 2026-11-26 on one NVIDIA H200 (same config and seed; a CPU run differs only by
-rounding), val split (200 images):
+measured 2026-11-26 on 2 CPU cores (load average 2-5: shared with test jobs) and on one NVIDIA
+H200 (same config and seed), val split (200 images):
 
-  weighting        mIoU   pixel acc | depth abs rel  RMSE | normals mean  median
-  trivial          0.047  0.468     | 0.377          1.28 | 48.8          --
-  grad_magnitude   0.192  0.765     | 0.204          0.91 | 25.4          17.7
-  ew               0.174  0.756     | 0.197          0.88 | 22.7          14.9
+  weighting            mIoU   pixel acc | depth abs rel  RMSE | normals mean  median | wall
+  trivial              0.047  0.468     | 0.377          1.28 | 48.8          --     |
+  CPU grad_magnitude   0.198  0.768     | 0.205          0.95 | 25.0          18.3   | 6m05s
+  CPU ew               0.197  0.766     | 0.202          0.92 | 22.9          15.5   | 9m14s
+  H200 grad_magnitude  0.192  0.765     | 0.204          0.91 | 25.4          17.7   |
+  H200 ew              0.174  0.756     | 0.197          0.88 | 22.7          14.9   |
 
-Neither wins everywhere at 300 steps: eq. 5 favours semseg (+1.8 mIoU) over depth and
-normals (docs/models/adamt.md). Step time: grad_magnitude 1.01x ew on the H200 at the paper's
-width (benchmarks/adamt.py). On 2 idle CPU cores: compile + first step 73 s, 0.45 s/step
-(grad_magnitude), about 4 minutes per run with the dataset build and the evaluation.
+Neither wins everywhere at 300 steps: eq. 5 favours semseg over depth and normals; CPU and GPU
+trajectories diverge at this width, so differences of 1-2 mIoU are noise (docs/models/adamt.md).
+Step time: grad_magnitude 1.01x ew on the H200 at the paper's width (benchmarks/adamt.py). On 2
+idle CPU cores: compile + first step 73 s, 0.45 s/step (grad_magnitude).
 """
 
 import ml_collections
