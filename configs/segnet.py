@@ -12,7 +12,9 @@ Arguments (comma-separated after the colon):
   weighting=NAME ew (default; MTAN's "equal") | uw (MTAN's "uncert", s₀ = −0.5) | dwa (τ = 2,
                  ATI-Net's default) | any strategy of docs/weighting.md
   steps=N        iterations (default: 200 epochs of the dataset at batch 2, lr ×0.5 at half)
-  width=N        first SegNet width (paper 64; synthetic 16; smoke 4)
+  width=N        first SegNet width (paper 64; synthetic 8; smoke 4)
+  size=HxW       dataset=synthetic: image size, both multiples of 32 (default 64x96, sized
+                 for 2 CPU cores; the GPU runs below used size=96x128,width=16)
   stage_switch=X model=atinet: fraction of the run trained without the latent distillation
                  before the switch (paper 0.5; 0 = distillation from the start)
   smoke          tiny data and model (32×64 synthetic images, width 4, 3 steps)
@@ -85,7 +87,7 @@ from mtl_jax.errors import UserError
 
 #: name -> (builder config, semseg classes, (H, W), training examples, default task letters)
 DATASETS = {
-    "synthetic": ("source", 10, (96, 128), 2000, "sdn"),
+    "synthetic": ("source", 10, (64, 96), 2000, "sdn"),
     "nyuv2": (None, 13, (288, 384), 795, "sdn"),
     "cityscapes_mtan": ("128x256_7cls", 7, (128, 256), 2975, "sd"),
 }
@@ -108,7 +110,7 @@ EPOCHS = 200
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_arg(arg, model="mtan", dataset="synthetic", tasks="", weighting="",
-                     steps=0, width=0, stage_switch=0.5, smoke=False)
+                     steps=0, width=0, size="", stage_switch=0.5, smoke=False)
     if args.dataset not in DATASETS:
         raise UserError(f"segnet: unknown dataset={args.dataset!r}; choose from "
                         f"{sorted(DATASETS)}")
@@ -128,6 +130,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if args.smoke and not synthetic:
         raise UserError("smoke runs on dataset=synthetic only")
     smoke = args.smoke
+    if args.size:
+        if not synthetic or smoke:
+            raise UserError("size=HxW sets the procedural dataset's image size: use it with "
+                            "dataset=synthetic (without smoke)")
+        try:
+            size = tuple(int(v) for v in str(args.size).lower().split("x"))
+        except ValueError:
+            size = ()
+        if len(size) != 2 or min(size) <= 0 or size[0] % 32 or size[1] % 32:
+            raise UserError(f"segnet: size={args.size!r} must be HxW with both multiples of 32 "
+                            "(five 2x2 poolings), e.g. size=96x128")
 
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -147,7 +160,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.tasks = {t: dict(task_options[t]) for t in tasks}
 
     architecture, extra = MODELS[args.model]
-    width = args.width or (4 if smoke else 16 if synthetic else 64)
+    width = args.width or (4 if smoke else 8 if synthetic else 64)
     c.model = dict(architecture=architecture, width=width, dtype="float32", init_from="",
                    **extra)
     if args.model == "atinet":

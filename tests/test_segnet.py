@@ -178,6 +178,20 @@ def _batch(config, b=2, seed=0):
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
+def test_synthetic_default_is_cpu_sized_and_size_is_checked():
+    c = _segnet_config("")
+    assert tuple(c.input_size) == (64, 96) and c.model.width == 8
+    assert (c.dataset.options.height, c.dataset.options.width) == (64, 96)
+    c = _segnet_config("size=96x128,width=16")  # the GPU runs of the docstring
+    assert tuple(c.input_size) == (96, 128) and c.model.width == 16
+    assert (c.dataset.options.height, c.dataset.options.width) == (96, 128)
+    for bad in ("size=100x128", "size=96", "size=axb"):
+        with pytest.raises(UserError, match="multiples of 32"):
+            _segnet_config(bad)
+    with pytest.raises(UserError, match="dataset=synthetic"):
+        _segnet_config("dataset=nyuv2,size=96x128")
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_every_model_trains_with_the_smoke_config(name):
     from mtl_jax.experiment import build_experiment
