@@ -111,6 +111,31 @@ def test_unwritable_workdir_is_one_clear_error(tmp_path, monkeypatch):
         workdir_lock.WorkdirLock(str(tmp_path / "ro"), enabled=True).acquire()
 
 
+@pytest.mark.parametrize("failing", ["rename", "remove"])
+def test_stale_lock_that_cannot_be_removed_is_one_clear_error(tmp_path, monkeypatch, failing):
+    """A stale lock in a workdir that became read-only (simulated: os.rename or, after the
+    move, os.remove fails) is a one-line error naming the file left behind, not a traceback."""
+    wd = str(tmp_path / "wd")
+    dead = _dead_pid()
+    _write_lock(wd, pid=dead)
+
+    def denied(*args):
+        raise PermissionError(13, "Permission denied", args[0])
+
+    monkeypatch.setattr(workdir_lock.os, failing, denied)
+    with pytest.raises(UserError) as e:
+        workdir_lock.WorkdirLock(wd, enabled=True).acquire()
+    monkeypatch.undo()
+    (left,) = os.listdir(wd)  # the stale lock, moved aside or not, is still there
+    assert (left == "LOCK") == (failing == "rename")
+    assert str(e.value) == (
+        f"the workdir {wd} holds a stale lock of pid {dead} on host '{socket.gethostname()}' "
+        f"(started 2026-01-01T00:00:00+00:00) (process {dead} no longer exists) that cannot be "
+        f"removed (Permission denied): delete {os.path.join(wd, left)} yourself if no run uses "
+        "this workdir, or choose a writable --workdir")
+    assert json.load(open(os.path.join(wd, left)))["pid"] == dead
+
+
 # ---------------------------------------------------------------------------------------------
 # Config comparison, metrics.jsonl truncation (no model needed)
 
