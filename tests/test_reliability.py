@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 
+import jax
 import numpy as np
 import pytest
 from test_training import REPO, smoke_config
@@ -279,6 +280,45 @@ def test_unreadable_latest_falls_back_without_repeating_steps(base_run, tmp_path
     with pytest.raises(checkpointing.CheckpointError,
                        match=r"no checkpoint of step 5 in .*; available steps: \[3, 6\]"):
         evaluate(longer, wd, step=5)
+
+
+def test_deleted_array_file_or_missing_metadata_falls_back(base_run, tmp_path, caplog,
+                                                           shared_experiments):
+    """The other shapes of a partial latest checkpoint: its largest array file deleted, or the
+    state's pytree metadata (``state/_METADATA``) missing. The restore warns naming step 6,
+    returns step 3 exactly as saved, and moves step 6 (minus the lost file) aside, kept."""
+    config, base_wd, _ = base_run
+    abstract = shared_experiments(config, steps_per_epoch=3).abstract_state
+    mgr = checkpointing.make_manager(base_wd, read_only=True, async_save=False)
+    want_state, want_data, _ = checkpointing.restore(mgr, abstract, step=3)
+    mgr.close()
+    step6 = os.path.join(base_wd, "checkpoints", "6")
+    biggest = max(glob.glob(os.path.join(step6, "state/ocdbt.process_0/d/*")),
+                  key=os.path.getsize)
+    for name, lost in (("array", os.path.relpath(biggest, step6)),
+                       ("metadata", os.path.join("state", "_METADATA"))):
+        wd = _copy(base_wd, tmp_path, name)
+        os.remove(os.path.join(wd, "checkpoints", "6", lost))
+        caplog.clear()
+        mgr = checkpointing.make_manager(wd, async_save=False)
+        with caplog.at_level("WARNING"):
+            state, data_state, step = checkpointing.restore(mgr, abstract, set_aside=True)
+        mgr.close()
+        assert step == 3 and data_state == want_data, name
+        for part in ("step", "params", "batch_stats", "opt_state"):
+            got, want = jax.tree.leaves(getattr(state, part)), jax.tree.leaves(
+                getattr(want_state, part))
+            assert got and len(got) == len(want), part
+            for x, y in zip(got, want):
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=part)
+        assert "The checkpoint of step 6 in" in caplog.text and "unreadable" in caplog.text
+        assert "Resuming from step 3, the newest readable checkpoint; unreadable: 6." \
+            in caplog.text, name
+        moved = os.path.join(wd, checkpointing.UNREADABLE_DIR, "6")
+        kept = {os.path.relpath(os.path.join(d, f), moved)
+                for d, _, files in os.walk(moved) for f in files}
+        assert lost not in kept and os.path.join("state", "manifest.ocdbt") in kept, name
+        assert checkpointing.saved_steps(wd) == [3], name
 
 
 class _BadLabels:
