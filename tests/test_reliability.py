@@ -469,6 +469,13 @@ def test_cli_errors_are_one_line_with_exit_code_1(base_run, data_dir, tmp_path):
     assert r.returncode == 1
     assert ("config.batch_size=6 is not divisible by the 4 devices of the data-parallel mesh "
             "(config.num_devices=-1)") in _error_line(r)
+    r = _cli("train", smoke, "--config.eval_batch_size=6", f"--workdir={tmp_path / 'ebs'}",
+             env=env)
+    assert r.returncode == 1
+    assert _error_line(r).endswith(
+        "config.eval_batch_size=6 is not divisible by the 4 devices of the data-parallel mesh "
+        "(config.num_devices=-1); set config.eval_batch_size to a multiple of 4 or "
+        "config.num_devices to a divisor of 6")
     r = _cli("eval", smoke, f"--workdir={base_wd}", "--step=5", env=env)
     assert r.returncode == 1
     assert _error_line(r).endswith("available steps: [3, 6]")
@@ -477,6 +484,35 @@ def test_cli_errors_are_one_line_with_exit_code_1(base_run, data_dir, tmp_path):
     r = _cli("train", smoke, f"--workdir={blocker}/wd", env=dict(env, MTL_JAX_VERBOSE="1"))
     assert r.returncode == 1 and "Traceback" in r.stderr  # verbose: the traceback too
     assert "cannot create the workdir" in r.stderr.splitlines()[-1]
+
+
+def test_cli_nonfinite_loss_is_one_line_with_exit_code_1(base_run, data_dir, tmp_path,
+                                                         shared_experiments):
+    """A run resumed from a checkpoint whose parameters are NaN (the base run's step 3, edited):
+    its first step's loss is NaN, and the CLI stops with one line naming step 4 and the tasks.
+    The command line repeats the base run's config, so its compiled step is read back from the
+    persistent compilation cache."""
+    config, base_wd, _ = base_run
+    wd = _copy(base_wd, tmp_path, "nan")
+    abstract = shared_experiments(config, steps_per_epoch=3).abstract_state
+    mgr = checkpointing.make_manager(wd, async_save=False)
+    state, data_state, _ = checkpointing.restore(mgr, abstract, step=3)
+    mgr.delete(6)
+    mgr.delete(3)
+    nan_params = jax.tree.map(lambda x: x * np.nan, state.params)
+    checkpointing.save(mgr, 3, state.replace(params=nan_params), data_state)
+    mgr.close()
+    env = dict(os.environ, TFDS_DATA_DIR=data_dir, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    r = _cli("train", "--config=configs/quickstart.py:smoke", f"--workdir={wd}",
+             "--config.num_devices=1", "--config.checkpoint_every_steps=3",
+             "--config.num_vis_examples=0", "--config.augment.enabled=False", env=env)
+    assert r.returncode == 1
+    assert _error_line(r) == (
+        "mtl-jax: error: non-finite loss at step 4 in task(s) depth, normals, semseg; the update "
+        "of that step was not applied and no checkpoint holds it. Lower the learning rate, "
+        "check the labels, or set config.skip_nonfinite=True to skip such steps.")
+    assert checkpointing.saved_steps(wd) == [3]
 
 
 def test_cli_exit_code_constants():
