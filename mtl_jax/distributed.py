@@ -14,10 +14,15 @@ Failure contract (what a user sees when a peer dies):
   This is the *coordinator heartbeat* timeout, not a collective timeout: a collective
   waiting for the dead peer is ended by it. If process 0 itself dies, the service goes with
   it and the others fail on their next heartbeat.
-* A process that fails with a Python exception (bad input, a bug) prints
-  ``mtl-jax: process <i> of <n> failed: ...`` and exits with status 1 (2 for a
-  :class:`~mtl_jax.errors.UserError`) without waiting at JAX's shutdown barrier, so its
-  peers then fail by the heartbeat rule above instead of hanging in a collective.
+* A process that stops with a Python exception leaves without waiting at JAX's shutdown
+  barrier, so its peers then fail by the heartbeat rule above instead of hanging in a
+  collective. Its exit code and message are those of a single-process run
+  (:func:`mtl_jax.errors.report`, docs/reliability.md), with ``[process <i> of <n>]``
+  appended: 75 and ``mtl-jax: preempted (SIGTERM) at step N; ...`` after the checkpoint of a
+  preemption is saved (every process stops at the same step), 1 and one line
+  ``mtl-jax: error: ...`` for a :class:`~mtl_jax.errors.UserError` (2 for a bad command line),
+  130 for Ctrl-C; a bug prints its traceback and ``mtl-jax: process <i> of <n> failed: ...``
+  and exits with 1.
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from typing import NoReturn
 
 import jax
 from absl import logging
 
-from mtl_jax.errors import UserError
+from mtl_jax.errors import EXIT_ERROR, UserError, report
 
 #: Default seconds without heartbeat after which a process is declared dead (JAX's is 100).
 DEFAULT_HEARTBEAT_TIMEOUT_S = 60
@@ -67,17 +73,16 @@ def process_tag() -> str:
     return f"process {jax.process_index()} of {jax.process_count()}"
 
 
-def exit_after_failure(error: BaseException) -> None:
-    """Report ``error`` naming this process and leave now (no shutdown barrier: a peer may
-    be stuck in a collective that this process will never join)."""
-    if isinstance(error, UserError):
-        print(f"mtl-jax: {process_tag()} failed: error: {error}", file=sys.stderr)
-        code = 2
-    else:
+def exit_after_failure(error: BaseException) -> NoReturn:
+    """Report ``error`` naming this process and leave now with the exit code of a
+    single-process run (module docstring; no shutdown barrier: a peer may be stuck in a
+    collective that this process will never join)."""
+    code = report(error, process=process_tag())
+    if code is None:  # a bug
         traceback.print_exception(error, file=sys.stderr)
         print(f"mtl-jax: {process_tag()} failed: {type(error).__name__}: {error}",
               file=sys.stderr)
-        code = 1
+        code = EXIT_ERROR
     sys.stdout.flush()
     sys.stderr.flush()
     logging.flush()

@@ -2,8 +2,16 @@
 
 The CLI prints a :class:`UserError` as one line ``mtl-jax: error: <message>`` without a
 traceback (``--verbose`` or ``MTL_JAX_VERBOSE=1`` shows it) and exits with
-:data:`EXIT_ERROR`; see docs/reliability.md for every exit code.
+:data:`EXIT_ERROR`; see docs/reliability.md for every exit code. :func:`report` is that
+contract, shared by the single-process exit (:func:`mtl_jax.main.main`) and the
+multi-process one (:func:`mtl_jax.distributed.exit_after_failure`).
 """
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
 
 #: Exit codes of ``mtl-jax`` (docs/reliability.md).
 EXIT_OK = 0
@@ -44,3 +52,37 @@ class Preempted(Exception):  # noqa: N818 (not an error: the run is to be resume
         super().__init__(f"preempted (SIGTERM) at step {self.step}; the checkpoint of step "
                          f"{self.step} is saved in {self.workdir}: run the same command again "
                          "to resume")
+
+
+def verbose() -> bool:
+    """Whether tracebacks of user errors are wanted (``MTL_JAX_VERBOSE`` set and not ``0``;
+    ``mtl-jax --verbose`` sets it)."""
+    return os.environ.get("MTL_JAX_VERBOSE", "") not in ("", "0")
+
+
+def report(error: BaseException, *, process: str = "") -> int | None:
+    """Print the command's message for ``error`` to stderr and return its exit code:
+    :class:`Preempted` -> :data:`EXIT_PREEMPTED` (``mtl-jax: preempted ...``), a
+    :class:`UserError` -> :data:`EXIT_ERROR` (:data:`EXIT_USAGE` for a :class:`UsageError`;
+    one line ``mtl-jax: error: ...``), ``KeyboardInterrupt`` -> :data:`EXIT_INTERRUPTED`.
+    Returns ``None`` (printing nothing) for any other error: a bug, shown with its traceback
+    by the caller. ``process`` (``'process <i> of <n>'`` in a multi-process run) is appended
+    to the line in brackets. With :func:`verbose`, user errors and Ctrl-C show their
+    traceback first."""
+    where = f" [{process}]" if process else ""
+    if isinstance(error, Preempted):
+        print(f"mtl-jax: {error}{where}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    if isinstance(error, UserError):
+        message = f"error: {error}"
+        code = EXIT_USAGE if isinstance(error, UsageError) else EXIT_ERROR
+    elif isinstance(error, KeyboardInterrupt):
+        message = ("interrupted (Ctrl-C); a train run resumes from its latest checkpoint when "
+                   "started again")
+        code = EXIT_INTERRUPTED
+    else:
+        return None
+    if verbose():
+        traceback.print_exception(error, file=sys.stderr)
+    print(f"mtl-jax: {message}{where}", file=sys.stderr)
+    return code

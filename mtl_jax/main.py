@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 
 _TRAINING_COMMANDS = ("train", "eval", "params")
 
@@ -211,24 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     from mtl_jax import errors
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    verbose = "--verbose" in argv or os.environ.get("MTL_JAX_VERBOSE", "") not in ("", "0")
+    if "--verbose" in argv:  # for every error path, also the multi-process exit
+        os.environ["MTL_JAX_VERBOSE"] = "1"
     argv = [a for a in argv if a != "--verbose"]
     try:
         return _dispatch(argv)
-    except errors.Preempted as e:
-        print(f"mtl-jax: {e}", file=sys.stderr)
-        return errors.EXIT_PREEMPTED
-    except errors.UserError as e:
-        if verbose:
-            traceback.print_exc()
-        print(f"mtl-jax: error: {e}", file=sys.stderr)
-        return errors.EXIT_USAGE if isinstance(e, errors.UsageError) else errors.EXIT_ERROR
-    except KeyboardInterrupt:
-        if verbose:
-            traceback.print_exc()
-        print("mtl-jax: interrupted (Ctrl-C); a train run resumes from its latest checkpoint "
-              "when started again", file=sys.stderr)
-        return errors.EXIT_INTERRUPTED
+    except (errors.Preempted, errors.UserError, KeyboardInterrupt) as e:
+        return errors.report(e)
 
 
 def _dispatch(argv: list[str] | None) -> int:

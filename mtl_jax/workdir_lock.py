@@ -184,19 +184,27 @@ class WorkdirLock:
         # Move the stale file aside atomically, then check that what we moved is what we
         # judged (another run may have replaced it in between); if not, put it back.
         aside = f"{self.path}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        current = self.path  # where the stale file is: named if it cannot be removed
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return True
-        moved = _read(aside)
-        if held is not None and (moved or {}).get("token") != held.get("token"):
             try:
-                os.link(aside, self.path)  # fails if yet another lock appeared: then keep it
-            except OSError:
-                pass
+                os.rename(self.path, aside)
+            except FileNotFoundError:
+                return True
+            current = aside
+            moved = _read(aside)
+            if held is not None and (moved or {}).get("token") != held.get("token"):
+                try:
+                    os.link(aside, self.path)  # fails if yet another lock appeared: keep it
+                except OSError:
+                    pass
+                os.remove(aside)
+                return True
             os.remove(aside)
-            return True
-        os.remove(aside)
+        except OSError as e:  # e.g. a read-only workdir: no run can take this lock over
+            raise UserError(f"the workdir {self.workdir} holds a stale lock of "
+                            f"{describe(held) if held else 'an unknown run'} ({reason}) that "
+                            f"cannot be removed ({e.strerror or e}): delete {current} yourself "
+                            "if no run uses this workdir, or choose a writable --workdir") from e
         logging.warning("Took over the stale lock of %s in %s: %s.",
                         describe(held) if held else "an unknown run", self.workdir, reason)
         return True

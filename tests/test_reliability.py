@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 
+import jax
 import numpy as np
 import pytest
 from test_training import REPO, smoke_config
@@ -109,6 +110,31 @@ def test_unwritable_workdir_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"the workdir .*ro is not writable \(Permission denied\);"
                                         r" choose a writable --workdir"):
         workdir_lock.WorkdirLock(str(tmp_path / "ro"), enabled=True).acquire()
+
+
+@pytest.mark.parametrize("failing", ["rename", "remove"])
+def test_stale_lock_that_cannot_be_removed_is_one_clear_error(tmp_path, monkeypatch, failing):
+    """A stale lock in a workdir that became read-only (simulated: os.rename or, after the
+    move, os.remove fails) is a one-line error naming the file left behind, not a traceback."""
+    wd = str(tmp_path / "wd")
+    dead = _dead_pid()
+    _write_lock(wd, pid=dead)
+
+    def denied(*args):
+        raise PermissionError(13, "Permission denied", args[0])
+
+    monkeypatch.setattr(workdir_lock.os, failing, denied)
+    with pytest.raises(UserError) as e:
+        workdir_lock.WorkdirLock(wd, enabled=True).acquire()
+    monkeypatch.undo()
+    (left,) = os.listdir(wd)  # the stale lock, moved aside or not, is still there
+    assert (left == "LOCK") == (failing == "rename")
+    assert str(e.value) == (
+        f"the workdir {wd} holds a stale lock of pid {dead} on host '{socket.gethostname()}' "
+        f"(started 2026-01-01T00:00:00+00:00) (process {dead} no longer exists) that cannot be "
+        f"removed (Permission denied): delete {os.path.join(wd, left)} yourself if no run uses "
+        "this workdir, or choose a writable --workdir")
+    assert json.load(open(os.path.join(wd, left)))["pid"] == dead
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,6 +280,45 @@ def test_unreadable_latest_falls_back_without_repeating_steps(base_run, tmp_path
     with pytest.raises(checkpointing.CheckpointError,
                        match=r"no checkpoint of step 5 in .*; available steps: \[3, 6\]"):
         evaluate(longer, wd, step=5)
+
+
+def test_deleted_array_file_or_missing_metadata_falls_back(base_run, tmp_path, caplog,
+                                                           shared_experiments):
+    """The other shapes of a partial latest checkpoint: its largest array file deleted, or the
+    state's pytree metadata (``state/_METADATA``) missing. The restore warns naming step 6,
+    returns step 3 exactly as saved, and moves step 6 (minus the lost file) aside, kept."""
+    config, base_wd, _ = base_run
+    abstract = shared_experiments(config, steps_per_epoch=3).abstract_state
+    mgr = checkpointing.make_manager(base_wd, read_only=True, async_save=False)
+    want_state, want_data, _ = checkpointing.restore(mgr, abstract, step=3)
+    mgr.close()
+    step6 = os.path.join(base_wd, "checkpoints", "6")
+    biggest = max(glob.glob(os.path.join(step6, "state/ocdbt.process_0/d/*")),
+                  key=os.path.getsize)
+    for name, lost in (("array", os.path.relpath(biggest, step6)),
+                       ("metadata", os.path.join("state", "_METADATA"))):
+        wd = _copy(base_wd, tmp_path, name)
+        os.remove(os.path.join(wd, "checkpoints", "6", lost))
+        caplog.clear()
+        mgr = checkpointing.make_manager(wd, async_save=False)
+        with caplog.at_level("WARNING"):
+            state, data_state, step = checkpointing.restore(mgr, abstract, set_aside=True)
+        mgr.close()
+        assert step == 3 and data_state == want_data, name
+        for part in ("step", "params", "batch_stats", "opt_state"):
+            got, want = jax.tree.leaves(getattr(state, part)), jax.tree.leaves(
+                getattr(want_state, part))
+            assert got and len(got) == len(want), part
+            for x, y in zip(got, want):
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=part)
+        assert "The checkpoint of step 6 in" in caplog.text and "unreadable" in caplog.text
+        assert "Resuming from step 3, the newest readable checkpoint; unreadable: 6." \
+            in caplog.text, name
+        moved = os.path.join(wd, checkpointing.UNREADABLE_DIR, "6")
+        kept = {os.path.relpath(os.path.join(d, f), moved)
+                for d, _, files in os.walk(moved) for f in files}
+        assert lost not in kept and os.path.join("state", "manifest.ocdbt") in kept, name
+        assert checkpointing.saved_steps(wd) == [3], name
 
 
 class _BadLabels:
@@ -404,6 +469,13 @@ def test_cli_errors_are_one_line_with_exit_code_1(base_run, data_dir, tmp_path):
     assert r.returncode == 1
     assert ("config.batch_size=6 is not divisible by the 4 devices of the data-parallel mesh "
             "(config.num_devices=-1)") in _error_line(r)
+    r = _cli("train", smoke, "--config.eval_batch_size=6", f"--workdir={tmp_path / 'ebs'}",
+             env=env)
+    assert r.returncode == 1
+    assert _error_line(r).endswith(
+        "config.eval_batch_size=6 is not divisible by the 4 devices of the data-parallel mesh "
+        "(config.num_devices=-1); set config.eval_batch_size to a multiple of 4 or "
+        "config.num_devices to a divisor of 6")
     r = _cli("eval", smoke, f"--workdir={base_wd}", "--step=5", env=env)
     assert r.returncode == 1
     assert _error_line(r).endswith("available steps: [3, 6]")
@@ -412,6 +484,35 @@ def test_cli_errors_are_one_line_with_exit_code_1(base_run, data_dir, tmp_path):
     r = _cli("train", smoke, f"--workdir={blocker}/wd", env=dict(env, MTL_JAX_VERBOSE="1"))
     assert r.returncode == 1 and "Traceback" in r.stderr  # verbose: the traceback too
     assert "cannot create the workdir" in r.stderr.splitlines()[-1]
+
+
+def test_cli_nonfinite_loss_is_one_line_with_exit_code_1(base_run, data_dir, tmp_path,
+                                                         shared_experiments):
+    """A run resumed from a checkpoint whose parameters are NaN (the base run's step 3, edited):
+    its first step's loss is NaN, and the CLI stops with one line naming step 4 and the tasks.
+    The command line repeats the base run's config, so its compiled step is read back from the
+    persistent compilation cache."""
+    config, base_wd, _ = base_run
+    wd = _copy(base_wd, tmp_path, "nan")
+    abstract = shared_experiments(config, steps_per_epoch=3).abstract_state
+    mgr = checkpointing.make_manager(wd, async_save=False)
+    state, data_state, _ = checkpointing.restore(mgr, abstract, step=3)
+    mgr.delete(6)
+    mgr.delete(3)
+    nan_params = jax.tree.map(lambda x: x * np.nan, state.params)
+    checkpointing.save(mgr, 3, state.replace(params=nan_params), data_state)
+    mgr.close()
+    env = dict(os.environ, TFDS_DATA_DIR=data_dir, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    r = _cli("train", "--config=configs/quickstart.py:smoke", f"--workdir={wd}",
+             "--config.num_devices=1", "--config.checkpoint_every_steps=3",
+             "--config.num_vis_examples=0", "--config.augment.enabled=False", env=env)
+    assert r.returncode == 1
+    assert _error_line(r) == (
+        "mtl-jax: error: non-finite loss at step 4 in task(s) depth, normals, semseg; the update "
+        "of that step was not applied and no checkpoint holds it. Lower the learning rate, "
+        "check the labels, or set config.skip_nonfinite=True to skip such steps.")
+    assert checkpointing.saved_steps(wd) == [3]
 
 
 def test_cli_exit_code_constants():

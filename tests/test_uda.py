@@ -2,6 +2,7 @@
 and kill -9 resume of a UDA run (both players bit-identical)."""
 
 import importlib.util
+import json
 import os
 import random
 import re
@@ -263,6 +264,61 @@ def test_generator_and_discriminator_updates_are_separate(uda_setup):
         50 * float(m1["loss/semseg"]) + float(m1["loss/depth"]), rel=1e-5)
 
 
+class _BadLabels:
+    """A split whose example ``index`` has ``n`` semseg pixels of class 77."""
+
+    def __init__(self, src, index, n):
+        self.src, self.index, self.n = src, index, n
+
+    def __len__(self):
+        return len(self.src)
+
+    def __getitem__(self, i):
+        ex = dict(self.src[i])
+        if i == self.index:
+            semseg = np.array(ex["semseg"])
+            semseg.reshape(-1)[:self.n] = 77
+            ex["semseg"] = semseg
+        return ex
+
+
+def test_out_of_range_labels_are_counted_and_checked(uda_setup, caplog, monkeypatch):
+    """The UDA step counts the labelled half's out-of-range labels (the target half's labels
+    are never read: not counted), and the UDA evaluation stops on them (or warns) like the
+    train loop's, without reporting the counts as metrics."""
+    from mtl_jax.train import _check_label_counts, label_counts
+    from mtl_jax.uda.loop import evaluate_on
+
+    config, uexp, batch = uda_setup
+    bad = {}
+    for half, n in (("source", 5), ("target", 7)):
+        semseg = np.array(batch[half]["semseg"])
+        semseg[1].reshape(-1)[:n] = 77
+        bad[half] = {**batch[half], "semseg": jnp.asarray(semseg)}
+    _, metrics = uexp.train_step(uexp.init_state(), bad)
+    assert int(metrics["bad_labels/semseg"]) == 5 and "bad_labels/depth" not in metrics
+    with pytest.raises(UserError, match=r"^the training batch of step 1 has 5 semseg label "
+                                        r"pixel\(s\) outside the task's range"):
+        _check_label_counts("the training batch of step 1", label_counts(metrics), "error")
+    _, clean = uexp.train_step(uexp.init_state(), {**bad, "source": batch["source"]})
+    assert int(clean["bad_labels/semseg"]) == 0
+
+    exp = uexp.exp
+    (val,) = open_uda_data(config, splits=("val",))["target"]
+    state = uexp.init_state()
+    with pytest.raises(UserError, match=r"^the target's validation split has 3 semseg label "
+                                        r"pixel\(s\) outside the task's range"):
+        evaluate_on(exp, state, _BadLabels(val, 7, 3), False,
+                    where="the target's validation split")
+    monkeypatch.setattr(exp, "config", config.copy_and_resolve_references())
+    exp.config.label_check = "warn"
+    with caplog.at_level("WARNING"):
+        results = evaluate_on(exp, state, _BadLabels(val, 7, 3), False)
+    assert "the validation split has 3 semseg label pixel(s)" in caplog.text
+    assert "semseg/miou" in results and not any(k.startswith("bad_labels") for k in results)
+    assert evaluate_on(exp, state, val, False).keys() == results.keys()
+
+
 def test_densemtl_smoke_config_step_shapes(uda_data_dir):
     """The DenseMTL smoke config (mTEB, side outputs): four discriminators (each task at the
     output and at side output 1); the whole step traces with the right shapes."""
@@ -356,3 +412,13 @@ def test_sigkill_resume_of_uda_run_is_bit_exact(uda_data_dir, tmp_path):
     np.testing.assert_array_equal(jax.random.key_data(a.rng), jax.random.key_data(b.rng))
     resumed_from = int(re.search(r"Resumed from the checkpoint of step (\d+)", out).group(1))
     assert 0 < resumed_from < 20, resumed_from
+    # metrics.jsonl holds every logged step once: the replayed steps' records were dropped;
+    # the label counts are checked, never logged or saved as metrics.
+    for wd in (ref_wd, kill_wd):
+        records = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
+        logged = [r["step"] for r in records if "train/loss/total" in r]
+        assert logged == list(range(1, 21)), (wd, logged)
+        assert [r["step"] for r in records if "eval/semseg/miou" in r] == [20], wd
+        assert not [k for r in records for k in r if "bad_labels" in k], wd
+        results = json.load(open(os.path.join(wd, "results.json")))
+        assert "semseg/miou" in results and not [k for k in results if "bad_labels" in k], wd

@@ -177,14 +177,25 @@ def _eval_normals_from_depth(config, dataset) -> bool:
     return dataset_normals_from_depth(_with_dataset(config, dataset))
 
 
-def evaluate_on(exp: Experiment, state, source, normals_from_depth: bool) -> dict[str, float]:
-    """Every metric of every task over ``source`` (each example exactly once)."""
+def evaluate_on(exp: Experiment, state, source, normals_from_depth: bool, *,
+                where: str = "the validation split") -> dict[str, float]:
+    """Every metric of every task over ``source`` (each example exactly once).
+
+    Labels outside a task's range, counted over the whole split, stop the evaluation with
+    ``<where> has K <task> label pixel(s) outside the task's range ...`` or log it as a
+    warning (``config.label_check='warn'``), as :func:`mtl_jax.train.evaluate_state` does;
+    the counts are not returned as metrics."""
+    from mtl_jax.train import _check_label_counts, label_counts
+
     acc = None
     model_state = state.model_state() if hasattr(state, "model_state") else state
     for batch in pipeline.eval_batches(source, global_batch_size=exp.eval_batch_size,
                                        mesh=exp.mesh, normals_from_depth=normals_from_depth):
         acc = merge_metrics(acc, exp.eval_step(model_state, batch))
-    return compute_metrics(acc)
+    results = compute_metrics(acc)
+    _check_label_counts(where, label_counts(results, pop=True),
+                        exp.config.get("label_check", "error"))
+    return results
 
 
 def evaluate_both(uexp: UDAExperiment, state, data: dict) -> dict[str, float]:
@@ -192,10 +203,12 @@ def evaluate_both(uexp: UDAExperiment, state, data: dict) -> dict[str, float]:
     config = uexp.exp.config
     opts = uda_options(config)
     results = evaluate_on(uexp.exp, state, data["target"][-1],
-                          _eval_normals_from_depth(config, opts["target_dataset"]))
+                          _eval_normals_from_depth(config, opts["target_dataset"]),
+                          where="the target's validation split")
     src_ds = opts.get("source_eval_dataset") or config.dataset
     src = evaluate_on(uexp.exp, state, data["source_eval"][-1],
-                      _eval_normals_from_depth(config, src_ds))
+                      _eval_normals_from_depth(config, src_ds),
+                      where="the source's validation split")
     results.update({f"source/{k}": v for k, v in src.items()})
     return results
 
@@ -206,7 +219,8 @@ def train_and_evaluate_uda(config: ml_collections.ConfigDict, workdir: str, stop
     the same guarantees (docs/reliability.md): a resume refuses a config that changes the
     model, tasks or data; unreadable checkpoints fall back to the newest readable one; a
     failed background save stops the run; ``metrics.jsonl`` never repeats a step; labels
-    outside a task's range are counted every step; SIGTERM saves and raises
+    outside a task's range are counted in every step's labelled half and over both val
+    splits, and stop the run (or warn, ``config.label_check``); SIGTERM saves and raises
     :class:`~mtl_jax.errors.Preempted`."""
     from mtl_jax.train import (
         _any_process_stopping,

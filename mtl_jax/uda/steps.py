@@ -23,7 +23,10 @@ be absent when ``adversarial=False``). One step:
 The generator's gradient is taken w.r.t. the model's parameters only and the discriminator's
 w.r.t. the discriminators' only, so neither update can move the other player. A non-finite
 loss or gradient keeps both players as they were (the step counter advances), as in
-:mod:`mtl_jax.steps`.
+:mod:`mtl_jax.steps`. The labels outside a task's range in the labelled half are counted
+(``bad_labels/<task>``, as :func:`mtl_jax.steps.train_step` does) for the loop to check; the
+target half's labels, when its dataset has any, are never read, so never counted (in the
+oracle configuration the labelled half *is* the target data: ``config.dataset``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import jax.numpy as jnp
 import optax
 
 from mtl_jax import steps
+from mtl_jax.tasks.base import bad_label_counts
 from mtl_jax.uda.inputs import discriminator_inputs
 from mtl_jax.weighting import Weighting
 
@@ -212,4 +216,6 @@ def uda_train_step(state: UDATrainState, batch: Mapping[str, Mapping[str, jax.Ar
     new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
     metrics["nonfinite"] = ~finite
     metrics.update(steps.alpha_summaries(new_state.params))
+    metrics.update({f"bad_labels/{t}": n
+                    for t, n in bad_label_counts(tasks, batch["source"]).items()})
     return new_state.replace(step=state.step + 1), metrics
