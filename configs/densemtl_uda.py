@@ -54,23 +54,24 @@ vkitti2 (14 classes) → cityscapes needs a common label set that is not impleme
 is then refused; tasks=d works).
 
 Hardware and time: smoke ~1-2 min on an idle 2-core CPU (mostly compilation; 2m38s of CPU
-time measured). synthetic_small: three runs sized for <= 15 min together on 2 idle CPU cores
-(measured for uda=true, the slowest of the three: both domains built in ~45 s, compile + first
-step 60 s, then 0.26 s/step (3.8 steps/s), so 600 steps with three evaluations take about
-5 minutes; source-only and the oracle train no discriminators; the three together about
-13 minutes; 176-216 s each on a shared H200).
+time measured). synthetic_small: the three runs took 585 s together on 2 CPU cores (measured
+2026-11-26, load average 2-3.5: 214 s source-only with both domains' dataset builds, 261 s
+UDA, 110 s oracle; compile + first step 36 / 69 / 33 s), sized for <= 15 min.
 
 Numbers on the procedural dataset (synthetic_small, seed 0, target val = 200 images of the
-target domain; measured 2026-11-26 on one NVIDIA H200 with these configs -- a CPU run differs
-only by rounding; docs/models/densemtl.md "MTL-UDA"):
+target domain; the CPU runs above, and one NVIDIA H200 with the same configs -- trajectories
+differ by accumulated rounding; docs/models/densemtl.md "MTL-UDA"):
 
-  run            target mIoU  pixel acc  depth abs rel  RMSE  | source mIoU  abs rel
-  uda=false      0.075        0.286      0.275          1.46  | 0.247        0.180
-  uda=true       0.149        0.612      0.237          1.17  | 0.213        0.195
-  oracle         0.257        0.775      0.186          0.82  | 0.102        0.263
+  run              target mIoU  pixel acc  depth abs rel  RMSE  | source mIoU  abs rel
+  CPU  uda=false   0.047        0.202      0.316          1.70  | 0.229        0.171
+  CPU  uda=true    0.132        0.545      0.240          1.19  | 0.207        0.206
+  CPU  oracle      0.254        0.772      0.176          0.81  | 0.099        0.290
+  H200 uda=false   0.075        0.286      0.275          1.46  | 0.247        0.180
+  H200 uda=true    0.149        0.612      0.237          1.17  | 0.213        0.195
+  H200 oracle      0.257        0.775      0.186          0.82  | 0.102        0.263
 
-Source-only loses clearly against the oracle; adaptation closes about 40 % of the gap on both
-tasks.
+Source-only loses clearly against the oracle; adaptation closes about 40 % of the semseg gap
+and about half of the depth gap (CPU).
 """
 
 import importlib.util
