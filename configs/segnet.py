@@ -57,27 +57,29 @@ cross_stitch 74,941,804 (+3); padnet 45,938,641; atinet 45,716,497; mtan on city
 (2 tasks, 7 classes) 41,206,984 -- MTAN's code has 21,251 more (41,228,235: a level-0
 attention pair of a third task it never uses and 3 log-variances).
 
-Synthetic (procedural dataset, ``dataset=synthetic``, 96×128, width 16 (2.8M parameters),
-batch 8, Adam 1e-3, 600 steps, evals at 200/400/600)::
+Synthetic (procedural dataset, ``dataset=synthetic``; default sized for 2 CPU cores: 64×96,
+width 8, batch 8, Adam 1e-3 halved at 300, 600 steps, evals at 200/400/600)::
 
     mtl-jax train --config=configs/segnet.py --workdir=workdir/segnet_synthetic
 
-Expected numbers (val split, 500 images; measured 2026-11-26 on one NVIDIA H200 with this
-config and seed -- a CPU run differs only by floating-point rounding; docs/models/segnet.md),
-against the trivial predictors the run writes to trivial_baseline.json:
+Measured 2026-11-26 on 2 CPU cores (x86_64, load ~2): 6 min 43 s wall for the whole run
+(dataset build, compile + first step 52 s, 0.75-2.6 steps/s, three evals). Val split (500
+images) against the trivial predictors the run writes to trivial_baseline.json:
 
   eval step       mIoU   pixel acc | depth abs rel  RMSE | normals mean  median  <22.5
-  trivial         0.046  0.456     | 0.390          1.32 | 49.9          --      --
-  MTAN 200        0.148  --        | 0.194          --   | 27.1          --      --
-  MTAN 400        0.176  --        | 0.189          --   | 24.3          --      --
-  MTAN 600        0.239  0.801     | 0.163          0.71 | 22.9          15.1    64.1 %
+  trivial         0.046  0.460     | 0.376          1.29 | 49.3          47.5    0.6 %
+  MTAN 200        0.140  0.731     | 0.240          0.99 | 32.8          24.9    45.8 %
+  MTAN 400        0.144  0.742     | 0.224          0.90 | 29.4          20.0    54.0 %
+  MTAN 600        0.145  0.745     | 0.202          0.85 | 27.4          16.9    58.7 %
 
-Time: 32 steps/s on the H200 (600 steps in ~20 s; 260 s wall there with compilation, the
-dataset build and seven other runs sharing the GPU). On 2 CPU cores this config does NOT fit
-10 minutes: `python benchmarks/step_time.py --config configs/segnet.py --steps 5 --devices 1`
-gave 7.0 s/step (compile + first step 155 s) with three other jobs sharing the cores; even at
-half that on an idle machine, 600 steps take over 30 minutes. A CPU-sized variant (smaller
-width/resolution, re-measured) is still to be made (issue 12).
+GPU-sized setting ``size=96x128,width=16`` (2.8M parameters), one NVIDIA H200, step 600
+(trivial: 0.046 / 0.456 | 0.390 / 1.32 | 49.9):
+
+  MTAN (ew)                 0.239  0.801     | 0.163          0.71 | 22.9          15.1    64.1 %
+  ATI-Net (dwa, switch 300) 0.199  0.790     | 0.179          0.75 | 24.5          17.0    60.4 %
+
+(32 steps/s for MTAN there; on 2 CPU cores this setting runs at ~3-7 s/step, too slow for a
+10-minute run -- docs/models/segnet.md.)
 """
 
 import ml_collections
