@@ -16,6 +16,10 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=4").strip()
+# Compile-light XLA (backend optimisation level 0, no expensive LLVM passes), as Flax's own
+# model tests do: the suite's time is mostly XLA compiling train steps it then runs a handful
+# of times on tiny inputs. Set JAX_DISABLE_MOST_OPTIMIZATIONS=0 to test the default pipeline.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache",
