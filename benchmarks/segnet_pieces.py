@@ -11,9 +11,10 @@ Prints one Markdown table for ``docs/benchmarks.md`` ("SegNet family"): seconds 
 
 * the forward pass (``predict_step``) and the train step of ``configs/segnet.py:model=stl``
   (one task: SegNet only) and ``model=mtan`` (three tasks, attention) at the given size;
-* forward + backward of one 3×3 convolution ``width -> width`` at full resolution (the
-  layer SegNet has four of at that resolution), of the 2×2 max-pool with its window mask,
-  and of max-unpooling, each on a ``[batch, H, W, width]`` input.
+* one 3×3 convolution ``width -> width`` at full resolution (the layer SegNet has four of at
+  that resolution): forward alone, with the input gradient, with the kernel gradient, with
+  both; the 2×2 max-pool with its window mask, and max-unpooling, forward + backward; each on
+  a ``[batch, H, W, width]`` input.
 
 The pieces' times times their counts bound what the whole step should cost; a step far above
 that bound points at a slow compiled path rather than the arithmetic.
@@ -93,7 +94,13 @@ def piece_rows(size, width, batch, steps) -> list[tuple[str, float]]:
         return jax.lax.conv_general_dilated(x_, k_, (1, 1), "SAME",
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-    conv_grad = jax.jit(jax.grad(lambda x_, k_: jnp.sum(conv(x_, k_) ** 2), argnums=(0, 1)))
+    def loss(x_, k_):
+        return jnp.sum(conv(x_, k_) ** 2)
+
+    conv_fwd = jax.jit(conv)
+    conv_grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    conv_dx = jax.jit(jax.grad(loss, argnums=0))
+    conv_dk = jax.jit(jax.grad(loss, argnums=1))
 
     def pool_unpool(x_):
         pooled, mask = pooling.max_pool_with_mask(x_)
@@ -101,8 +108,11 @@ def piece_rows(size, width, batch, steps) -> list[tuple[str, float]]:
 
     pool_grad = jax.jit(jax.grad(pool_unpool))
     pool_only = jax.jit(jax.grad(lambda x_: jnp.sum(pooling.max_pool_with_mask(x_)[0] ** 2)))
-    return [(f"one conv3x3 {width}->{width}, forward + backward", _time(conv_grad, x, kernel,
-                                                                      steps=steps)),
+    name = f"one conv3x3 {width}->{width}"
+    return [(f"{name}, forward", _time(conv_fwd, x, kernel, steps=steps)),
+            (f"{name}, forward + input gradient", _time(conv_dx, x, kernel, steps=steps)),
+            (f"{name}, forward + kernel gradient", _time(conv_dk, x, kernel, steps=steps)),
+            (f"{name}, forward + backward", _time(conv_grad, x, kernel, steps=steps)),
             ("max-pool with mask, forward + backward", _time(pool_only, x, steps=steps)),
             ("max-pool + max-unpool, forward + backward", _time(pool_grad, x, steps=steps))]
 
