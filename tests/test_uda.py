@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 from conftest import TINY
+from test_reliability import _BadLabels
 
 from mtl_jax import checkpointing
 from mtl_jax.data import pipeline, registry
@@ -262,24 +263,6 @@ def test_generator_and_discriminator_updates_are_separate(uda_setup):
         float(m1["loss/supervised"]) + 0.005 * float(m1["loss/adversarial"]), rel=1e-5)
     assert float(m1["loss/supervised"]) == pytest.approx(
         50 * float(m1["loss/semseg"]) + float(m1["loss/depth"]), rel=1e-5)
-
-
-class _BadLabels:
-    """A split whose example ``index`` has ``n`` semseg pixels of class 77."""
-
-    def __init__(self, src, index, n):
-        self.src, self.index, self.n = src, index, n
-
-    def __len__(self):
-        return len(self.src)
-
-    def __getitem__(self, i):
-        ex = dict(self.src[i])
-        if i == self.index:
-            semseg = np.array(ex["semseg"])
-            semseg.reshape(-1)[:self.n] = 77
-            ex["semseg"] = semseg
-        return ex
 
 
 def test_out_of_range_labels_are_counted_and_checked(uda_setup, caplog, monkeypatch):
