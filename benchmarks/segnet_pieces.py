@@ -23,7 +23,6 @@ that bound points at a slow compiled path rather than the arithmetic.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -38,16 +37,13 @@ from mtl_jax.experiment import build_experiment
 from mtl_jax.models import pooling
 
 sys.path.insert(0, os.path.dirname(__file__))
-from step_time import fake_batch  # noqa: E402
+from step_time import _load_config, fake_batch  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "segnet.py")
 
 
 def _config(arg: str, size: tuple[int, int], width: int, batch: int):
-    spec = importlib.util.spec_from_file_location("_segnet_cfg", CONFIG)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    config = mod.get_config(arg)
+    config = _load_config(CONFIG, arg)
     config.input_size = size
     config.model.width = width
     config.batch_size = batch
