@@ -4,6 +4,10 @@
 #   bash benchmarks/device_runs.sh            # from the repository root; results under $OUT
 #   bash benchmarks/device_runs.sh strategies gradvac moco ...   # smoke-train these strategies
 #   bash benchmarks/device_runs.sh segnet ew dwa ...  # ATI-Net synthetic, then benchmarks/segnet.py
+#   bash benchmarks/device_runs.sh segnet_bench [strategy ...]  # benchmarks/segnet.py alone:
+#       the MTAN model row and every strategy (or those named), compiled concurrently;
+#       SEGNET_ARG=... sets its --arg, SEGNET_FLAGS=... adds flags (e.g. a tiny CPU check:
+#       SEGNET_ARG=model=mtan,dataset=synthetic,smoke SEGNET_FLAGS="--steps 1")
 #
 # The machine this was written for has JAX (CUDA) but none of our other dependencies and no
 # network: the missing wheels travel in .whl/ (Python 3.12; see docs/benchmarks.md for the
@@ -79,6 +83,25 @@ if [ "${1:-}" = segnet ]; then
   timeout "$left" $PY benchmarks/segnet.py --devices 1 ${only:+--only $only} \
       >"$LOGS/bench_segnet.log" 2>&1
   echo "bench segnet rc=$?" >>"$LOGS/summary.txt"
+  cat "$LOGS/bench_segnet.log" "$LOGS/summary.txt"
+  exit 0
+fi
+
+# ---- `bash benchmarks/device_runs.sh segnet_bench [strategy ...]`: benchmarks/segnet.py on the
+# idle GPU for the whole budget (worker processes compile the variants concurrently, then each
+# is timed alone; rows are printed as they are timed, and its own --deadline ends the table
+# before this script's) ------------------------------------------------------------------------
+if [ "${1:-}" = segnet_bench ]; then
+  shift
+  export JAX_COMPILATION_CACHE_DIR=$W/jax_cache
+  only=$(IFS=,; echo "$*")
+  start=$(date +%s) left=$(( DEADLINE - $(date +%s) - 15 ))
+  # shellcheck disable=SC2086  # SEGNET_FLAGS is a list of flags
+  timeout "$left" $PY benchmarks/segnet.py --devices 1 --deadline $(( left - 20 )) \
+      ${SEGNET_ARG:+--arg "$SEGNET_ARG"} ${only:+--only "$only"} ${SEGNET_FLAGS:-} \
+      >"$LOGS/bench_segnet.log" 2>&1
+  echo "bench segnet rc=$? wall=$(( $(date +%s) - start ))s" >>"$LOGS/summary.txt"
+  cp "$LOGS/bench_segnet.log" "$OUT/"
   cat "$LOGS/bench_segnet.log" "$LOGS/summary.txt"
   exit 0
 fi
