@@ -21,10 +21,11 @@ set -u
 OUT=${OUT:-/tmp/device_out}
 mkdir -p "$OUT"
 ROOT=$(pwd)
-W=/tmp/device_work
+W=${DEVICE_WORK:-/tmp/device_work}  # DEVICE_WORK, SITE: elsewhere for a local check
 LOGS=$W/logs
 mkdir -p "$W" "$LOGS"
-export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$ROOT"
+SITE=${SITE:-/tmp/site}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE:$ROOT"
 PY=${PY:-python3}
 DEADLINE=$(( $(date +%s) + ${BUDGET:-540} ))  # the whole script, archive included
 
@@ -40,7 +41,7 @@ trap finish EXIT
   >"$LOGS/machine.log" 2>&1
 if [ -d .whl ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl >"$LOGS/pip.log" 2>&1 || { echo "pip failed"; exit 1; }
+    --target "$SITE" .whl/*.whl >"$LOGS/pip.log" 2>&1 || { echo "pip failed"; exit 1; }
 fi
 $PY -c "import jax, flax, mtl_jax.train; print(jax.__version__, flax.__version__, jax.devices())" \
   >>"$LOGS/machine.log" 2>&1 || { cat "$LOGS/machine.log"; exit 1; }
