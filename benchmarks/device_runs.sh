@@ -100,10 +100,13 @@ if [ "${1:-}" = segnet_bench ]; then
   # shellcheck disable=SC2086  # SEGNET_FLAGS is a list of flags
   timeout "$left" $PY benchmarks/segnet.py --devices 1 --deadline $(( left - 20 )) \
       ${SEGNET_ARG:+--arg "$SEGNET_ARG"} ${only:+--only "$only"} ${SEGNET_FLAGS:-} \
-      >"$LOGS/bench_segnet.log" 2>&1
+      >"$OUT/bench_segnet.md" 2>"$LOGS/bench_segnet.err"
   echo "bench segnet rc=$? wall=$(( $(date +%s) - start ))s" >>"$LOGS/summary.txt"
-  cp "$LOGS/bench_segnet.log" "$OUT/"
-  cat "$LOGS/bench_segnet.log" "$LOGS/summary.txt"
+  # stderr without XLA's repeated source-location traces, at most 4 MB
+  grep -v -e '^external/' -e 'Source Location Trace' -e '^$' "$LOGS/bench_segnet.err" |
+    tail -c 4000000 >"$OUT/bench_segnet_err.log"
+  cp "$OUT/bench_segnet.md" "$LOGS/"
+  cat "$OUT/bench_segnet.md" "$LOGS/summary.txt"
   exit 0
 fi
 

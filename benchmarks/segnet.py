@@ -13,20 +13,20 @@ tables for ``docs/benchmarks.md``: compile + first step and steady-state ms/step
 with ``rep_grad=True`` where the strategy supports it), timed as ``benchmarks/weighting.py``
 does: 3 warm-up steps, then the median of 3 rounds of ``--steps`` steps.
 
-Compiling MTAN's step takes ~40 s on a GPU host and the full table has 46 variants (30
-strategies, 16 of them also with ``rep_grad``), so one after another they do not fit a short
-GPU lease. With ``--compile_workers K`` (default: one per CPU core but one):
+Compiling MTAN's step takes ~40-80 s on a GPU host (XLA autotunes hundreds of kernels on the
+device) and the full table has 46 variants (30 strategies, 16 of them also with
+``rep_grad``), so one after another they do not fit a short GPU lease. With
+``--compile_workers K`` (default: one per CPU core but one, at most 12):
 
 1. K worker processes (processes, not threads: tracing holds the GIL and takes seconds per
-   variant) build and lower every variant but ``ew`` while this process lowers, compiles
-   and runs ``ew`` alone -- its compile + first step is the model row, and it fills XLA's
-   autotuning cache on disk (``JAX_COMPILATION_CACHE_DIR``; a temporary one if unset), which
-   the workers then read instead of autotuning the same convolutions again concurrently.
-2. The workers compile ahead of time (``jit(...).lower(...).compile()``) and send the
-   executables back (``jax.experimental.serialize_executable``).
-3. When all are compiled, or when ``--deadline`` (seconds since start) leaves just the time
-   to time those compiled, the workers are stopped and this process times each executable
-   alone on the idle device, printing each row as soon as it is known.
+   variant) build, lower and compile ahead of time (``jit(...).lower(...).compile()``) every
+   variant but ``ew``, in the order of the table with the ``rep_grad`` ones last, sharing
+   60 % of the device's memory (the autotuning allocates on it), and send the executables
+   back (``jax.experimental.serialize_executable``). Meanwhile this process compiles ``ew``
+   (its compile + first step is the model row's, measured beside the workers).
+2. When all are compiled, or when ``--deadline`` (seconds since start) leaves just the time
+   to time those compiled, the workers are stopped and this process times ``ew`` again, then
+   each executable, alone on the idle device, printing each row as soon as it is known.
 
 ``--compile_workers 0`` compiles in this process, one variant after another, through the
 jitted step (slow, but it also handles staged models such as ATI-Net, whose step is chosen
@@ -61,6 +61,7 @@ from step_time import _load_config, fake_batch  # noqa: E402
 from weighting import strategy_config, time_steps  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "segnet.py")
+WORKERS_MEMORY = 0.6  # the fraction of the device's memory the compile workers share
 T0 = time.perf_counter()
 if "jax_use_simplified_jaxpr_constants" in jax.config.values:
     # Constants embedded in the program (this JAX's default): serialize_executable refuses
@@ -133,28 +134,23 @@ def _from_host(x: tuple) -> Any:
 
 # ---- worker processes -------------------------------------------------------------------
 
-_READY = None  # multiprocessing.Event: set once the parent's ew compile filled the caches
-
-
-def _worker_init(ready, cache_dir: str) -> None:
-    global _READY
-    _READY = ready
-    # Before this process's backend starts: share the device, and the autotuning cache.
+def _worker_init(mem_fraction: float, cache_dir: str) -> None:
+    # Before this process's backend starts: its share of the device's memory (XLA autotunes
+    # on the device while compiling; without a cap the workers' allocators ran it out of
+    # memory), and the compilation cache.
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-    os.nice(5)  # the parent's ew compile and first step come first
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{mem_fraction:.4f}"
     if cache_dir:
         jax.config.update("jax_compilation_cache_dir", cache_dir)
 
 
 def _worker_job(config_path: str, arg: str, devices: int, name: str,
                 rep_grad: bool) -> dict[str, Any]:
-    """Lowers, then (once the parent says so) compiles one variant; returns its serialized
-    executables, or the error."""
+    """Lowers and compiles one variant; returns its serialized executables, or the error."""
     out: dict[str, Any] = {"name": name, "rep_grad": rep_grad, "pid": os.getpid()}
     try:
         config, batch = load(config_path, arg, devices)
         low = lower_variant(config, name, rep_grad, batch)
-        _READY.wait()
         t0 = time.perf_counter()
         step, init = low["step"].compile(), low["init"].compile()
         out["seconds"] = {**low["seconds"], "compile": time.perf_counter() - t0}
@@ -239,7 +235,6 @@ def print_header(args, config, hw: str, base: float) -> None:
 def run_parallel(args, config, batch, names: list[str], hw: str) -> None:
     todo = [v for v in variants(names) if v != ("ew", False)] if not args.no_weightings else []
     ctx = multiprocessing.get_context("spawn")
-    ready = ctx.Event()
     pool = None
     if todo:
         cache_dir = jax.config.jax_compilation_cache_dir
@@ -247,18 +242,18 @@ def run_parallel(args, config, batch, names: list[str], hw: str) -> None:
             cache_dir = tempfile.mkdtemp(prefix="segnet_bench_cache_")
             jax.config.update("jax_compilation_cache_dir", cache_dir)
         workers = min(args.compile_workers, len(todo))
-        pool = ctx.Pool(workers, initializer=_worker_init, initargs=(ready, cache_dir))
+        pool = ctx.Pool(workers, initializer=_worker_init,
+                        initargs=(WORKERS_MEMORY / workers, cache_dir))
         pending = {v: pool.apply_async(_worker_job, (args.config, args.arg, args.devices) + v)
                    for v in todo}
         print(f"# {len(todo)} variants to {workers} compile workers "
-              f"(cache {cache_dir})", file=sys.stderr, flush=True)
-    # ew, here: the model row, and the autotuning results the workers will read.
+              f"(cache {cache_dir})", flush=True)
+    # ew, here, while the workers compile the others: the model row and the baseline.
     t0 = time.perf_counter()
     low = lower_variant(config, "ew", False, batch)
     t1 = time.perf_counter()
     step, init = low["step"].compile(), low["init"].compile()
     t2 = time.perf_counter()
-    ready.set()
     state = init(*low["init_args"])
     b = pipeline.to_global(batch, pipeline.batch_sharding(make_mesh(config)))
     t3 = time.perf_counter()
@@ -266,15 +261,15 @@ def run_parallel(args, config, batch, names: list[str], hw: str) -> None:
     jax.block_until_ready(m)
     first = (t2 - t0) + (time.perf_counter() - t3)
     print(f"# ew: build + lower {t1 - t0:.1f} s, compile {t2 - t1:.1f} s, first step "
-          f"{time.perf_counter() - t3:.2f} s", file=sys.stderr, flush=True)
+          f"{time.perf_counter() - t3:.2f} s", flush=True)
     t_ew = time.perf_counter()
     base = time_steps(step, state, b, args.steps)
     # What timing one variant costs here: ew's timing plus loading and a margin.
     per_variant = 2 * (time.perf_counter() - t_ew) + 2
-    del state, step, init, low
-    print_model(args, config, first, base, hw)
     if not todo:
+        print_model(args, config, first, base, hw)
         return
+    print(f"# ew {base * 1000:.1f} ms/step while the workers compile", flush=True)
 
     done: dict[tuple[str, bool], dict[str, Any]] = {}
     t_start = time.perf_counter()
@@ -286,19 +281,22 @@ def run_parallel(args, config, batch, names: list[str], hw: str) -> None:
                 secs = res.get("seconds", {})
                 print(f"# {time.perf_counter() - T0:6.1f} s  compiled {label(*v)}: " + (
                     "ERROR " + res["error"].strip().splitlines()[-1] if "error" in res else
-                    ", ".join(f"{k} {s:.1f} s" for k, s in secs.items())),
-                    file=sys.stderr, flush=True)
+                    ", ".join(f"{k} {s:.1f} s" for k, s in secs.items())), flush=True)
         left = args.deadline - (time.perf_counter() - T0) if args.deadline else float("inf")
         if len(done) < len(todo) and left < (len(done) + 1) * per_variant + 10:
             print(f"# deadline: {len(todo) - len(done)} variants not compiled, stopping the "
-                  "workers", file=sys.stderr, flush=True)
+                  "workers", flush=True)
             break
         time.sleep(0.5)
     pool.terminate()
     pool.join()
     print(f"# compile phase {time.perf_counter() - t_start:.1f} s wall after ew, "
-          f"{len(done)}/{len(todo)} variants", file=sys.stderr, flush=True)
+          f"{len(done)}/{len(todo)} variants", flush=True)
 
+    # The baseline again, now that the device and the host are idle.
+    base = time_steps(step, init(*low["init_args"]), b, args.steps)
+    del step, init, low
+    print_model(args, config, first, base, hw)
     print_header(args, config, hw, base)
     for name in names:
         times: dict[bool, float | str] = {}
@@ -351,7 +349,8 @@ def main() -> None:
     p.add_argument("--devices", type=int, default=-1)
     p.add_argument("--only", default="", help="comma-separated strategy names (default: all)")
     p.add_argument("--no_weightings", action="store_true")
-    p.add_argument("--compile_workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+    p.add_argument("--compile_workers", type=int,
+                   default=max(1, min(12, (os.cpu_count() or 2) - 1)),
                    help="worker processes compiling the variants (0: in this process, "
                         "one after another)")
     p.add_argument("--deadline", type=float, default=0.0,
@@ -366,8 +365,10 @@ def main() -> None:
     if "ew" not in names:
         names = ["ew"] + names  # the baseline row
     if args.compile_workers and not args.lower_only:
-        # This process shares the device with the workers while they compile.
-        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+        # This process shares the device with the workers while they compile: it takes
+        # what it needs (ew's step while they compile; each variant's once they are gone).
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
     config, batch = load(args.config, args.arg, args.devices)
     if args.lower_only:
         failed = 0
