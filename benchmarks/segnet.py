@@ -16,17 +16,22 @@ does: 3 warm-up steps, then the median of 3 rounds of ``--steps`` steps.
 Compiling MTAN's step takes ~40-80 s on a GPU host (XLA autotunes hundreds of kernels on the
 device) and the full table has 46 variants (30 strategies, 16 of them also with
 ``rep_grad``), so one after another they do not fit a short GPU lease. With
-``--compile_workers K`` (default: one per CPU core but one, at most 12):
+``--compile_workers K`` (default: one per CPU core but one, at most 6):
 
 1. K worker processes (processes, not threads: tracing holds the GIL and takes seconds per
    variant) build, lower and compile ahead of time (``jit(...).lower(...).compile()``) every
    variant but ``ew``, in the order of the table with the ``rep_grad`` ones last, sharing
-   60 % of the device's memory (the autotuning allocates on it), and send the executables
-   back (``jax.experimental.serialize_executable``). Meanwhile this process compiles ``ew``
-   (its compile + first step is the model row's, measured beside the workers).
+   75 % of the device's memory (the autotuning allocates on it), and send the executables
+   back (``jax.experimental.serialize_executable``). Before they start, this process
+   compiles and times ``ew`` alone: the model row and the baseline.
 2. When all are compiled, or when ``--deadline`` (seconds since start) leaves just the time
-   to time those compiled, the workers are stopped and this process times ``ew`` again, then
-   each executable, alone on the idle device, printing each row as soon as it is known.
+   to time those compiled, the workers are stopped and this process times each executable
+   alone on the idle device, printing each row as soon as it is known.
+
+Sizing K: each worker autotunes on the device, and the gradient-based variants' autotuning
+needs GBs (their [tasks, ...] gradient tensors). On one H100 (80 GB), 15 workers ran it out
+of memory for every gradient-based variant, and 21 workers also starved this process's own
+compile (docs/benchmarks.md); hence the default of at most 6.
 
 ``--compile_workers 0`` compiles in this process, one variant after another, through the
 jitted step (slow, but it also handles staged models such as ATI-Net, whose step is chosen
@@ -61,7 +66,7 @@ from step_time import _load_config, fake_batch  # noqa: E402
 from weighting import strategy_config, time_steps  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "segnet.py")
-WORKERS_MEMORY = 0.6  # the fraction of the device's memory the compile workers share
+WORKERS_MEMORY = 0.75  # the fraction of the device's memory the compile workers share
 T0 = time.perf_counter()
 if "jax_use_simplified_jaxpr_constants" in jax.config.values:
     # Constants embedded in the program (this JAX's default): serialize_executable refuses
@@ -233,22 +238,7 @@ def print_header(args, config, hw: str, base: float) -> None:
 
 
 def run_parallel(args, config, batch, names: list[str], hw: str) -> None:
-    todo = [v for v in variants(names) if v != ("ew", False)] if not args.no_weightings else []
-    ctx = multiprocessing.get_context("spawn")
-    pool = None
-    if todo:
-        cache_dir = jax.config.jax_compilation_cache_dir
-        if not cache_dir:
-            cache_dir = tempfile.mkdtemp(prefix="segnet_bench_cache_")
-            jax.config.update("jax_compilation_cache_dir", cache_dir)
-        workers = min(args.compile_workers, len(todo))
-        pool = ctx.Pool(workers, initializer=_worker_init,
-                        initargs=(WORKERS_MEMORY / workers, cache_dir))
-        pending = {v: pool.apply_async(_worker_job, (args.config, args.arg, args.devices) + v)
-                   for v in todo}
-        print(f"# {len(todo)} variants to {workers} compile workers "
-              f"(cache {cache_dir})", flush=True)
-    # ew, here, while the workers compile the others: the model row and the baseline.
+    # ew first, alone: the model row (compile + first step) and the baseline.
     t0 = time.perf_counter()
     low = lower_variant(config, "ew", False, batch)
     t1 = time.perf_counter()
@@ -266,11 +256,23 @@ def run_parallel(args, config, batch, names: list[str], hw: str) -> None:
     base = time_steps(step, state, b, args.steps)
     # What timing one variant costs here: ew's timing plus loading and a margin.
     per_variant = 2 * (time.perf_counter() - t_ew) + 2
+    del state, step, init, low
+    print_model(args, config, first, base, hw)
+    todo = [v for v in variants(names) if v != ("ew", False)] if not args.no_weightings else []
     if not todo:
-        print_model(args, config, first, base, hw)
         return
-    print(f"# ew {base * 1000:.1f} ms/step while the workers compile", flush=True)
 
+    cache_dir = jax.config.jax_compilation_cache_dir
+    if not cache_dir:
+        cache_dir = tempfile.mkdtemp(prefix="segnet_bench_cache_")
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+    workers = min(args.compile_workers, len(todo))
+    pool = multiprocessing.get_context("spawn").Pool(
+        workers, initializer=_worker_init, initargs=(WORKERS_MEMORY / workers, cache_dir))
+    pending = {v: pool.apply_async(_worker_job, (args.config, args.arg, args.devices) + v)
+               for v in todo}
+    print(f"# {len(todo)} variants to {workers} compile workers (cache {cache_dir})",
+          flush=True)
     done: dict[tuple[str, bool], dict[str, Any]] = {}
     t_start = time.perf_counter()
     while len(done) < len(todo):
@@ -290,13 +292,8 @@ def run_parallel(args, config, batch, names: list[str], hw: str) -> None:
         time.sleep(0.5)
     pool.terminate()
     pool.join()
-    print(f"# compile phase {time.perf_counter() - t_start:.1f} s wall after ew, "
+    print(f"# compile phase {time.perf_counter() - t_start:.1f} s wall, "
           f"{len(done)}/{len(todo)} variants", flush=True)
-
-    # The baseline again, now that the device and the host are idle.
-    base = time_steps(step, init(*low["init_args"]), b, args.steps)
-    del step, init, low
-    print_model(args, config, first, base, hw)
     print_header(args, config, hw, base)
     for name in names:
         times: dict[bool, float | str] = {}
@@ -350,7 +347,7 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma-separated strategy names (default: all)")
     p.add_argument("--no_weightings", action="store_true")
     p.add_argument("--compile_workers", type=int,
-                   default=max(1, min(12, (os.cpu_count() or 2) - 1)),
+                   default=max(1, min(6, (os.cpu_count() or 2) - 1)),
                    help="worker processes compiling the variants (0: in this process, "
                         "one after another)")
     p.add_argument("--deadline", type=float, default=0.0,
