@@ -4,6 +4,10 @@
 #   bash benchmarks/device_runs.sh            # from the repository root; results under $OUT
 #   bash benchmarks/device_runs.sh strategies gradvac moco ...   # smoke-train these strategies
 #   bash benchmarks/device_runs.sh segnet ew dwa ...  # ATI-Net synthetic, then benchmarks/segnet.py
+#   bash benchmarks/device_runs.sh segnet_bench [strategy ...]  # benchmarks/segnet.py alone:
+#       the MTAN model row and every strategy (or those named), compiled concurrently;
+#       SEGNET_ARG=... sets its --arg, SEGNET_FLAGS=... adds flags (e.g. a tiny CPU check:
+#       SEGNET_ARG=model=mtan,dataset=synthetic,smoke SEGNET_FLAGS="--steps 1")
 #
 # The machine this was written for has JAX (CUDA) but none of our other dependencies and no
 # network: the missing wheels travel in .whl/ (Python 3.12; see docs/benchmarks.md for the
@@ -17,10 +21,11 @@ set -u
 OUT=${OUT:-/tmp/device_out}
 mkdir -p "$OUT"
 ROOT=$(pwd)
-W=/tmp/device_work
+W=${DEVICE_WORK:-/tmp/device_work}  # DEVICE_WORK, SITE: elsewhere for a local check
 LOGS=$W/logs
 mkdir -p "$W" "$LOGS"
-export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$ROOT"
+SITE=${SITE:-/tmp/site}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE:$ROOT"
 PY=${PY:-python3}
 DEADLINE=$(( $(date +%s) + ${BUDGET:-540} ))  # the whole script, archive included
 
@@ -36,7 +41,7 @@ trap finish EXIT
   >"$LOGS/machine.log" 2>&1
 if [ -d .whl ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl >"$LOGS/pip.log" 2>&1 || { echo "pip failed"; exit 1; }
+    --target "$SITE" .whl/*.whl >"$LOGS/pip.log" 2>&1 || { echo "pip failed"; exit 1; }
 fi
 $PY -c "import jax, flax, mtl_jax.train; print(jax.__version__, flax.__version__, jax.devices())" \
   >>"$LOGS/machine.log" 2>&1 || { cat "$LOGS/machine.log"; exit 1; }
@@ -80,6 +85,28 @@ if [ "${1:-}" = segnet ]; then
       >"$LOGS/bench_segnet.log" 2>&1
   echo "bench segnet rc=$?" >>"$LOGS/summary.txt"
   cat "$LOGS/bench_segnet.log" "$LOGS/summary.txt"
+  exit 0
+fi
+
+# ---- `bash benchmarks/device_runs.sh segnet_bench [strategy ...]`: benchmarks/segnet.py on the
+# idle GPU for the whole budget (worker processes compile the variants concurrently, then each
+# is timed alone; rows are printed as they are timed, and its own --deadline ends the table
+# before this script's) ------------------------------------------------------------------------
+if [ "${1:-}" = segnet_bench ]; then
+  shift
+  export JAX_COMPILATION_CACHE_DIR=$W/jax_cache
+  only=$(IFS=,; echo "$*")
+  start=$(date +%s) left=$(( DEADLINE - $(date +%s) - 15 ))
+  # shellcheck disable=SC2086  # SEGNET_FLAGS is a list of flags
+  timeout "$left" $PY benchmarks/segnet.py --devices 1 --deadline $(( left - 20 )) \
+      ${SEGNET_ARG:+--arg "$SEGNET_ARG"} ${only:+--only "$only"} ${SEGNET_FLAGS:-} \
+      >"$OUT/bench_segnet.md" 2>"$LOGS/bench_segnet.err"
+  echo "bench segnet rc=$? wall=$(( $(date +%s) - start ))s" >>"$LOGS/summary.txt"
+  # stderr without XLA's repeated source-location traces, at most 4 MB
+  grep -v -e '^external/' -e 'Source Location Trace' -e '^$' "$LOGS/bench_segnet.err" |
+    tail -c 4000000 >"$OUT/bench_segnet_err.log"
+  cp "$OUT/bench_segnet.md" "$LOGS/"
+  cat "$OUT/bench_segnet.md" "$LOGS/summary.txt"
   exit 0
 fi
 

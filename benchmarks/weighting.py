@@ -33,21 +33,33 @@ EXTRA = {"fixed": {"weights": {"semseg": 1.0, "depth": 1.0, "normals": 1.0}},
          "dwa": {"steps_per_epoch": 100}, "stch": {"steps_per_epoch": 100}}
 
 
-def time_strategy(config, name: str, rep_grad: bool, steps: int, batch) -> float:
+def strategy_config(config, name: str, rep_grad: bool):
+    """A copy of ``config`` training with strategy ``name`` (its EXTRA arguments, and
+    ``rep_grad=True`` if asked); the benchmarks' one definition of a strategy's variant."""
     config = config.copy_and_resolve_references()
     config.weighting = {"name": name, **EXTRA.get(name, {}), **({"rep_grad": True}
                                                                  if rep_grad else {})}
-    exp = build_experiment(config)
+    return config
+
+
+def time_strategy(config, name: str, rep_grad: bool, steps: int, batch) -> float:
+    exp = build_experiment(strategy_config(config, name, rep_grad))
     b = pipeline.to_global(batch, pipeline.batch_sharding(exp.mesh))
-    state = exp.init_state()
+    return time_steps(exp.train_step, exp.init_state(), b, steps)
+
+
+def time_steps(train_step, state, batch, steps: int) -> float:
+    """Seconds per step of ``train_step`` from ``state`` on ``batch``: 3 warm-up steps
+    (compilation, if ``train_step`` is not compiled yet), then the median of 3 rounds of
+    ``steps`` steps, each waited for with ``block_until_ready``."""
     for _ in range(3):  # compile + warm up
-        state, m = exp.train_step(state, b)
+        state, m = train_step(state, batch)
     jax.block_until_ready(m)
     reps = []
     for _ in range(3):
         t0 = time.perf_counter()
         for _ in range(steps):
-            state, m = exp.train_step(state, b)
+            state, m = train_step(state, batch)
         jax.block_until_ready(m)
         reps.append((time.perf_counter() - t0) / steps)
     return statistics.median(reps)
