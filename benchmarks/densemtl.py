@@ -25,6 +25,10 @@ where ResNet-101 at 448x576 takes seconds per step, 20 on GPU/TPU). Reported mem
 * peak RSS of the subprocess (``resource.getrusage``): a rough host-side figure, the only
   measured one on CPU (it includes the compiler's own memory).
 
+``--conv_grad xla`` keeps XLA's own convolution gradients on CPU (``MTL_JAX_CPU_CONV_GRAD=xla``,
+inherited by the subprocesses) to compare with the default kernel gradient by taps
+(``mtl_jax/models/layers.py``); the hardware column says which ran.
+
 Prints one Markdown table row per variant for ``docs/benchmarks.md``.
 """
 
@@ -120,7 +124,8 @@ def run_single(args: argparse.Namespace) -> dict:
     if not on_cpu:
         stats = dev.memory_stats() or {}
         peak_device = stats.get("peak_bytes_in_use")
-    hw = (f"{os.cpu_count()} CPU cores, {platform.machine()}" if on_cpu
+    hw = (f"{os.cpu_count()} CPU cores, {platform.machine()}, conv grad "
+          f"{os.environ.get('MTL_JAX_CPU_CONV_GRAD', 'taps')}" if on_cpu
           else f"1x {dev.device_kind}")
     h, w = config.input_size
     return dict(
@@ -197,8 +202,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps after the first (default: 3 on CPU, 20 on GPU/TPU)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per variant")
+    p.add_argument("--conv_grad", choices=("taps", "xla"), default=None,
+                   help="CPU convolution kernel gradient (default: the library's, taps)")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.conv_grad:
+        os.environ["MTL_JAX_CPU_CONV_GRAD"] = args.conv_grad  # the subprocesses inherit it
     if args.single is not None:
         result = run_single(args)
         print(RESULT_PREFIX + json.dumps(result), flush=True)

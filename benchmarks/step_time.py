@@ -7,7 +7,10 @@ Usage::
 
 Random inputs of the config's resolution (no dataset needed). Measures the first call
 (compilation + one step) and the mean time of the following ``--steps`` steps, waiting for
-the device with ``block_until_ready``. It prints one Markdown table row for ``docs/benchmarks.md``.
+the device with ``block_until_ready``. It prints one Markdown table row for
+``docs/benchmarks.md``. ``--conv_grad xla`` keeps XLA's own convolution gradients on CPU
+(``MTL_JAX_CPU_CONV_GRAD=xla``) instead of the kernel gradient by taps
+(``mtl_jax/models/layers.py``).
 """
 
 from __future__ import annotations
@@ -55,7 +58,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--devices", type=int, default=-1)
+    p.add_argument("--conv_grad", choices=("taps", "xla"), default=None,
+                   help="CPU convolution kernel gradient (default: the library's, taps)")
     args = p.parse_args()
+    if args.conv_grad:
+        os.environ["MTL_JAX_CPU_CONV_GRAD"] = args.conv_grad  # read when the step is traced
     config = _load_config(args.config, args.arg)
     if args.batch_size:
         config.batch_size = args.batch_size
@@ -74,7 +81,8 @@ def main() -> None:
     jax.block_until_ready(m)
     per_step = (time.perf_counter() - t0) / args.steps
     dev = jax.devices()[0]
-    hw = (f"{os.cpu_count()} CPU cores, {platform.machine()}" if dev.platform == "cpu"
+    hw = (f"{os.cpu_count()} CPU cores, {platform.machine()}, conv grad "
+          f"{os.environ.get('MTL_JAX_CPU_CONV_GRAD', 'taps')}" if dev.platform == "cpu"
           else f"{exp.mesh.size}x {dev.device_kind}")
     name = os.path.basename(args.config) + (f":{args.arg}" if args.arg else "")
     h, w = config.input_size

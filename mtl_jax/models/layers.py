@@ -12,7 +12,10 @@ grid as the torchvision reference, and converted torchvision weights behave iden
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,6 +36,157 @@ torch_default_kernel_init: Initializer = nn.initializers.variance_scaling(
 
 BN_MOMENTUM = 0.9  # flax convention: running = 0.9 * running + 0.1 * batch (torch momentum 0.1)
 BN_EPSILON = 1e-5
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def taps_pay_off(kernel_shape: Sequence[int]) -> bool:
+    """Whether the kernel gradient by taps beats XLA's on the CPU backend for this HWIO kernel.
+
+    Measured (``benchmarks/conv_grad.py --sweep``, docs/benchmarks.md "Train-step speed on
+    CPU"; batch × size from 2×56×72 to 16×96×128): every 1×1 kernel (3-30× faster); larger
+    kernels with at least 64 output channels and no more inputs than outputs, or with at least
+    128 output channels (1.4-6× faster). With few output channels (e.g. 64 → 16) or 16-32
+    channels XLA's own is as fast or faster.
+    """
+    kh, kw, c_in, c_out = kernel_shape
+    if kh == kw == 1:
+        return True
+    return c_out >= 128 or (c_out >= 64 and c_in <= c_out)
+
+
+_TAPS_ENABLED = contextvars.ContextVar("mtl_jax_conv_taps", default=True)
+# ``MTL_JAX_CPU_CONV_GRAD=xla`` switches the kernel gradient by taps off for a whole process
+# (read when a model is traced), e.g. to compare: ``benchmarks/step_time.py --conv_grad xla``.
+CONV_GRAD_ENV = "MTL_JAX_CPU_CONV_GRAD"
+
+
+def taps_enabled() -> bool:
+    """Whether :func:`conv_general_dilated` may take the kernel gradient by taps (on CPU)."""
+    mode = os.environ.get(CONV_GRAD_ENV, "taps").strip().lower()
+    if mode not in ("taps", "xla"):
+        raise ValueError(f"{CONV_GRAD_ENV}={mode!r}: use 'taps' (default) or 'xla'")
+    return _TAPS_ENABLED.get() and mode == "taps"
+
+
+@contextlib.contextmanager
+def xla_conv_gradients():
+    """Within this context, convolutions traced by :func:`conv_general_dilated` keep XLA's own
+    gradients on every backend (to measure the difference; benchmarks/conv_grad.py). The
+    environment variable ``MTL_JAX_CPU_CONV_GRAD=xla`` does the same for a whole process."""
+    token = _TAPS_ENABLED.set(False)
+    try:
+        yield
+    finally:
+        _TAPS_ENABLED.reset(token)
+
+
+def _conv_nhwc(x, k, strides, padding, dilation):
+    return jax.lax.conv_general_dilated(x, k, strides, padding, rhs_dilation=dilation,
+                                        dimension_numbers=_NHWC)
+
+
+def kernel_grad_by_taps(x_BxHxWxI: jax.Array, g_BxOHxOWxO: jax.Array,
+                        kernel_shape: Sequence[int], strides: Sequence[int],
+                        padding: Sequence[tuple[int, int]],
+                        dilation: Sequence[int]) -> jax.Array:
+    """The kernel gradient of an NHWC/HWIO convolution as one matrix product per kernel tap:
+
+        dk[a, b, i, o] = Σ_{n,y,x} x_pad[n, y·s₀ + a·d₀, x·s₁ + b·d₁, i] · g[n, y, x, o]
+
+    (``x_pad``: ``x`` zero-padded by ``padding``; ``s``: strides; ``d``: kernel dilation). The
+    same sums as XLA's kernel-gradient convolution, which XLA's CPU backend runs as a
+    convolution whose window is the whole output map: 3-20× slower than the forward pass
+    (benchmarks/conv_grad.py). Accumulates in float32; returns the dtype of ``x``.
+
+    XLA's CPU matrix product wants its left operand with the contracted axis minor, so it
+    copies one operand into that layout; the product is arranged so that the copied operand is
+    the smaller of the tap (``I`` channels) and ``g`` (``O`` channels).
+    """
+    kh, kw, _, _ = kernel_shape
+    (plh, phh), (plw, phw) = padding
+    if plh or phh or plw or phw:
+        x_BxHxWxI = jnp.pad(x_BxHxWxI, ((0, 0), (plh, phh), (plw, phw), (0, 0)))
+    b, ho, wo, c_out = g_BxOHxOWxO.shape
+    c_in = x_BxHxWxI.shape[-1]
+    contract = (((0, 1, 2), (0, 1, 2)), ((), ()))
+    taps = []
+    for a in range(kh):
+        for c in range(kw):
+            h0, w0 = a * dilation[0], c * dilation[1]
+            tap_BxOHxOWxI = jax.lax.slice(
+                x_BxHxWxI, (0, h0, w0, 0),
+                (b, h0 + (ho - 1) * strides[0] + 1, w0 + (wo - 1) * strides[1] + 1, c_in),
+                (1, strides[0], strides[1], 1))
+            if c_in <= c_out:  # [I, O] = tapᵀ g
+                taps.append(jax.lax.dot_general(tap_BxOHxOWxI, g_BxOHxOWxO, contract,
+                                                preferred_element_type=jnp.float32))
+            else:  # [O, I] = gᵀ tap, transposed below
+                taps.append(jax.lax.dot_general(g_BxOHxOWxO, tap_BxOHxOWxI, contract,
+                                                preferred_element_type=jnp.float32))
+    dk = jnp.stack(taps)
+    if c_in > c_out:
+        dk = jnp.swapaxes(dk, 1, 2)
+    return dk.reshape(kernel_shape).astype(x_BxHxWxI.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_taps_kernel_grad(x, k, strides, padding, dilation):
+    return _conv_nhwc(x, k, strides, padding, dilation)
+
+
+def _conv_taps_fwd(x, k, strides, padding, dilation):
+    return _conv_nhwc(x, k, strides, padding, dilation), (x, k)
+
+
+def _conv_taps_bwd(strides, padding, dilation, residuals, g):
+    x, k = residuals
+
+    def xla_grads(x_, k_, g_):
+        return jax.vjp(lambda a, b: _conv_nhwc(a, b, strides, padding, dilation), x_, k_)[1](g_)
+
+    def cpu_grads(x_, k_, g_):
+        (dx,) = jax.vjp(lambda a: _conv_nhwc(a, k_, strides, padding, dilation), x_)[1](g_)
+        dk = kernel_grad_by_taps(x_, g_, k_.shape, strides, padding, dilation)
+        return dx, dk.astype(k_.dtype)
+
+    return jax.lax.platform_dependent(x, k, g, cpu=cpu_grads, default=xla_grads)
+
+
+_conv_taps_kernel_grad.defvjp(_conv_taps_fwd, _conv_taps_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         batch_group_count=1, precision=None, preferred_element_type=None):
+    """``jax.lax.conv_general_dilated`` for ``nn.Conv(conv_general_dilated=...)``: the same
+    values and gradients on every backend. What differs is how the CPU backend computes the
+    kernel gradient of a plain 2-D NHWC convolution (explicit non-negative padding, no input
+    dilation or groups) where XLA's own is slow (:func:`taps_pay_off`) by
+    :func:`kernel_grad_by_taps`. The
+    choice of backend is made when lowering (``jax.lax.platform_dependent`` inside the
+    backward pass only), so GPU and TPU programs run XLA's gradients; the forward pass and
+    the saved residuals (input and kernel) are XLA's everywhere."""
+    def xla(lhs_, rhs_):
+        return jax.lax.conv_general_dilated(
+            lhs_, rhs_, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+            precision=precision, preferred_element_type=preferred_element_type)
+
+    if (not taps_enabled() or lhs.ndim != 4 or feature_group_count != 1 or batch_group_count != 1
+            or precision is not None or preferred_element_type is not None
+            or isinstance(padding, str)
+            or any(d != 1 for d in (lhs_dilation or (1, 1)))
+            or any(p < 0 for pair in padding for p in pair)
+            or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
+        return xla(lhs, rhs)
+    if not taps_pay_off(rhs.shape):
+        return xla(lhs, rhs)
+    return _conv_taps_kernel_grad(lhs, rhs, tuple(int(s) for s in window_strides),
+                                  tuple((int(lo), int(hi)) for lo, hi in padding),
+                                  tuple(int(d) for d in (rhs_dilation or (1, 1))))
 
 
 def conv(
@@ -60,6 +214,7 @@ def conv(
         bias_init=nn.initializers.zeros,
         dtype=dtype,
         param_dtype=param_dtype,
+        conv_general_dilated=conv_general_dilated,
         name=name,
     )
 

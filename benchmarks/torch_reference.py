@@ -1,0 +1,178 @@
+"""Our ResNet encoder against torchvision's, forward + backward, same input, batch and threads.
+
+Usage (``torch`` and ``torchvision`` are optional; never needed by the library or tests)::
+
+    pip install torch torchvision          # any environment; may be a separate venv
+    python benchmarks/torch_reference.py [--depths 18,34,50,101] [--size 224x288] [--batch 2]
+        [--dilate 0,0,1] [--threads 2] [--steps 10] [--rounds 3] [--torch_python PATH]
+
+Each measurement runs in its own process (``--side jax|torch`` re-invokes this file), the two
+sides alternating ``--rounds`` times, so neither shares the cores with the other and a slow
+phase of the machine hits both. One measurement: build the encoder (``train`` mode: BatchNorm
+on batch statistics), run ``3`` warm-up steps, then the median of ``--steps`` steps of
+
+    loss = sum_i mean(feature_i ** 2)  over the five features (stem, layer1..layer4)
+    gradient of loss with respect to every parameter
+
+(torch: ``loss.backward()`` after ``zero_grad``; ours: one jitted ``jax.value_and_grad``).
+The torch side uses ``torch.set_num_threads(--threads)``; ours XLA's CPU client, whose
+thread pool is the process's cores, so pin both with ``taskset`` for fewer threads than
+cores. ``--torch_python`` runs the torch side with another interpreter (a venv that has torch).
+
+Prints a Markdown table for ``docs/benchmarks.md`` ("Against PyTorch"): per depth, the median
+over rounds of each side's median step and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _features_loss_torch(features):
+    return sum((f * f).mean() for f in features)
+
+
+def torch_side(depth: int, h: int, w: int, batch: int, dilate, threads: int,
+               steps: int) -> dict:
+    import torch
+    import torchvision
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, f"resnet{depth}")(
+        weights=None, replace_stride_with_dilation=list(dilate) if depth >= 50 else None)
+    net.train()
+    image = torch.randn(batch, 3, h, w)
+
+    def forward(x):
+        x = net.relu(net.bn1(net.conv1(x)))
+        feats = [x]
+        x = net.maxpool(x)
+        for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+            x = layer(x)
+            feats.append(x)
+        return feats
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        loss = _features_loss_torch(forward(image))
+        loss.backward()
+        return float(loss)
+
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    params = sum(p.numel() for p in net.parameters() if p is not net.fc.weight
+                 and p is not net.fc.bias)
+    return {"s": statistics.median(times), "params": params,
+            "version": f"torch {torch.__version__}"}
+
+
+def jax_side(depth: int, h: int, w: int, batch: int, dilate, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mtl_jax.models.encoders import build_encoder
+
+    model = build_encoder(f"resnet{depth}", replace_stride_with_dilation=tuple(dilate))
+    image = jnp.asarray(np.random.default_rng(0).normal(size=(batch, h, w, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), image, train=False)
+    stats = variables["batch_stats"]
+
+    def loss(params, x):
+        feats, _ = model.apply({"params": params, "batch_stats": stats}, x, train=True,
+                               mutable=["batch_stats"])
+        return sum(jnp.mean(jnp.square(f.astype(jnp.float32))) for f in feats)
+
+    step = jax.jit(jax.value_and_grad(loss))
+    t0 = time.perf_counter()
+    jax.block_until_ready(step(variables["params"], image))
+    compile_s = time.perf_counter() - t0
+    for _ in range(2):
+        jax.block_until_ready(step(variables["params"], image))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(step(variables["params"], image))
+        times.append(time.perf_counter() - t0)
+    params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
+    return {"s": statistics.median(times), "params": params, "compile_s": compile_s,
+            "version": f"jax {jax.__version__}"}
+
+
+def _run_side(side: str, args, depth: int) -> dict:
+    python = args.torch_python if side == "torch" and args.torch_python else sys.executable
+    cmd = [python, os.path.abspath(__file__), "--side", side, "--depths", str(depth),
+           "--size", args.size, "--batch", str(args.batch), "--dilate", args.dilate,
+           "--threads", str(args.threads), "--steps", str(args.steps)]
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{side} side (resnet{depth}) failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depths", default="18,34,50,101")
+    p.add_argument("--size", default="224x288")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--dilate", default="0,0,1",
+                   help="replace_stride_with_dilation for layer2..4 (ResNet-50/101 only)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--torch_python", default="", help="interpreter for the torch side")
+    p.add_argument("--side", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    h, w = (int(v) for v in args.size.split("x"))
+    depths = [int(d) for d in args.depths.split(",")]
+    if args.side:
+        depth = depths[0]
+        dilate = [bool(int(v)) for v in args.dilate.split(",")] if depth >= 50 else [False] * 3
+        if args.side == "torch":
+            result = torch_side(depth, h, w, args.batch, dilate, args.threads, args.steps)
+        else:
+            result = jax_side(depth, h, w, args.batch, dilate, args.steps)
+        print(json.dumps(result))
+        return
+    print(f"\n{args.size}, batch {args.batch}, {args.threads} threads, float32, "
+          f"{os.cpu_count()} CPU cores; median of {args.steps} steps, median of "
+          f"{args.rounds} alternating rounds\n")
+    print("| encoder | parameters | torchvision s | ours s | ours / torch | ours compile s |")
+    print("|---|---|---|---|---|---|")
+    for depth in depths:
+        torch_s, jax_s, compile_s, info = [], [], [], {}
+        for _ in range(args.rounds):
+            t = _run_side("torch", args, depth)
+            j = _run_side("jax", args, depth)
+            torch_s.append(t["s"])
+            jax_s.append(j["s"])
+            compile_s.append(j["compile_s"])
+            info = {"torch": t, "jax": j}
+        if info["torch"]["params"] != info["jax"]["params"]:
+            print(f"warning: parameter counts differ: torch {info['torch']['params']:,} "
+                  f"ours {info['jax']['params']:,}", file=sys.stderr)
+        ts, js = statistics.median(torch_s), statistics.median(jax_s)
+        dil = f", dilation {args.dilate}" if depth >= 50 else ""
+        print(f"| ResNet-{depth}{dil} | {info['jax']['params']:,} | {ts:.3f} | {js:.3f} | "
+              f"{js / ts:.2f} | {statistics.median(compile_s):.1f} |", flush=True)
+    print(f"\n{info['torch']['version']}, {info['jax']['version']}")
+
+
+if __name__ == "__main__":
+    main()
