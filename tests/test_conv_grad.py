@@ -124,3 +124,16 @@ def test_flax_conv_uses_it_and_bfloat16_gradients_keep_their_dtype():
     assert "dot_general" in text
     # every kernel entry: sum over 2*5*5 positions of x (= 1) times g (= 1)
     np.testing.assert_allclose(np.asarray(grads["params"]["kernel"], np.float32), 50.0)
+
+
+def test_valid_padding_takes_the_taps():  # DenseMTL's reflection-padded decoder convs
+    x, k = _inputs((2, 7, 8, 16), (3, 3, 16, 64))
+
+    def loss(conv, x_, k_):
+        return jnp.sum(jnp.cos(conv(x_, k_, (1, 1), "VALID", dimension_numbers=NHWC)))
+
+    ours = jax.jit(jax.grad(lambda x_, k_: loss(layers.conv_general_dilated, x_, k_), (0, 1)))
+    ref = jax.jit(jax.grad(lambda x_, k_: loss(jax.lax.conv_general_dilated, x_, k_), (0, 1)))
+    for a, b in zip(ours(x, k), ref(x, k)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert "dot_general" in ours.trace(x, k).lower().as_text()

@@ -99,9 +99,11 @@ def kernel_grad_by_taps(x_BxHxWxI: jax.Array, g_BxOHxOWxO: jax.Array,
     convolution whose window is the whole output map: 3-20× slower than the forward pass
     (benchmarks/conv_grad.py). Accumulates in float32; returns the dtype of ``x``.
 
-    XLA's CPU matrix product wants its left operand with the contracted axis minor, so it
-    copies one operand into that layout; the product is arranged so that the copied operand is
-    the smaller of the tap (``I`` channels) and ``g`` (``O`` channels).
+    XLA's CPU matrix product (YNNPACK) wants its left operand with the contracted axis minor,
+    so it copies that operand transposed; the right one it reads as it is. For a 1×1 kernel the
+    smaller of ``x`` (``I`` channels) and ``g`` (``O`` channels) goes left; for larger kernels
+    ``g`` goes left (one transposed copy shared by all taps) and the taps right, so each tap is
+    a plain slice (at 2×224×288×64 this is 1.4× faster than transposing every tap).
     """
     kh, kw, _, _ = kernel_shape
     (plh, phh), (plw, phw) = padding
@@ -109,23 +111,23 @@ def kernel_grad_by_taps(x_BxHxWxI: jax.Array, g_BxOHxOWxO: jax.Array,
         x_BxHxWxI = jnp.pad(x_BxHxWxI, ((0, 0), (plh, phh), (plw, phw), (0, 0)))
     b, ho, wo, c_out = g_BxOHxOWxO.shape
     c_in = x_BxHxWxI.shape[-1]
-    contract = (((0, 1, 2), (0, 1, 2)), ((), ()))
+    g_left = c_in > c_out or kh * kw > 1
+    g_KxO = g_BxOHxOWxO.reshape(-1, c_out)
+    g_OxK = g_KxO.T if g_left else None  # one transposed copy, shared by every tap
     taps = []
     for a in range(kh):
         for c in range(kw):
             h0, w0 = a * dilation[0], c * dilation[1]
-            tap_BxOHxOWxI = jax.lax.slice(
+            tap_KxI = jax.lax.slice(
                 x_BxHxWxI, (0, h0, w0, 0),
                 (b, h0 + (ho - 1) * strides[0] + 1, w0 + (wo - 1) * strides[1] + 1, c_in),
-                (1, strides[0], strides[1], 1))
-            if c_in <= c_out:  # [I, O] = tapᵀ g
-                taps.append(jax.lax.dot_general(tap_BxOHxOWxI, g_BxOHxOWxO, contract,
-                                                preferred_element_type=jnp.float32))
-            else:  # [O, I] = gᵀ tap, transposed below
-                taps.append(jax.lax.dot_general(g_BxOHxOWxO, tap_BxOHxOWxI, contract,
-                                                preferred_element_type=jnp.float32))
+                (1, strides[0], strides[1], 1)).reshape(-1, c_in)
+            if g_left:  # [O, I] = gᵀ tap, transposed below
+                taps.append(jnp.dot(g_OxK, tap_KxI, preferred_element_type=jnp.float32))
+            else:  # [I, O] = tapᵀ g
+                taps.append(jnp.dot(tap_KxI.T, g_KxO, preferred_element_type=jnp.float32))
     dk = jnp.stack(taps)
-    if c_in > c_out:
+    if g_left:
         dk = jnp.swapaxes(dk, 1, 2)
     return dk.reshape(kernel_shape).astype(x_BxHxWxI.dtype)
 
@@ -161,8 +163,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          batch_group_count=1, precision=None, preferred_element_type=None):
     """``jax.lax.conv_general_dilated`` for ``nn.Conv(conv_general_dilated=...)``: the same
     values and gradients on every backend. What differs is how the CPU backend computes the
-    kernel gradient of a plain 2-D NHWC convolution (explicit non-negative padding, no input
-    dilation or groups) where XLA's own is slow (:func:`taps_pay_off`) by
+    kernel gradient of a plain 2-D NHWC convolution (explicit non-negative padding or
+    ``'VALID'``, no input dilation or groups) where XLA's own is slow (:func:`taps_pay_off`) by
     :func:`kernel_grad_by_taps`. The
     choice of backend is made when lowering (``jax.lax.platform_dependent`` inside the
     backward pass only), so GPU and TPU programs run XLA's gradients; the forward pass and
@@ -174,6 +176,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
             feature_group_count=feature_group_count, batch_group_count=batch_group_count,
             precision=precision, preferred_element_type=preferred_element_type)
 
+    if isinstance(padding, str) and padding.upper() == "VALID":
+        padding = ((0, 0), (0, 0))
     if (not taps_enabled() or lhs.ndim != 4 or feature_group_count != 1 or batch_group_count != 1
             or precision is not None or preferred_element_type is not None
             or isinstance(padding, str)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from mtl_jax.models.decoders.aspp import ASPP
 from mtl_jax.models.layers import (
     conv,
+    conv_general_dilated,
     resize_bilinear,
     resize_nearest,
     torch_default_kernel_init,
@@ -63,7 +64,8 @@ class ConvBlock(nn.Module):
                     mode="reflect")
         y = nn.Conv(self.features, (3, 3), padding="VALID", use_bias=True,
                     kernel_init=torch_default_kernel_init, bias_init=nn.initializers.zeros,
-                    dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+                    dtype=self.dtype, param_dtype=self.param_dtype,
+                    conv_general_dilated=conv_general_dilated, name="conv")(x)
         return nn.elu(y).astype(self.dtype)
 
 
