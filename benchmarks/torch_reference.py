@@ -21,6 +21,13 @@ cores. ``--torch_python`` runs the torch side with another interpreter (a venv t
 
 Prints a Markdown table for ``docs/benchmarks.md`` ("Against PyTorch"): per depth, the median
 over rounds of each side's median step and their ratio.
+
+``--convs N:H:W:CIN:K:COUT,...`` times single convolutions instead (stride 1, "same" padding,
+no bias; NCHW on the torch side, NHWC on ours): the forward pass and forward + backward
+(gradients of input and kernel of ``sum(y ** 2)``), ours both with the library's convolution
+(``mtl_jax.models.layers.conv_general_dilated``: kernel gradient by taps where it pays off)
+and with XLA's own gradients. This separates what the convolution kernels cost from what
+the model around them adds.
 """
 
 from __future__ import annotations
@@ -111,11 +118,93 @@ def jax_side(depth: int, h: int, w: int, batch: int, dilate, steps: int) -> dict
             "version": f"jax {jax.__version__}"}
 
 
+def _median_time(fn, steps: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _conv_spec(spec: str) -> tuple[int, ...]:
+    n, h, w, c_in, k, c_out = (int(v) for v in spec.split(":"))
+    return n, h, w, c_in, k, c_out
+
+
+def _torch_conv(spec: str, steps: int) -> dict:
+    import torch
+
+    n, h, w, c_in, k, c_out = _conv_spec(spec)
+    x = torch.randn(n, c_in, h, w, requires_grad=True)
+    conv = torch.nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False)
+
+    def forward():
+        with torch.no_grad():
+            conv(x)
+
+    def forward_backward():
+        x.grad = None
+        conv.weight.grad = None
+        conv(x).square().sum().backward()
+
+    return {"fwd": _median_time(forward, steps), "both": _median_time(forward_backward, steps)}
+
+
+def torch_convs(specs: list[str], threads: int, steps: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    return {"convs": {spec: _torch_conv(spec, steps) for spec in specs},
+            "version": f"torch {torch.__version__}"}
+
+
+def _jax_conv(spec: str, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mtl_jax.models import layers
+
+    nhwc = ("NHWC", "HWIO", "NHWC")
+    n, h, w, c_in, k, c_out = _conv_spec(spec)
+    pad = ((k // 2, k // 2), (k // 2, k // 2))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(n, h, w, c_in)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(k, k, c_in, c_out)) * 0.02, jnp.float32)
+
+    def grads(conv):
+        def loss(x_, k_):
+            return jnp.sum(jnp.square(conv(x_, k_, (1, 1), pad, dimension_numbers=nhwc)))
+        step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        return lambda: jax.block_until_ready(step(x, kernel))
+
+    forward = jax.jit(lambda x_, k_: jax.lax.conv_general_dilated(
+        x_, k_, (1, 1), pad, dimension_numbers=nhwc))
+    return {
+        "fwd": _median_time(lambda: jax.block_until_ready(forward(x, kernel)), steps),
+        "both": _median_time(grads(layers.conv_general_dilated), steps),
+        "both_xla": _median_time(grads(jax.lax.conv_general_dilated), steps),
+        "taps": layers.taps_pay_off(kernel.shape),
+    }
+
+
+def jax_convs(specs: list[str], steps: int) -> dict:
+    import jax
+
+    return {"convs": {spec: _jax_conv(spec, steps) for spec in specs},
+            "version": f"jax {jax.__version__}"}
+
+
 def _run_side(side: str, args, depth: int) -> dict:
     python = args.torch_python if side == "torch" and args.torch_python else sys.executable
     cmd = [python, os.path.abspath(__file__), "--side", side, "--depths", str(depth),
            "--size", args.size, "--batch", str(args.batch), "--dilate", args.dilate,
            "--threads", str(args.threads), "--steps", str(args.steps)]
+    if args.convs:
+        cmd += ["--convs", args.convs]
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -123,6 +212,25 @@ def _run_side(side: str, args, depth: int) -> dict:
     if out.returncode != 0:
         raise SystemExit(f"{side} side (resnet{depth}) failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def conv_table(args) -> None:
+    rounds = [(_run_side("torch", args, 0), _run_side("jax", args, 0))
+              for _ in range(args.rounds)]
+    print(f"\nsingle convolutions, float32, {args.threads} threads, {os.cpu_count()} CPU cores; "
+          f"median of {args.steps} calls, median of {args.rounds} alternating rounds; ms\n")
+    print("| N:H:W:Cin:K:Cout | torch fwd | ours fwd | torch fwd+bwd | ours fwd+bwd "
+          "| ours / torch | ours with XLA's gradients | taps |")
+    print("|---|---|---|---|---|---|---|---|")
+    for spec in args.convs.split(","):
+        def med(side: int, key: str, spec: str = spec) -> float:
+            return 1000 * statistics.median(r[side]["convs"][spec][key] for r in rounds)
+        tf, jf, tb, jb, jx = (med(0, "fwd"), med(1, "fwd"), med(0, "both"), med(1, "both"),
+                              med(1, "both_xla"))
+        taps = rounds[0][1]["convs"][spec]["taps"]
+        print(f"| {spec} | {tf:.1f} | {jf:.1f} | {tb:.1f} | {jb:.1f} | {jb / tb:.2f} | "
+              f"{jx:.1f} | {'yes' if taps else 'no'} |", flush=True)
+    print(f"\n{rounds[0][0]['version']}, {rounds[0][1]['version']}")
 
 
 def main() -> None:
@@ -137,10 +245,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--torch_python", default="", help="interpreter for the torch side")
+    p.add_argument("--convs", default="",
+                   help="single convolutions N:H:W:CIN:K:COUT,... instead of encoders")
     p.add_argument("--side", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     h, w = (int(v) for v in args.size.split("x"))
     depths = [int(d) for d in args.depths.split(",")]
+    if args.side and args.convs:
+        specs = args.convs.split(",")
+        result = (torch_convs(specs, args.threads, args.steps) if args.side == "torch"
+                  else jax_convs(specs, args.steps))
+        print(json.dumps(result))
+        return
     if args.side:
         depth = depths[0]
         dilate = [bool(int(v)) for v in args.dilate.split(",")] if depth >= 50 else [False] * 3
@@ -149,6 +265,9 @@ def main() -> None:
         else:
             result = jax_side(depth, h, w, args.batch, dilate, args.steps)
         print(json.dumps(result))
+        return
+    if args.convs:
+        conv_table(args)
         return
     print(f"\n{args.size}, batch {args.batch}, {args.threads} threads, float32, "
           f"{os.cpu_count()} CPU cores; median of {args.steps} steps, median of "
