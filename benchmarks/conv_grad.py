@@ -27,8 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import statistics
-import time
+import sys
 
 import flax.linen as nn
 import jax
@@ -38,16 +37,8 @@ import numpy as np
 from mtl_jax.models import layers
 from mtl_jax.models.encoders import build_encoder
 
-
-def timed(fn, *args, steps: int) -> float:
-    """Median seconds of ``steps`` calls after one (compiling) call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+sys.path.insert(0, os.path.dirname(__file__))
+from segnet_pieces import _time as timed  # noqa: E402  median of `steps` calls after one
 
 
 def conv_signatures(model: nn.Module, variables, image) -> collections.Counter:

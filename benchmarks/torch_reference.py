@@ -45,6 +45,18 @@ def _features_loss_torch(features):
     return sum((f * f).mean() for f in features)
 
 
+def _median_time(fn, steps: int) -> float:
+    """Median seconds of ``steps`` calls of ``fn`` after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def torch_side(depth: int, h: int, w: int, batch: int, dilate, threads: int,
                steps: int) -> dict:
     import torch
@@ -72,16 +84,10 @@ def torch_side(depth: int, h: int, w: int, batch: int, dilate, threads: int,
         loss.backward()
         return float(loss)
 
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    seconds = _median_time(step, steps)
     params = sum(p.numel() for p in net.parameters() if p is not net.fc.weight
                  and p is not net.fc.bias)
-    return {"s": statistics.median(times), "params": params,
+    return {"s": seconds, "params": params,
             "version": f"torch {torch.__version__}"}
 
 
@@ -106,27 +112,10 @@ def jax_side(depth: int, h: int, w: int, batch: int, dilate, steps: int) -> dict
     t0 = time.perf_counter()
     jax.block_until_ready(step(variables["params"], image))
     compile_s = time.perf_counter() - t0
-    for _ in range(2):
-        jax.block_until_ready(step(variables["params"], image))
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(variables["params"], image))
-        times.append(time.perf_counter() - t0)
+    seconds = _median_time(lambda: jax.block_until_ready(step(variables["params"], image)), steps)
     params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
-    return {"s": statistics.median(times), "params": params, "compile_s": compile_s,
+    return {"s": seconds, "params": params, "compile_s": compile_s,
             "version": f"jax {jax.__version__}"}
-
-
-def _median_time(fn, steps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _conv_spec(spec: str) -> tuple[int, ...]:
