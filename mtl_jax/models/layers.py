@@ -165,10 +165,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     values and gradients on every backend. What differs is how the CPU backend computes the
     kernel gradient of a plain 2-D NHWC convolution (explicit non-negative padding or
     ``'VALID'``, no input dilation or groups) where XLA's own is slow (:func:`taps_pay_off`) by
-    :func:`kernel_grad_by_taps`. The
-    choice of backend is made when lowering (``jax.lax.platform_dependent`` inside the
-    backward pass only), so GPU and TPU programs run XLA's gradients; the forward pass and
-    the saved residuals (input and kernel) are XLA's everywhere."""
+    :func:`kernel_grad_by_taps`. The choice of backend is made when lowering
+    (``jax.lax.platform_dependent`` inside the backward pass only), so GPU and TPU programs
+    run XLA's gradients; the forward pass and the saved residuals (input and kernel) are
+    XLA's everywhere."""
     def xla(lhs_, rhs_):
         return jax.lax.conv_general_dilated(
             lhs_, rhs_, window_strides, padding, lhs_dilation=lhs_dilation,
@@ -184,9 +184,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
             or any(d != 1 for d in (lhs_dilation or (1, 1)))
             or any(p < 0 for pair in padding for p in pair)
             or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-            != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
-        return xla(lhs, rhs)
-    if not taps_pay_off(rhs.shape):
+            != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+            or not taps_pay_off(rhs.shape)):
         return xla(lhs, rhs)
     return _conv_taps_kernel_grad(lhs, rhs, tuple(int(s) for s in window_strides),
                                   tuple((int(lo), int(hi)) for lo, hi in padding),
