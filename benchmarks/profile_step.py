@@ -39,7 +39,7 @@ from mtl_jax.data import pipeline
 from mtl_jax.experiment import build_experiment
 
 sys.path.insert(0, os.path.dirname(__file__))
-from step_time import _load_config, fake_batch  # noqa: E402
+from step_time import _load_config, add_conv_grad_flag, fake_batch, use_conv_grad  # noqa: E402
 
 # Host-side events of the runtime and of Python, not compiled operations.
 NOT_OPS = ("ThunkExecutor", "$", "Slinky", "PjitFunction", "end: ", "Common", "Parse",
@@ -75,11 +75,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--trace_dir", default="/tmp/mtl_jax_profile")
-    p.add_argument("--conv_grad", choices=("taps", "xla"), default=None,
-                   help="CPU convolution kernel gradient (default: the library's, taps)")
+    add_conv_grad_flag(p)
     args = p.parse_args()
-    if args.conv_grad:
-        os.environ["MTL_JAX_CPU_CONV_GRAD"] = args.conv_grad
+    use_conv_grad(args)
     config = _load_config(args.config, args.arg)
     if args.batch_size:
         config.batch_size = args.batch_size

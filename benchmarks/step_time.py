@@ -35,6 +35,18 @@ def _load_config(path: str, arg: str):
     return mod.get_config(arg)
 
 
+def add_conv_grad_flag(parser) -> None:
+    """``--conv_grad taps|xla``: the CPU convolution kernel gradient (mtl_jax/models/layers.py)."""
+    parser.add_argument("--conv_grad", choices=("taps", "xla"), default=None,
+                        help="CPU convolution kernel gradient (default: the library's, taps)")
+
+
+def use_conv_grad(args) -> None:
+    """Apply ``--conv_grad`` (read when a step is traced; subprocesses inherit it)."""
+    if args.conv_grad:
+        os.environ["MTL_JAX_CPU_CONV_GRAD"] = args.conv_grad
+
+
 def fake_batch(config, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     h, w = config.input_size
     n_cls = config.tasks.get("semseg", {}).get("num_classes", 10)
@@ -58,11 +70,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--devices", type=int, default=-1)
-    p.add_argument("--conv_grad", choices=("taps", "xla"), default=None,
-                   help="CPU convolution kernel gradient (default: the library's, taps)")
+    add_conv_grad_flag(p)
     args = p.parse_args()
-    if args.conv_grad:
-        os.environ["MTL_JAX_CPU_CONV_GRAD"] = args.conv_grad  # read when the step is traced
+    use_conv_grad(args)
     config = _load_config(args.config, args.arg)
     if args.batch_size:
         config.batch_size = args.batch_size
