@@ -148,7 +148,15 @@ def _conv_taps_bwd(strides, padding, dilation, residuals, g):
         return jax.vjp(lambda a, b: _conv_nhwc(a, b, strides, padding, dilation), x_, k_)[1](g_)
 
     def cpu_grads(x_, k_, g_):
-        (dx,) = jax.vjp(lambda a: _conv_nhwc(a, k_, strides, padding, dilation), x_)[1](g_)
+        kh, kw, c_in, c_out = k_.shape
+        if (kh, kw) == (1, 1) and tuple(strides) == (1, 1) and not any(map(any, padding)):
+            # A 1×1 convolution is a matrix product; its input gradient as one (g · kᵀ) skips
+            # the transposed kernel copy XLA makes for its input-gradient convolution (1.3-2.7×
+            # faster on ResNet shapes, docs/benchmarks.md).
+            dx = jnp.dot(g_.reshape(-1, c_out), k_.reshape(c_in, c_out).T,
+                         preferred_element_type=jnp.float32).reshape(x_.shape).astype(x_.dtype)
+        else:
+            (dx,) = jax.vjp(lambda a: _conv_nhwc(a, k_, strides, padding, dilation), x_)[1](g_)
         dk = kernel_grad_by_taps(x_, g_, k_.shape, strides, padding, dilation)
         return dx, dk.astype(k_.dtype)
 
@@ -220,6 +228,117 @@ def conv(
         conv_general_dilated=conv_general_dilated,
         name=name,
     )
+
+
+def _max_pool_nhwc(x, window, strides, padding):
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max,
+                                 (1, *window, 1), (1, *strides, 1), ((0, 0), *padding, (0, 0)))
+
+
+def max_pool_grad_by_mask(x_BxHxWxC: jax.Array, y_BxOHxOWxC: jax.Array,
+                          g_BxOHxOWxC: jax.Array, window: Sequence[int],
+                          strides: Sequence[int],
+                          padding: Sequence[tuple[int, int]]) -> jax.Array:
+    """The input gradient of a max-pool (``-inf`` padding) without select-and-scatter: each
+    output's gradient goes to the first maximum of its window in row-major order (as XLA's
+    ``select_and_scatter`` and PyTorch do; a NaN counts as the maximum). One pass per window
+    offset: compare the strided slice of the padded input with the output, keep the hits no
+    earlier offset claimed, and spread their gradients back with an interior-padded ``pad``;
+    every step is element-wise, so XLA fuses the lot into a few loops. XLA's CPU backend
+    instead expands select-and-scatter into a reduce-window carrying four int32 index arrays
+    and a scatter (~3 % of a ResNet-101 train step at 224×288)."""
+    kh, kw = window
+    sh, sw = strides
+    (plh, phh), (plw, phw) = padding
+    _, h, w, _ = x_BxHxWxC.shape
+    b, ho, wo, c = y_BxOHxOWxC.shape
+    x_pad = jnp.pad(x_BxHxWxC, ((0, 0), (plh, phh), (plw, phw), (0, 0)),
+                    constant_values=-jnp.inf)
+    hp, wp = x_pad.shape[1:3]
+    y_nan = jnp.isnan(y_BxOHxOWxC)
+    zero = jnp.zeros((), g_BxOHxOWxC.dtype)
+    found = jnp.zeros(y_BxOHxOWxC.shape, bool)
+    dx_pad = None
+    for a in range(kh):
+        for d in range(kw):
+            span_h, span_w = (ho - 1) * sh + 1, (wo - 1) * sw + 1
+            cand = jax.lax.slice(x_pad, (0, a, d, 0), (b, a + span_h, d + span_w, c),
+                                 (1, sh, sw, 1))
+            hit = ((cand == y_BxOHxOWxC) | (jnp.isnan(cand) & y_nan)) & ~found
+            found = found | hit
+            spread = jax.lax.pad(jnp.where(hit, g_BxOHxOWxC, zero), zero,
+                                 ((0, 0, 0), (a, hp - a - span_h, sh - 1),
+                                  (d, wp - d - span_w, sw - 1), (0, 0, 0)))
+            dx_pad = spread if dx_pad is None else dx_pad + spread
+    return dx_pad[:, plh:plh + h, plw:plw + w, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, strides, padding):
+    return _max_pool_nhwc(x, window, strides, padding)
+
+
+def _max_pool_fwd(x, window, strides, padding):
+    y = _max_pool_nhwc(x, window, strides, padding)
+    return y, (x, y)
+
+
+def _max_pool_bwd(window, strides, padding, residuals, g):
+    x, y = residuals
+
+    def xla_grad(x_, y_, g_):
+        return jax.vjp(lambda a: _max_pool_nhwc(a, window, strides, padding), x_)[1](g_)[0]
+
+    def cpu_grad(x_, y_, g_):
+        return max_pool_grad_by_mask(x_, y_, g_, window, strides, padding)
+
+    return (jax.lax.platform_dependent(x, y, g, cpu=cpu_grad, default=xla_grad),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool(x_BxHxWxC: jax.Array, window: Sequence[int], strides: Sequence[int],
+             padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0))) -> jax.Array:
+    """``flax.linen.max_pool`` for NHWC with explicit padding (``-inf``), the same values on
+    every backend; on CPU its gradient is :func:`max_pool_grad_by_mask` (chosen when lowering,
+    as :func:`conv_general_dilated`'s kernel gradient), elsewhere XLA's select-and-scatter."""
+    return _max_pool(x_BxHxWxC, tuple(int(v) for v in window), tuple(int(v) for v in strides),
+                     tuple((int(lo), int(hi)) for lo, hi in padding))
+
+
+@jax.custom_vjp
+def add_relu(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``relu(a + b)`` for two arrays of one shape and dtype (a residual block's output), bit
+    for bit, with relu's gradient (0 at 0).
+
+    Written as ``max(a, -b) + b``: equal to ``max(a + b, 0)`` in floating point (``a > -b``
+    gives the same rounded sum; otherwise ``-b + b`` is exactly +0; NaN propagates), but the
+    last operation now reads two full-size arrays. That matters to XLA's CPU fusion, which
+    duplicates "effectively unary" element-wise producers into every consumer: with
+    ``max(a + b, 0)`` last, each block's output fusion re-derived the whole residual stream
+    back to the stage's first block (a fusion with ~350 operations and ~115 operands in
+    ResNet-101's layer3), forward and backward, so the elementwise cost grew with the square
+    of the depth (``benchmarks/fusion_chain.py``). With a binary last op the output is
+    materialised once, where the next convolution needs it anyway.
+
+    The backward pass masks by the *output* (``out > 0`` exactly when ``a + b > 0``), so the
+    saved residual is the output, the array the next layer keeps alive anyway.
+    """
+    return jnp.maximum(a, -b) + b
+
+
+def _add_relu_fwd(a, b):
+    out = jnp.maximum(a, -b) + b
+    return out, out
+
+
+def _add_relu_bwd(out, g):
+    g = jnp.where(out > 0, g, jnp.zeros_like(g))
+    return g, g
+
+
+add_relu.defvjp(_add_relu_fwd, _add_relu_bwd)
 
 
 class BatchNorm(nn.Module):

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.models.layers import batch_norm, conv
+from mtl_jax.models.layers import add_relu, batch_norm, conv, max_pool
 
 Dtype = Any
 
@@ -55,7 +55,7 @@ class BasicBlock(nn.Module):
         y = conv(self.planes, 3, dilation=self.dilation, name="conv2", **kw)(y.astype(self.dtype))
         y = batch_norm(train, scale_init=last_scale, param_dtype=self.param_dtype, name="bn2")(y)
         shortcut = _shortcut(self, x_BxHxWxC, self.planes, train)
-        return nn.relu(y + shortcut).astype(self.dtype)
+        return add_relu(y, shortcut).astype(self.dtype)
 
 
 class Bottleneck(nn.Module):
@@ -85,7 +85,7 @@ class Bottleneck(nn.Module):
         y = conv(out_channels, 1, name="conv3", **kw)(y.astype(self.dtype))
         y = batch_norm(train, scale_init=last_scale, param_dtype=self.param_dtype, name="bn3")(y)
         shortcut = _shortcut(self, x_BxHxWxC, out_channels, train)
-        return nn.relu(y + shortcut).astype(self.dtype)
+        return add_relu(y, shortcut).astype(self.dtype)
 
 
 def _shortcut(
@@ -154,7 +154,7 @@ class ResNet(nn.Module):
         x = nn.relu(batch_norm(train, param_dtype=self.param_dtype, name="bn1")(x))
         stem_Bx2xC = x.astype(self.dtype)
         features = [stem_Bx2xC]
-        x = nn.max_pool(stem_Bx2xC, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool(stem_Bx2xC, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
         in_channels, dilation = self.width, 1
         for stage, num_blocks in enumerate(self.stage_sizes):

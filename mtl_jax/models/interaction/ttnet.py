@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.models.layers import ConvBNAct, conv, resize_bilinear
+from mtl_jax.models.layers import ConvBNAct, conv, max_pool, resize_bilinear
 
 Dtype = Any
 
@@ -81,7 +81,7 @@ class TTNet(nn.Module):
 
         def down(y, width, name):
             y = self._double_conv(y, width, name, train)
-            return nn.max_pool(y, (2, 2), strides=(2, 2), padding="VALID")
+            return max_pool(y, (2, 2), (2, 2))
 
         e1 = down(x, f1, "enc1")
         e2 = down(e1, f2, "enc2")

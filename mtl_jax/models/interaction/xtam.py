@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 from mtl_jax.models.attention import attention as dot_product_attention
 from mtl_jax.models.layers import ConvBNAct, conv, resize_nearest, torch_default_kernel_init
+from mtl_jax.models.layers import max_pool as layers_max_pool
 
 Dtype = Any
 
@@ -61,7 +62,7 @@ def max_pool(x_BxHxWxC: jax.Array, factor: int) -> jax.Array:
     """``factor × factor`` max-pooling with stride ``factor`` (floor mode)."""
     if factor == 1:
         return x_BxHxWxC
-    return nn.max_pool(x_BxHxWxC, (factor, factor), strides=(factor, factor))
+    return layers_max_pool(x_BxHxWxC, (factor, factor), (factor, factor))
 
 
 def channel_attention(q_BxNxC: jax.Array, k_BxNxC: jax.Array, v_BxNxC: jax.Array) -> jax.Array:

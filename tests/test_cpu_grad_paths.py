@@ -1,0 +1,132 @@
+"""The other CPU-shaped pieces of models/layers.py: ``add_relu`` (a residual block's output, bit
+for bit ``relu(a + b)``, written so that XLA's CPU fusion materialises it once) and
+``max_pool`` (its gradient without select-and-scatter on CPU, XLA's elsewhere)."""
+
+from __future__ import annotations
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtl_jax.models import layers
+
+
+def test_add_relu_is_relu_of_the_sum_bit_for_bit_with_relus_gradient():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4, 5, 6, 7)).astype(np.float32)
+    b = rng.normal(size=a.shape).astype(np.float32)
+    b.flat[:40] = -a.flat[:40]  # ties: a + b == 0 exactly, where relu's gradient is 0
+    a.flat[40:60] = 0.0
+    b.flat[40:60] = 0.0  # both zero (zero-initialised last BN, relu-off shortcut)
+    b.flat[60:80] = 1e-30 * rng.normal(size=20)  # tiny values next to 0
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    np.testing.assert_array_equal(layers.add_relu(a, b), nn.relu(a + b))
+    w = jnp.asarray(rng.normal(size=a.shape), jnp.float32)
+    ours = jax.grad(lambda a_, b_: jnp.sum(w * layers.add_relu(a_, b_)), (0, 1))(a, b)
+    ref = jax.grad(lambda a_, b_: jnp.sum(w * nn.relu(a_ + b_)), (0, 1))(a, b)
+    for x, y in zip(ours, ref):
+        np.testing.assert_array_equal(x, y)
+    nan = layers.add_relu(jnp.array([jnp.nan, 1.0]), jnp.array([0.0, jnp.nan]))
+    assert np.isnan(nan).all()
+
+
+def _largest_fusion_operands(n_blocks: int) -> int:
+    """A chain of residual blocks (1×1 conv, batch-norm-like normalisation, add, relu):
+    operands of the largest fused computation XLA's CPU backend compiles for its gradient."""
+    def net(ks, x):
+        for k in ks:
+            y = jax.lax.conv_general_dilated(x, k, (1, 1), "VALID",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            m = jnp.mean(y, (0, 1, 2))
+            y = (y - m) * jax.lax.rsqrt(jnp.mean(jnp.square(y - m), (0, 1, 2)) + 1e-5)
+            x = layers.add_relu(y, x)
+        return jnp.mean(x ** 2)
+
+    ks = [jnp.full((1, 1, 32, 32), 0.01 * (i + 1), jnp.float32) for i in range(n_blocks)]
+    x = jnp.ones((2, 4, 5, 32), jnp.float32)
+    text = jax.jit(jax.grad(net)).lower(ks, x).compile().as_text()
+    bodies = re.findall(r"\n%?fused_computation[\w.]* \(.*?\n\}", text, re.S)
+    return max(len(re.findall(r"parameter\(", body)) for body in bodies)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA's CPU fusion is the subject")
+def test_add_relu_keeps_cpu_fusions_from_re_deriving_the_residual_stream():
+    # With ``relu(y + x)`` each block's fusion re-derived every earlier block's output: its
+    # operand count grew by 3 per block (25 at 8 blocks, 98 at 32 on jax 0.10.2;
+    # benchmarks/fusion_chain.py). With ``add_relu`` it stays the same however deep.
+    assert _largest_fusion_operands(8) == _largest_fusion_operands(3) <= 12
+
+
+POOLS = [  # (input, window, strides, padding): ResNet's stem pool (odd sizes), SegNet's 2×2,
+    ((2, 9, 11, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),  # a stride-1 overlapping pool
+    ((1, 8, 8, 2), (2, 2), (2, 2), ((0, 0), (0, 0))),
+    ((2, 7, 10, 4), (3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((1, 7, 7, 2), (3, 2), (2, 3), ((0, 1), (1, 0))),
+]
+
+
+@pytest.mark.parametrize("shape,window,strides,padding", POOLS)
+def test_max_pool_matches_flax_with_ties(shape, window, strides, padding):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.integers(0, 3, size=shape), jnp.float32)  # many tied maxima
+    y_ref, vjp_ref = jax.vjp(lambda a: nn.max_pool(a, window, strides=strides,
+                                                   padding=padding), x)
+    y, vjp = jax.vjp(lambda a: layers.max_pool(a, window, strides, padding), x)
+    np.testing.assert_array_equal(y, y_ref)
+    g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    (dx_ref,), (dx,) = vjp_ref(g), vjp(g)
+    # The first maximum of each window gets the gradient in both: an element that is the
+    # first maximum of several windows sums them (in another order: rounding only).
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(dx != 0, dx_ref != 0)
+    np.testing.assert_allclose(layers.max_pool_grad_by_mask(x, y, g, window, strides, padding),
+                               dx_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum_and_to_a_nan():
+    x = jnp.array([[1.0, 5.0, 5.0, 2.0], [5.0, 0.0, 3.0, jnp.nan]]).reshape(1, 2, 4, 1)
+    dx = jax.grad(lambda a: jnp.sum(layers.max_pool(a, (2, 2), (2, 2))))(x)
+    np.testing.assert_array_equal(dx.reshape(2, 4), [[0, 1, 0, 0], [0, 0, 0, 1]])
+
+
+def _pool_backward_hlo(platform: str) -> str:
+    x = jnp.ones((2, 9, 11, 3), jnp.float32)
+    grad = jax.jit(jax.grad(lambda a: jnp.sum(layers.max_pool(a, (3, 3), (2, 2),
+                                                              ((1, 1), (1, 1))) ** 2)))
+    return grad.trace(x).lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_only_the_cpu_backend_takes_the_mask_gradient():
+    assert "select_and_scatter" not in _pool_backward_hlo("cpu")
+    for platform in ("cuda", "tpu"):  # XLA's own select-and-scatter, unchanged
+        assert "select_and_scatter" in _pool_backward_hlo(platform)
+
+
+def test_resnet_blocks_use_them(monkeypatch):
+    from mtl_jax.models.encoders import build_encoder, resnet
+
+    calls = {"add_relu": 0, "max_pool": 0}
+
+    def spy(name):
+        real = getattr(layers, name)
+
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapped
+
+    for name in calls:
+        monkeypatch.setattr(resnet, name, spy(name))
+    model = build_encoder("resnet18", width=8)
+    image = jnp.ones((1, 32, 32, 3), jnp.float32)
+    variables = model.init(jax.random.key(0), image, train=False)
+    assert calls == {"add_relu": 8, "max_pool": 1}  # every BasicBlock, the stem's pool
+    text = jax.jit(jax.grad(lambda p: sum(jnp.sum(f) for f in model.apply(
+        {"params": p, "batch_stats": variables["batch_stats"]}, image, train=True,
+        mutable=["batch_stats"])[0]))).trace(variables["params"]).lower(
+            lowering_platforms=("cpu",)).as_text()
+    assert "select_and_scatter" not in text
