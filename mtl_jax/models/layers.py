@@ -258,10 +258,10 @@ def max_pool_grad_by_mask(x_BxHxWxC: jax.Array, y_BxOHxOWxC: jax.Array,
     y_nan = jnp.isnan(y_BxOHxOWxC)
     zero = jnp.zeros((), g_BxOHxOWxC.dtype)
     found = jnp.zeros(y_BxOHxOWxC.shape, bool)
+    span_h, span_w = (ho - 1) * sh + 1, (wo - 1) * sw + 1  # input rows/cols one offset reads
     dx_pad = None
     for a in range(kh):
         for d in range(kw):
-            span_h, span_w = (ho - 1) * sh + 1, (wo - 1) * sw + 1
             cand = jax.lax.slice(x_pad, (0, a, d, 0), (b, a + span_h, d + span_w, c),
                                  (1, sh, sw, 1))
             hit = ((cand == y_BxOHxOWxC) | (jnp.isnan(cand) & y_nan)) & ~found
