@@ -25,6 +25,10 @@ CASES = [
     ((2, 7, 6, 128), (3, 3, 128, 130), (2, 2), ((1, 1), (1, 1)), (1, 1)),
     ((1, 9, 8, 128), (3, 3, 128, 128), (1, 1), ((2, 2), (2, 2)), (2, 2)),
     ((1, 8, 7, 128), (3, 2, 128, 128), (2, 1), ((0, 2), (1, 0)), (1, 2)),
+    # space-to-depth (strided, few input channels): ResNet's 7×7/2 stem on odd sizes; stride 3
+    # × 2 with asymmetric padding and a kernel that is not a multiple of the stride.
+    ((2, 23, 29, 3), (7, 7, 3, 64), (2, 2), ((3, 3), (3, 3)), (1, 1)),
+    ((1, 17, 13, 4), (5, 4, 4, 64), (3, 2), ((1, 2), (0, 3)), (1, 1)),
 ]
 
 
@@ -88,6 +92,21 @@ def test_which_kernels_take_the_taps(c_in, c_out, taps):
     cpu = _backward_hlo("cpu", (1, 5, 5, c_in), (3, 3, c_in, c_out), padding=((1, 1), (1, 1)))
     assert ("dot_general" in cpu) is taps
     assert cpu.count("stablehlo.convolution") == (1 if taps else 2)
+
+
+def test_strided_stem_kernels_take_space_to_depth():
+    stem = ((7, 7, 3, 64), (2, 2), (1, 1))
+    assert layers.space_to_depth_pays_off(*stem)
+    for kshape, strides, dilation in [((7, 7, 3, 64), (1, 1), (1, 1)),  # not strided
+                                      ((3, 3, 3, 64), (2, 2), (2, 2)),  # dilated
+                                      ((1, 1, 3, 64), (2, 2), (1, 1)),  # one tap already
+                                      ((3, 3, 128, 128), (2, 2), (1, 1))]:  # wide: plain taps
+        assert not layers.space_to_depth_pays_off(kshape, strides, dilation)
+    cpu = _backward_hlo("cpu", (1, 16, 16, 3), (7, 7, 3, 64), (2, 2), ((3, 3), (3, 3)))
+    assert cpu.count("stablehlo.dot_general") == 16  # 4 × 4 products, not 7 × 7
+    # the wide strided 3×3 keeps one product per tap
+    cpu = _backward_hlo("cpu", (1, 8, 8, 128), (3, 3, 128, 128), (2, 2), ((1, 1), (1, 1)))
+    assert cpu.count("stablehlo.dot_general") == 9
 
 
 def test_switches_back_to_xla_gradients(monkeypatch):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from mtl_jax.models import build_model
-from mtl_jax.models.layers import BatchNorm, ConvBNAct, batch_norm, resize_bilinear
+from mtl_jax.models.layers import (BatchNorm, ConvBNAct, batch_norm, batch_norm_train,
+                                   resize_bilinear)
 
 KEY = jax.random.key(0)
 
@@ -76,6 +77,57 @@ def test_two_pass_variance_is_accurate_in_float32(mu, sd, fast_err, two_pass_err
         errs[fast] = float(np.max(np.abs(np.asarray(stats["var"]) - exact) / exact))
     assert errs[False] < two_pass_err
     assert errs[True] > fast_err  # what flax's default one-pass formula loses
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 6), (3, 4)])
+@pytest.mark.parametrize("fast", [False, True])
+def test_batchnorm_closed_form_gradient_matches_autodiff(shape, fast):
+    """batch_norm_train's hand-written backward against JAX's derivative of the same forward
+    formula (float64), for the input, scale and bias, with nonzero cotangents on all three
+    outputs (y, mean, var)."""
+    rng = np.random.default_rng(0)
+    c = shape[-1]
+    x = rng.normal(1.5, 2.0, size=shape)
+    scale, bias = rng.normal(size=c), rng.normal(size=c)
+    g, g_mean, g_var = rng.normal(size=shape), rng.normal(size=c), rng.normal(size=c)
+
+    def reference(x_, s_, b_):
+        axes = tuple(range(x_.ndim - 1))
+        mean = jnp.mean(x_, axis=axes)
+        var = (jnp.maximum(jnp.mean(x_ * x_, axis=axes) - mean * mean, 0.0) if fast
+               else jnp.mean(jnp.square(x_ - mean), axis=axes))
+        return (x_ - mean) * jax.lax.rsqrt(var + 1e-5) * s_ + b_, mean, var
+
+    def loss(f, *args):
+        y, mean, var = f(*args)
+        return jnp.sum(y * g) + jnp.sum(mean * g_mean) + jnp.sum(var * g_var)
+
+    with jax.enable_x64():
+        args = [jnp.asarray(a, jnp.float64) for a in (x, scale, bias)]
+        want = jax.grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2))(*args)
+        got = jax.grad(lambda *a: loss(lambda *b: batch_norm_train(*b, 1e-5, fast), *a),
+                       argnums=(0, 1, 2))(*args)
+        for w, o in zip(want, got):
+            np.testing.assert_allclose(o, w, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(batch_norm_train(*args, 1e-5, fast)[0], reference(*args)[0],
+                                   rtol=1e-12, atol=1e-12)
+    # and in float32 through the module, against the module's own forward formula
+    module = BatchNorm(use_fast_variance=fast)
+    x32 = jnp.asarray(x, jnp.float32)
+    variables = module.init(KEY, x32, train=True)
+
+    def module_loss(params, x_):
+        y, _ = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x_,
+                            train=True, mutable=["batch_stats"])
+        return jnp.sum(y * g)
+
+    (dp, dx) = jax.grad(module_loss, argnums=(0, 1))(variables["params"], x32)
+    with jax.enable_x64():
+        want = jax.grad(lambda *a: jnp.sum(reference(*a)[0] * g), argnums=(0, 1, 2))(
+            jnp.asarray(x, jnp.float64), jnp.ones(c), jnp.zeros(c))
+    np.testing.assert_allclose(dx, want[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dp["scale"], want[1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dp["bias"], want[2], rtol=1e-5, atol=1e-5)
 
 
 def test_batchnorm_defaults_are_two_pass_and_pytorchs_update(x_small):
