@@ -20,7 +20,8 @@ thread pool is the process's cores, so pin both with ``taskset`` for fewer threa
 cores. ``--torch_python`` runs the torch side with another interpreter (a venv that has torch).
 
 Prints a Markdown table for ``docs/benchmarks.md`` ("Against PyTorch"): per depth, the median
-over rounds of each side's median step and their ratio.
+over rounds of each side's median step, their ratio, and the ratio within each round (the
+machine's speed drifts between rounds; a round's two sides run back to back).
 
 ``--convs N:H:W:CIN:K:COUT,...`` times single convolutions instead (stride 1, "same" padding,
 no bias; NCHW on the torch side, NHWC on ours): the forward pass and forward + backward
@@ -261,8 +262,9 @@ def main() -> None:
     print(f"\n{args.size}, batch {args.batch}, {args.threads} threads, float32, "
           f"{os.cpu_count()} CPU cores; median of {args.steps} steps, median of "
           f"{args.rounds} alternating rounds\n")
-    print("| encoder | parameters | torchvision s | ours s | ours / torch | ours compile s |")
-    print("|---|---|---|---|---|---|")
+    print("| encoder | parameters | torchvision s | ours s | ours / torch | per round "
+          "| ours compile s |")
+    print("|---|---|---|---|---|---|---|")
     for depth in depths:
         torch_s, jax_s, compile_s, info = [], [], [], {}
         for _ in range(args.rounds):
@@ -277,8 +279,9 @@ def main() -> None:
                   f"ours {info['jax']['params']:,}", file=sys.stderr)
         ts, js = statistics.median(torch_s), statistics.median(jax_s)
         dil = f", dilation {args.dilate}" if depth >= 50 else ""
+        per_round = " / ".join(f"{j / t:.2f}" for t, j in zip(torch_s, jax_s))
         print(f"| ResNet-{depth}{dil} | {info['jax']['params']:,} | {ts:.3f} | {js:.3f} | "
-              f"{js / ts:.2f} | {statistics.median(compile_s):.1f} |", flush=True)
+              f"{js / ts:.2f} | {per_round} | {statistics.median(compile_s):.1f} |", flush=True)
     print(f"\n{info['torch']['version']}, {info['jax']['version']}")
 
 

@@ -32,6 +32,36 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("xshape,kshape,strides,padding,dilation",
+                         [c for c in CASES if c[1][2] > 16])  # not the space-to-depth ones
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_row_chunks_give_the_same_kernel_gradient(xshape, kshape, strides, padding, dilation,
+                                                  rows):
+    """Chunks of 1-3 output rows (the last one short where the rows do not divide) sum to the
+    kernel gradient of the whole map, with strides, dilation and asymmetric padding."""
+    x, k = _inputs(xshape, kshape)
+    y = _xla(x, k, strides, padding, dilation)
+    g = jnp.asarray(np.random.default_rng(1).normal(size=y.shape), jnp.float32)
+    (dk_xla,) = jax.vjp(lambda k_: _xla(x, k_, strides, padding, dilation), k)[1](g)
+    grad = jax.jit(layers.kernel_grad_by_taps, static_argnums=(2, 3, 4, 5, 6))
+    dk = grad(x, g, kshape, strides, padding, dilation, rows)
+    np.testing.assert_allclose(dk, dk_xla, rtol=1e-5, atol=1e-4)
+
+
+def test_large_maps_are_chunked_and_take_the_taps_from_32_outputs():
+    assert layers.taps_chunk_rows(2, 56, 72) == 56  # 8,064 positions: one chunk
+    assert layers.taps_chunk_rows(2, 224, 288) == 4  # 2,304 positions per chunk
+    assert layers.taps_chunk_rows(16, 96, 128) == 1
+    big = 16 * 48 * 64
+    assert layers.taps_pay_off((3, 3, 48, 32), big) and not layers.taps_pay_off((3, 3, 48, 32))
+    assert not layers.taps_pay_off((3, 3, 32, 16), big)
+    # the CPU backward of a large map loops over the chunks; a small one does not
+    cpu = _backward_hlo("cpu", (1, 130, 130, 32), (3, 3, 32, 32), padding=((1, 1), (1, 1)))
+    assert "stablehlo.while" in cpu and "dot_general" in cpu
+    cpu = _backward_hlo("cpu", (1, 60, 60, 64), (3, 3, 64, 64), padding=((1, 1), (1, 1)))
+    assert "stablehlo.while" not in cpu and "dot_general" in cpu
+
+
 def _xla(x, k, strides, padding, dilation):
     return jax.lax.conv_general_dilated(x, k, strides, padding, rhs_dilation=dilation,
                                         dimension_numbers=NHWC)

@@ -40,17 +40,21 @@ BN_EPSILON = 1e-5
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def taps_pay_off(kernel_shape: Sequence[int]) -> bool:
-    """Whether the kernel gradient by taps beats XLA's on the CPU backend for this HWIO kernel.
+def taps_pay_off(kernel_shape: Sequence[int], positions: int | None = None) -> bool:
+    """Whether the kernel gradient by taps beats XLA's on the CPU backend for this HWIO kernel
+    (``positions``: batch × output rows × columns, if known).
 
     Measured (``benchmarks/conv_grad.py --sweep``, docs/benchmarks.md "Train-step speed on
     CPU"; batch × size from 2×56×72 to 16×96×128): every 1×1 kernel (3-30× faster); larger
     kernels with at least 64 output channels and no more inputs than outputs, or with at least
-    128 output channels (1.4-6× faster). With few output channels (e.g. 64 → 16) or 16-32
-    channels XLA's own is as fast or faster.
+    128 output channels (1.4-6× faster). On maps large enough to be taken in row chunks
+    (:func:`taps_chunk_rows`) also kernels with 32-63 outputs (16×48×64, 48 → 32: XLA's 39 ms,
+    by chunked taps 16 ms). With 16 outputs XLA's own stays faster.
     """
     kh, kw, c_in, c_out = kernel_shape
     if kh == kw == 1:
+        return True
+    if positions is not None and positions > TAPS_CHUNK_MIN_POSITIONS and c_out >= 32:
         return True
     return c_out >= 128 or (c_out >= 64 and c_in <= c_out)
 
@@ -89,7 +93,7 @@ def _conv_nhwc(x, k, strides, padding, dilation):
 def kernel_grad_by_taps(x_BxHxWxI: jax.Array, g_BxOHxOWxO: jax.Array,
                         kernel_shape: Sequence[int], strides: Sequence[int],
                         padding: Sequence[tuple[int, int]],
-                        dilation: Sequence[int]) -> jax.Array:
+                        dilation: Sequence[int], chunk_rows: int | None = None) -> jax.Array:
     """The kernel gradient of an NHWC/HWIO convolution as one matrix product per kernel tap:
 
         dk[a, b, i, o] = Σ_{n,y,x} x_pad[n, y·s₀ + a·d₀, x·s₁ + b·d₁, i] · g[n, y, x, o]
@@ -104,16 +108,65 @@ def kernel_grad_by_taps(x_BxHxWxI: jax.Array, g_BxOHxOWxO: jax.Array,
     smaller of ``x`` (``I`` channels) and ``g`` (``O`` channels) goes left; for larger kernels
     ``g`` goes left (one transposed copy shared by all taps) and the taps right, so each tap is
     a plain slice (at 2×224×288×64 this is 1.4× faster than transposing every tap).
+
+    Large maps are taken in chunks of ``chunk_rows`` output rows (default
+    :func:`taps_chunk_rows`) in a ``fori_loop`` that sums the chunks' kernel gradients, so each
+    chunk's slices are read back from the cache. Strided stem kernels take
+    :func:`kernel_grad_space_to_depth`.
     """
     kh, kw, _, _ = kernel_shape
     if space_to_depth_pays_off(kernel_shape, strides, dilation):
         return kernel_grad_space_to_depth(x_BxHxWxI, g_BxOHxOWxO, kernel_shape, strides,
                                           padding)
     (plh, phh), (plw, phw) = padding
-    if plh or phh or plw or phw:
-        x_BxHxWxI = jnp.pad(x_BxHxWxI, ((0, 0), (plh, phh), (plw, phw), (0, 0)))
     b, ho, wo, c_out = g_BxOHxOWxO.shape
     c_in = x_BxHxWxI.shape[-1]
+    rows = chunk_rows if chunk_rows is not None else taps_chunk_rows(b, ho, wo)
+    if rows >= ho:  # one chunk: the whole map
+        x_pad = jnp.pad(x_BxHxWxI, ((0, 0), (plh, phh), (plw, phw), (0, 0)))
+        dk = _tap_products(x_pad, g_BxOHxOWxO, kernel_shape, strides, dilation)
+        return dk.astype(x_BxHxWxI.dtype)
+    # Row chunks: output rows [r·R, (r + 1)·R) read input rows [r·R·s₀, r·R·s₀ + span); the
+    # last chunk is completed by zero rows of g (which add nothing).
+    n_chunks = -(-ho // rows)
+    span = (rows - 1) * strides[0] + (kh - 1) * dilation[0] + 1
+    h_pad = x_BxHxWxI.shape[1] + plh + phh
+    extra = max(0, (n_chunks - 1) * rows * strides[0] + span - h_pad)
+    x_pad = jnp.pad(x_BxHxWxI, ((0, 0), (plh, phh + extra), (plw, phw), (0, 0)))
+    g = jnp.pad(g_BxOHxOWxO, ((0, 0), (0, n_chunks * rows - ho), (0, 0), (0, 0)))
+    w_pad = x_pad.shape[2]
+
+    def chunk(r, acc):
+        x_r = jax.lax.dynamic_slice(x_pad, (0, r * rows * strides[0], 0, 0),
+                                    (b, span, w_pad, c_in))
+        g_r = jax.lax.dynamic_slice(g, (0, r * rows, 0, 0), (b, rows, wo, c_out))
+        return acc + _tap_products(x_r, g_r, kernel_shape, strides, dilation)
+
+    dk = jax.lax.fori_loop(0, n_chunks, chunk, jnp.zeros(tuple(kernel_shape), jnp.float32))
+    return dk.astype(x_BxHxWxI.dtype)
+
+
+def taps_chunk_rows(b: int, ho: int, wo: int) -> int:
+    """Output rows per chunk of :func:`kernel_grad_by_taps`: about ``TAPS_CHUNK_POSITIONS``
+    positions (batch × rows × columns) per chunk, so that a chunk's tap slices and its part of
+    ``g`` stay in the CPU's caches while the products read them. Unchunked, every tap slice of a
+    large map is written to memory and read back (at 2×224×288×64 → 64, 3×3: 270 ms; in chunks of
+    4 rows 145 ms; at 2×112×144×192 → 128: 200 → 132 ms; docs/benchmarks.md)."""
+    if b * ho * wo <= TAPS_CHUNK_MIN_POSITIONS:
+        return ho  # small maps: one chunk (chunks of 2×56×72 were 10-90 % slower)
+    return max(1, TAPS_CHUNK_POSITIONS // max(1, b * wo))
+
+
+TAPS_CHUNK_POSITIONS = 2304  # positions per chunk (2×224×288: 4 rows)
+TAPS_CHUNK_MIN_POSITIONS = 16384  # larger maps are chunked (2×112×144, 16×48×64 are)
+
+
+def _tap_products(x_pad: jax.Array, g_BxOHxOWxO: jax.Array, kernel_shape: Sequence[int],
+                  strides: Sequence[int], dilation: Sequence[int]) -> jax.Array:
+    """The HWIO kernel gradient (float32) of the output ``g`` read from the padded input
+    ``x_pad`` (whose first rows and columns are those of output position (0, 0))."""
+    kh, kw, c_in, c_out = kernel_shape
+    b, ho, wo, _ = g_BxOHxOWxO.shape
     g_left = c_in > c_out or kh * kw > 1
     g_KxO = g_BxOHxOWxO.reshape(-1, c_out)
     g_OxK = g_KxO.T if g_left else None  # one transposed copy, shared by every tap
@@ -122,7 +175,7 @@ def kernel_grad_by_taps(x_BxHxWxI: jax.Array, g_BxOHxOWxO: jax.Array,
         for c in range(kw):
             h0, w0 = a * dilation[0], c * dilation[1]
             tap_KxI = jax.lax.slice(
-                x_BxHxWxI, (0, h0, w0, 0),
+                x_pad, (0, h0, w0, 0),
                 (b, h0 + (ho - 1) * strides[0] + 1, w0 + (wo - 1) * strides[1] + 1, c_in),
                 (1, strides[0], strides[1], 1)).reshape(-1, c_in)
             if g_left:  # [O, I] = gᵀ tap, transposed below
@@ -132,7 +185,7 @@ def kernel_grad_by_taps(x_BxHxWxI: jax.Array, g_BxOHxOWxO: jax.Array,
     dk = jnp.stack(taps)
     if g_left:
         dk = jnp.swapaxes(dk, 1, 2)
-    return dk.reshape(kernel_shape).astype(x_BxHxWxI.dtype)
+    return dk.reshape(kernel_shape)
 
 
 def space_to_depth_pays_off(kernel_shape: Sequence[int], strides: Sequence[int],
@@ -213,6 +266,14 @@ def _conv_taps_bwd(strides, padding, dilation, residuals, g):
 _conv_taps_kernel_grad.defvjp(_conv_taps_fwd, _conv_taps_bwd)
 
 
+def _output_positions(x_shape, k_shape, strides, padding, dilation) -> int:
+    """batch × output rows × output columns of an NHWC/HWIO convolution."""
+    dilation = dilation or (1, 1)
+    size = [(x_shape[1 + i] + padding[i][0] + padding[i][1] - (k_shape[i] - 1) * dilation[i]
+             - 1) // strides[i] + 1 for i in range(2)]
+    return int(x_shape[0] * size[0] * size[1])
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
@@ -240,7 +301,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
             or any(p < 0 for pair in padding for p in pair)
             or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
             != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-            or not taps_pay_off(rhs.shape)):
+            or not taps_pay_off(rhs.shape, _output_positions(lhs.shape, rhs.shape,
+                                                               window_strides, padding,
+                                                               rhs_dilation))):
         return xla(lhs, rhs)
     return _conv_taps_kernel_grad(lhs, rhs, tuple(int(s) for s in window_strides),
                                   tuple((int(lo), int(hi)) for lo, hi in padding),

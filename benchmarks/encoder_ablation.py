@@ -1,0 +1,110 @@
+"""ResNet encoder forward + backward with and without single CPU speed changes, in one process.
+
+Usage::
+
+    python benchmarks/encoder_ablation.py [--depth 101] [--size 224x288] [--batch 2]
+        [--rounds 10] [--without bn,s2d]
+
+Compiles the encoder's step (as ``benchmarks/torch_reference.py``'s jax side: the five
+features' mean squares, train-mode BatchNorm, gradients of the parameters) twice: as the
+library builds it, and with the changes named by ``--without`` undone while tracing:
+
+* ``bn``: BatchNorm's closed-form training backward (``layers.batch_norm_train``) replaced by
+  JAX's derivative of the same forward formula;
+* ``s2d``: the space-to-depth kernel gradient of strided stem convolutions
+  (``layers.space_to_depth_pays_off`` answering no, so plain taps are used).
+
+Then it alternates the two executables (``--rounds`` rounds of 3 steps, the order flipped every
+round) and prints the medians and their ratio. Both run in the same process, back to back, so
+the machine's drifting speed (±10-20 % within minutes on the 2-core machine) cancels, which two
+separate runs cannot resolve for a few-per-cent change. The losses of the two are printed too
+(equal to float rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtl_jax.models import layers
+from mtl_jax.models.encoders import build_encoder
+
+ABLATIONS = ("bn", "s2d")
+
+
+@contextlib.contextmanager
+def undone(names: list[str]):
+    """Undo the named changes for what is traced inside (module attributes, restored after)."""
+    saved = {}
+    if "bn" in names:
+        saved["batch_norm_train"] = layers.batch_norm_train
+
+        def autodiff_bn(x, scale, bias, epsilon, fast_variance=False):
+            return layers._batch_norm_train_fwd(x, scale, bias, epsilon, fast_variance)[0]
+
+        layers.batch_norm_train = autodiff_bn
+    if "s2d" in names:
+        saved["space_to_depth_pays_off"] = layers.space_to_depth_pays_off
+        layers.space_to_depth_pays_off = lambda *args: False
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(layers, name, value)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depth", type=int, default=101)
+    p.add_argument("--size", default="224x288")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--without", default="bn,s2d", help=f"comma-separated, of {ABLATIONS}")
+    args = p.parse_args()
+    names = [n for n in args.without.split(",") if n]
+    unknown = sorted(set(names) - set(ABLATIONS))
+    if unknown:
+        raise SystemExit(f"--without: unknown {unknown}; choose from {ABLATIONS}")
+    h, w = (int(v) for v in args.size.split("x"))
+    model = build_encoder(f"resnet{args.depth}",
+                          replace_stride_with_dilation=(False, False, args.depth >= 50))
+    image = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, h, w, 3)),
+                        jnp.float32)
+    variables = model.init(jax.random.key(0), image, train=False)
+    params, stats = variables["params"], variables["batch_stats"]
+
+    def loss(params_, x):
+        feats, _ = model.apply({"params": params_, "batch_stats": stats}, x, train=True,
+                               mutable=["batch_stats"])
+        return sum(jnp.mean(jnp.square(f.astype(jnp.float32))) for f in feats)
+
+    steps = {}
+    with undone(names):
+        steps["without"] = jax.jit(jax.value_and_grad(loss)).lower(params, image).compile()
+    steps["with"] = jax.jit(jax.value_and_grad(loss)).lower(params, image).compile()
+    losses = {}
+    for key, step in steps.items():
+        for _ in range(2):
+            losses[key] = float(jax.block_until_ready(step(params, image))[0])
+    times: dict[str, list[float]] = {key: [] for key in steps}
+    for r in range(args.rounds):
+        for key in (("without", "with") if r % 2 == 0 else ("with", "without")):
+            for _ in range(3):
+                t0 = time.perf_counter()
+                jax.block_until_ready(steps[key](params, image))
+                times[key].append(time.perf_counter() - t0)
+    off, on = (statistics.median(times[k]) for k in ("without", "with"))
+    print(f"ResNet-{args.depth} {args.size} batch {args.batch}, without {names}: "
+          f"{off * 1e3:.1f} ms, with: {on * 1e3:.1f} ms, with / without {on / off:.3f} "
+          f"(losses {losses['without']:.6f} / {losses['with']:.6f})")
+
+
+if __name__ == "__main__":
+    main()
