@@ -5,8 +5,8 @@ Usage::
     python benchmarks/encoder_ablation.py [--depth 101] [--size 224x288] [--batch 2]
         [--rounds 10] [--without bn,s2d]
 
-Compiles the encoder's step (as ``benchmarks/torch_reference.py``'s jax side: the five
-features' mean squares, train-mode BatchNorm, gradients of the parameters) twice: as the
+Compiles the encoder's step (``benchmarks/torch_reference.py``'s ``jax_encoder_loss``: the
+five features' mean squares, train-mode BatchNorm, gradients of the parameters) twice: as the
 library builds it, and with the changes named by ``--without`` undone while tracing:
 
 * ``bn``: BatchNorm's closed-form training backward (``layers.batch_norm_train``) replaced by
@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
+import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from mtl_jax.models import layers
-from mtl_jax.models.encoders import build_encoder
+
+sys.path.insert(0, os.path.dirname(__file__))
+from torch_reference import jax_encoder_loss  # noqa: E402
 
 ABLATIONS = ("bn", "s2d")
 
@@ -73,17 +75,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--without: unknown {unknown}; choose from {ABLATIONS}")
     h, w = (int(v) for v in args.size.split("x"))
-    model = build_encoder(f"resnet{args.depth}",
-                          replace_stride_with_dilation=(False, False, args.depth >= 50))
-    image = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, h, w, 3)),
-                        jnp.float32)
-    variables = model.init(jax.random.key(0), image, train=False)
-    params, stats = variables["params"], variables["batch_stats"]
-
-    def loss(params_, x):
-        feats, _ = model.apply({"params": params_, "batch_stats": stats}, x, train=True,
-                               mutable=["batch_stats"])
-        return sum(jnp.mean(jnp.square(f.astype(jnp.float32))) for f in feats)
+    loss, params, image = jax_encoder_loss(args.depth, h, w, args.batch,
+                                           (False, False, args.depth >= 50))
 
     steps = {}
     with undone(names):

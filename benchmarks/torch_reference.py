@@ -92,7 +92,10 @@ def torch_side(depth: int, h: int, w: int, batch: int, dilate, threads: int,
             "version": f"torch {torch.__version__}"}
 
 
-def jax_side(depth: int, h: int, w: int, batch: int, dilate, steps: int) -> dict:
+def jax_encoder_loss(depth: int, h: int, w: int, batch: int, dilate):
+    """Our ResNet encoder and the loss both sides time: the mean squares of its five features
+    with train-mode BatchNorm. Returns ``(loss(params, image), params, image)``; also used by
+    ``benchmarks/encoder_ablation.py``."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -109,13 +112,21 @@ def jax_side(depth: int, h: int, w: int, batch: int, dilate, steps: int) -> dict
                                mutable=["batch_stats"])
         return sum(jnp.mean(jnp.square(f.astype(jnp.float32))) for f in feats)
 
+    return loss, variables["params"], image
+
+
+def jax_side(depth: int, h: int, w: int, batch: int, dilate, steps: int) -> dict:
+    import jax
+    import numpy as np
+
+    loss, params, image = jax_encoder_loss(depth, h, w, batch, dilate)
     step = jax.jit(jax.value_and_grad(loss))
     t0 = time.perf_counter()
-    jax.block_until_ready(step(variables["params"], image))
+    jax.block_until_ready(step(params, image))
     compile_s = time.perf_counter() - t0
-    seconds = _median_time(lambda: jax.block_until_ready(step(variables["params"], image)), steps)
-    params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
-    return {"s": seconds, "params": params, "compile_s": compile_s,
+    seconds = _median_time(lambda: jax.block_until_ready(step(params, image)), steps)
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    return {"s": seconds, "params": n_params, "compile_s": compile_s,
             "version": f"jax {jax.__version__}"}
 
 

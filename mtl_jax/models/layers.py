@@ -498,12 +498,11 @@ class BatchNorm(nn.Module):
         scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
         bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
         if train:
-            axes = tuple(range(x.ndim - 1))
             y, mean, var = batch_norm_train(x, jnp.asarray(scale, jnp.float32),
                                             jnp.asarray(bias, jnp.float32), self.epsilon,
                                             self.use_fast_variance)
             if not self.is_initializing():
-                n = int(np.prod([x.shape[a] for a in axes]))
+                n = int(np.prod(x.shape[:-1]))
                 running_var = var * (n / (n - 1)) if self.unbiased_running_var and n > 1 else var
                 m = self.momentum
                 ra_mean.value = m * ra_mean.value + (1.0 - m) * mean
