@@ -296,7 +296,10 @@ def test_a_dead_peer_stops_the_others(data_dir, cache_dir, tmp_path):
     """SIGKILL process 1 mid-training: process 0 exits non-zero within the heartbeat timeout
     instead of waiting in the next collective forever -- stopped by the coordination service
     (naming the process that stopped sending heartbeats) or, sooner, by the collective that
-    finds its peer's connection closed (both seen on this machine)."""
+    finds its peer gone (both seen on this machine). The transport words the second case
+    differently from run to run ("Connection closed by peer", "Connection reset by peer", ...),
+    so the test asserts the library's own contract: a non-zero exit within the timeout and the
+    one-line ``process 0 of 2 failed: ...`` message, whatever follows it."""
     env = _child_env(data_dir, cache_dir)
     args = [*COMMON, "--config.num_train_steps=100000", "--config.eval_every_steps=100000",
             "--config.checkpoint_every_steps=100000", f"--workdir={tmp_path / 'wd'}"]
@@ -321,7 +324,7 @@ def test_a_dead_peer_stops_the_others(data_dir, cache_dir, tmp_path):
     out = open(procs[0][2]).read()
     assert code != 0
     by_heartbeat = re.search(r"stopped sending heartbeats\):\s*1\b", out)
-    by_collective = re.search(r"process 0 of 2 failed: .*Connection closed by peer", out)
+    by_collective = re.search(r"^mtl-jax: process 0 of 2 failed: \S", out, re.MULTILINE)
     assert by_heartbeat or by_collective, out[-3000:]
     if by_heartbeat:
         assert "detected fatal errors" in out
