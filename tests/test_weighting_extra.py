@@ -326,6 +326,42 @@ def test_config_equal_cosines_and_summed_length():
     assert float(out.diagnostics["cosine"]) == pytest.approx(0.9238795, rel=1e-5)
 
 
+def _near_duplicate_jacobian() -> np.ndarray:
+    """Three tasks, the second almost the first: σ_min / σ_max of the unit rows ≈ 6e-4."""
+    rng = np.random.default_rng(3)
+    g1 = rng.normal(size=64)
+    g2 = 2.0 * (g1 + 8e-4 * np.linalg.norm(g1) * rng.normal(size=64) / 8.0)
+    g3 = 0.5 * rng.normal(size=64)
+    return np.stack([g1, g2, g3]).astype(np.float32)
+
+
+def test_config_near_duplicate_tasks_match_a_float64_svd_pseudo_inverse():
+    """The reference's pinv of the unit-row matrix, in float64 by SVD: with σ_min / σ_max ≈
+    6e-4 the float32 result must agree to 1e-4 (the Gram-matrix route, which squares the
+    condition number, was 16 % off)."""
+    grads = _near_duplicate_jacobian()
+    g64 = grads.astype(np.float64)
+    units = g64 / np.linalg.norm(g64, axis=1, keepdims=True)
+    s = np.linalg.svd(units, compute_uv=False)
+    assert 3e-4 < s[-1] / s[0] < 1e-3  # ill-conditioned, but far above the 1e-6 cutoff
+    b = np.linalg.pinv(units, rcond=1e-6) @ np.ones(3)
+    b_hat = b / np.linalg.norm(b)
+    want = np.sum(g64 @ b_hat) * b_hat
+    out = _call(ConFIG(), grads)
+    got = _weights(out).astype(np.float64) @ g64
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.linalg.norm(want))
+    assert float(out.diagnostics["cosine"]) == pytest.approx(
+        float(np.mean(units @ b_hat)), rel=1e-4)
+    # rcond=None: torch's own default cutoff, max(T, N) · eps(float32) = 7.6e-6 here.
+    got_torch_rule = _weights(_call(ConFIG(rcond=None), grads)).astype(np.float64) @ g64
+    np.testing.assert_allclose(got_torch_rule, want, rtol=0,
+                               atol=1e-4 * np.linalg.norm(want))
+    # A cutoff above σ_min / σ_max drops the small direction: 2.6 % off, far outside the
+    # tolerance above (the old Gram route was 0.75 % off on this matrix, 16 % on others).
+    dropped = _weights(_call(ConFIG(rcond=1e-2), grads)).astype(np.float64) @ g64
+    assert np.linalg.norm(dropped - want) > 0.01 * np.linalg.norm(want)
+
+
 # ---------------------------------------------------------------- Krum and TrimmedMean
 
 def test_krum_selects_the_most_central_gradients():

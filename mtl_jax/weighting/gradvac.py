@@ -36,8 +36,10 @@ class GradVac(Weighting):
     coefficient space on the T x T Gram matrix, the weights are the column sums of the
     coefficients.
 
-    ``ema_update``: ``'always'`` (the paper's Algorithm 1: every visited pair updates its
-    target) or ``'on_adjust'`` (LibMTL's current code: only pairs that were adjusted).
+    ``ema_update``: ``'always'`` (default: every visited pair moves its target, as the paper's
+    Algorithm 1 and LibMTL's current ``GradVac``, whose outputs it matches to 5e-8) or
+    ``'on_adjust'`` (only the pairs that were adjusted move their target, as LibMTL's code
+    read in older revisions, e.g. commit 13f5fc7).
     ``beta`` = 0.5 (LibMTL's default). ``decoder_weighting = 'ones'``. ``rep_grad`` is read
     by the train step (LibMTL refuses it for GradVac; here it is allowed, the targets then
     track cosines of representation gradients). Diagnostic ``mean_target``: the mean
