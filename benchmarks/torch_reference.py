@@ -23,6 +23,16 @@ Prints a Markdown table for ``docs/benchmarks.md`` ("Against PyTorch"): per dept
 over rounds of each side's median step, their ratio, and the ratio within each round (the
 machine's speed drifts between rounds; a round's two sides run back to back).
 
+``--gradients`` compares instead of timing: the gradients of that loss, both sides in
+**float64** (torch: the model and input in double; ours: the same torchvision weights imported
+with ``mtl_jax.models.pretrained.resnet_from_torchvision``, ``dtype=param_dtype=float64``
+under ``jax.enable_x64``; our BatchNorm still normalises in float32, which bounds the
+agreement near 1e-6), from the same input, ``train`` mode. It prints, per depth, the loss of
+both sides and the relative error ``||g_ours - g_torch|| / ||g_torch||`` of the stem's
+tensors, ``layer1``'s, and the worst tensor of the whole encoder. Float64 removes the
+conditioning noise that float32 shows on these deep networks (a few per cent per tensor),
+so anything above ~1e-5 is a real difference.
+
 ``--convs N:H:W:CIN:K:COUT,...`` times single convolutions instead (stride 1, "same" padding,
 no bias; NCHW on the torch side, NHWC on ours): the forward pass and forward + backward
 (gradients of input and kernel of ``sum(y ** 2)``), ours both with the library's convolution
@@ -90,6 +100,111 @@ def torch_side(depth: int, h: int, w: int, batch: int, dilate, threads: int,
                  and p is not net.fc.bias)
     return {"s": seconds, "params": params,
             "version": f"torch {torch.__version__}"}
+
+
+def torch_gradients(depth: int, h: int, w: int, batch: int, dilate, out: str) -> dict:
+    """Torch side of ``--gradients``: torchvision's ResNet in float64, one forward/backward;
+    writes the state_dict, the input and the gradients to ``out`` (.npz)."""
+    import numpy as np
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, f"resnet{depth}")(
+        weights=None, replace_stride_with_dilation=list(dilate) if depth >= 50 else None)
+    net = net.double().train()
+    with torch.no_grad():  # non-trivial BatchNorm affine parameters
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    state = {k: v.detach().cpu().numpy().copy() for k, v in net.state_dict().items()}
+    image = np.random.default_rng(0).normal(size=(batch, 3, h, w))
+    x = torch.from_numpy(image)
+    feats = []
+    y = net.relu(net.bn1(net.conv1(x)))
+    feats.append(y)
+    y = net.maxpool(y)
+    for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+        y = layer(y)
+        feats.append(y)
+    loss = _features_loss_torch(feats)
+    loss.backward()
+    arrays = {f"state/{k}": v for k, v in state.items()}
+    arrays.update({f"grad/{k}": p.grad.detach().numpy() for k, p in net.named_parameters()
+                   if p.grad is not None})  # fc is not used
+    arrays["image"] = image
+    arrays["loss"] = np.asarray(loss.item())
+    np.savez(out, **arrays)
+    return {"loss": loss.item(), "version": f"torch {torch.__version__}"}
+
+
+def jax_gradient_errors(depth: int, dilate, npz: str) -> dict:
+    """Our side of ``--gradients``: the same weights and input in float64; returns the
+    relative gradient error per torchvision parameter name."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import traverse_util
+
+    from mtl_jax.models.encoders import build_encoder
+    from mtl_jax.models.pretrained import resnet_from_torchvision, torchvision_name
+
+    data = np.load(npz)
+    state = {k[len("state/"):]: data[k] for k in data.files if k.startswith("state/")}
+    torch_grads = {k[len("grad/"):]: data[k] for k in data.files if k.startswith("grad/")}
+    with jax.enable_x64():
+        params, stats = resnet_from_torchvision(state)
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+        model = build_encoder(f"resnet{depth}", replace_stride_with_dilation=tuple(dilate),
+                              dtype=jnp.float64, param_dtype=jnp.float64)
+        image = jnp.asarray(np.transpose(data["image"], (0, 2, 3, 1)), jnp.float64)
+
+        def loss(p):
+            feats, _ = model.apply({"params": p, "batch_stats": stats}, image, train=True,
+                                   mutable=["batch_stats"])
+            return sum(jnp.mean(jnp.square(f.astype(jnp.float64))) for f in feats)
+
+        value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    want, _ = resnet_from_torchvision(torch_grads)
+    got_flat = traverse_util.flatten_dict(jax.device_get(grads))
+    errors = {}
+    for path, ref in traverse_util.flatten_dict(want).items():
+        got = np.asarray(got_flat[path], np.float64)
+        errors[torchvision_name("params", path)] = float(
+            np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-300))
+    return {"loss": float(value), "errors": errors, "version": f"jax {jax.__version__}"}
+
+
+def gradient_table(args) -> None:
+    import tempfile
+
+    print(f"\nfloat64 gradients, {args.size}, batch {args.batch}; loss = sum of the mean "
+          "squares of the five features; relative error ||ours - torch|| / ||torch||\n")
+    print("| encoder | loss torch | loss ours | conv1.weight | bn1.weight | bn1.bias "
+          "| layer1 worst | all tensors worst (which) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for depth in [int(d) for d in args.depths.split(",")]:
+        dilate = [bool(int(v)) for v in args.dilate.split(",")] if depth >= 50 else [False] * 3
+        with tempfile.TemporaryDirectory() as tmp:
+            npz = os.path.join(tmp, "torch.npz")
+            python = args.torch_python or sys.executable
+            cmd = [python, os.path.abspath(__file__), "--side", "torch", "--gradients",
+                   "--depths", str(depth), "--size", args.size, "--batch", str(args.batch),
+                   "--dilate", args.dilate, "--out", npz]
+            run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if run.returncode != 0:
+                raise SystemExit(f"torch side (resnet{depth}) failed:\n{run.stderr[-3000:]}")
+            t = json.loads(run.stdout.strip().splitlines()[-1])
+            j = jax_gradient_errors(depth, dilate, npz)
+        err = j["errors"]
+        layer1 = max(v for k, v in err.items() if k.startswith("layer1."))
+        worst = max(err, key=err.get)
+        dil = f", dilation {args.dilate}" if depth >= 50 else ""
+        print(f"| ResNet-{depth}{dil} | {t['loss']:.10g} | {j['loss']:.10g} | "
+              f"{err['conv1.weight']:.1e} | {err['bn1.weight']:.1e} | {err['bn1.bias']:.1e} | "
+              f"{layer1:.1e} | {err[worst]:.1e} (`{worst}`) |", flush=True)
+    print(f"\n{t['version']}, {j['version']}")
 
 
 def jax_encoder_loss(depth: int, h: int, w: int, batch: int, dilate):
@@ -248,10 +363,21 @@ def main() -> None:
     p.add_argument("--torch_python", default="", help="interpreter for the torch side")
     p.add_argument("--convs", default="",
                    help="single convolutions N:H:W:CIN:K:COUT,... instead of encoders")
+    p.add_argument("--gradients", action="store_true",
+                   help="compare float64 gradients against torchvision instead of timing")
+    p.add_argument("--out", default="", help=argparse.SUPPRESS)
     p.add_argument("--side", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     h, w = (int(v) for v in args.size.split("x"))
     depths = [int(d) for d in args.depths.split(",")]
+    if args.side == "torch" and args.gradients:
+        depth = depths[0]
+        dilate = [bool(int(v)) for v in args.dilate.split(",")] if depth >= 50 else [False] * 3
+        print(json.dumps(torch_gradients(depth, h, w, args.batch, dilate, args.out)))
+        return
+    if args.gradients:
+        gradient_table(args)
+        return
     if args.side and args.convs:
         specs = args.convs.split(",")
         result = (torch_convs(specs, args.threads, args.steps) if args.side == "torch"

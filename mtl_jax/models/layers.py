@@ -85,6 +85,11 @@ def xla_conv_gradients():
         _TAPS_ENABLED.reset(token)
 
 
+def _accumulator(dtype) -> Any:
+    """The accumulation dtype of the CPU gradient products: float32, float64 for float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _conv_nhwc(x, k, strides, padding, dilation):
     return jax.lax.conv_general_dilated(x, k, strides, padding, rhs_dilation=dilation,
                                         dimension_numbers=_NHWC)
@@ -101,7 +106,8 @@ def kernel_grad_by_taps(x_BxHxWxI: jax.Array, g_BxOHxOWxO: jax.Array,
     (``x_pad``: ``x`` zero-padded by ``padding``; ``s``: strides; ``d``: kernel dilation). The
     same sums as XLA's kernel-gradient convolution, which XLA's CPU backend runs as a
     convolution whose window is the whole output map: 3-20× slower than the forward pass
-    (benchmarks/conv_grad.py). Accumulates in float32; returns the dtype of ``x``.
+    (benchmarks/conv_grad.py). Accumulates in float32 (float64 for float64 inputs); returns
+    the dtype of ``x``.
 
     XLA's CPU matrix product (YNNPACK) wants its left operand with the contracted axis minor,
     so it copies that operand transposed; the right one it reads as it is. For a 1×1 kernel the
@@ -142,7 +148,8 @@ def kernel_grad_by_taps(x_BxHxWxI: jax.Array, g_BxOHxOWxO: jax.Array,
         g_r = jax.lax.dynamic_slice(g, (0, r * rows, 0, 0), (b, rows, wo, c_out))
         return acc + _tap_products(x_r, g_r, kernel_shape, strides, dilation)
 
-    dk = jax.lax.fori_loop(0, n_chunks, chunk, jnp.zeros(tuple(kernel_shape), jnp.float32))
+    dk = jax.lax.fori_loop(0, n_chunks, chunk,
+                           jnp.zeros(tuple(kernel_shape), _accumulator(x_BxHxWxI.dtype)))
     return dk.astype(x_BxHxWxI.dtype)
 
 
@@ -163,11 +170,13 @@ TAPS_CHUNK_MIN_POSITIONS = 16384  # larger maps are chunked (2×112×144, 16×48
 
 def _tap_products(x_pad: jax.Array, g_BxOHxOWxO: jax.Array, kernel_shape: Sequence[int],
                   strides: Sequence[int], dilation: Sequence[int]) -> jax.Array:
-    """The HWIO kernel gradient (float32) of the output ``g`` read from the padded input
-    ``x_pad`` (whose first rows and columns are those of output position (0, 0))."""
+    """The HWIO kernel gradient (float32; float64 for float64) of the output ``g`` read from
+    the padded input ``x_pad`` (whose first rows and columns are those of output position
+    (0, 0))."""
     kh, kw, c_in, c_out = kernel_shape
     b, ho, wo, _ = g_BxOHxOWxO.shape
     g_left = c_in > c_out or kh * kw > 1
+    acc = _accumulator(x_pad.dtype)
     g_KxO = g_BxOHxOWxO.reshape(-1, c_out)
     g_OxK = g_KxO.T if g_left else None  # one transposed copy, shared by every tap
     taps = []
@@ -179,9 +188,9 @@ def _tap_products(x_pad: jax.Array, g_BxOHxOWxO: jax.Array, kernel_shape: Sequen
                 (b, h0 + (ho - 1) * strides[0] + 1, w0 + (wo - 1) * strides[1] + 1, c_in),
                 (1, strides[0], strides[1], 1)).reshape(-1, c_in)
             if g_left:  # [O, I] = gᵀ tap, transposed below
-                taps.append(jnp.dot(g_OxK, tap_KxI, preferred_element_type=jnp.float32))
+                taps.append(jnp.dot(g_OxK, tap_KxI, preferred_element_type=acc))
             else:  # [I, O] = tapᵀ g
-                taps.append(jnp.dot(tap_KxI.T, g_KxO, preferred_element_type=jnp.float32))
+                taps.append(jnp.dot(tap_KxI.T, g_KxO, preferred_element_type=acc))
     dk = jnp.stack(taps)
     if g_left:
         dk = jnp.swapaxes(dk, 1, 2)
@@ -225,7 +234,8 @@ def kernel_grad_space_to_depth(x_BxHxWxI: jax.Array, g_BxOHxOWxO: jax.Array,
     x = x.reshape(b, hh // sh, ww // sw, sh * sw * c_in)
     g_KxO = g_BxOHxOWxO.reshape(-1, c_out)
     taps = [jax.lax.dot_general(x[:, a:a + ho, c:c + wo].reshape(-1, sh * sw * c_in), g_KxO,
-                                (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+                                (((0,), (0,)), ((), ())),
+                                preferred_element_type=_accumulator(x.dtype))
             for a in range(th) for c in range(tw)]
     dk = jnp.stack(taps).reshape(th, tw, sh, sw, c_in, c_out).transpose(0, 2, 1, 3, 4, 5)
     dk = dk.reshape(th * sh, tw * sw, c_in, c_out)[:kh, :kw]
@@ -254,7 +264,8 @@ def _conv_taps_bwd(strides, padding, dilation, residuals, g):
             # the transposed kernel copy XLA makes for its input-gradient convolution (1.3-2.7×
             # faster on ResNet shapes, docs/benchmarks.md).
             dx = jnp.dot(g_.reshape(-1, c_out), k_.reshape(c_in, c_out).T,
-                         preferred_element_type=jnp.float32).reshape(x_.shape).astype(x_.dtype)
+                         preferred_element_type=_accumulator(x_.dtype)
+                         ).reshape(x_.shape).astype(x_.dtype)
         else:
             (dx,) = jax.vjp(lambda a: _conv_nhwc(a, k_, strides, padding, dilation), x_)[1](g_)
         dk = kernel_grad_by_taps(x_, g_, k_.shape, strides, padding, dilation)
@@ -466,7 +477,8 @@ add_relu.defvjp(_add_relu_fwd, _add_relu_bwd)
 
 
 class BatchNorm(nn.Module):
-    """BatchNorm over all axes but the last, computed in float32 (output float32).
+    """BatchNorm over all axes but the last, computed in float32 (output float32; a float64
+    input stays float64, for gradient checks under ``jax.enable_x64``).
 
     Variables (the names of ``flax.linen.BatchNorm``, so checkpoints and weight converters see
     the same tree): ``params`` ``scale``, ``bias`` ``[C]``; ``batch_stats`` ``mean``, ``var``
@@ -505,16 +517,18 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = jnp.asarray(x, jnp.float32)
+        # float32 for float32 and narrower inputs; a float64 model (gradient checks under
+        # ``jax.enable_x64``) stays float64 throughout.
+        dt = jnp.promote_types(jnp.asarray(x).dtype, jnp.float32)
+        x = jnp.asarray(x, dt)
         c = x.shape[-1]
-        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), dt))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), dt))
         scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
         bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
         if train:
-            y, mean, var = batch_norm_train(x, jnp.asarray(scale, jnp.float32),
-                                            jnp.asarray(bias, jnp.float32), self.epsilon,
-                                            self.use_fast_variance)
+            y, mean, var = batch_norm_train(x, jnp.asarray(scale, dt), jnp.asarray(bias, dt),
+                                            self.epsilon, self.use_fast_variance)
             if not self.is_initializing():
                 n = int(np.prod(x.shape[:-1]))
                 running_var = var * (n / (n - 1)) if self.unbiased_running_var and n > 1 else var
@@ -522,8 +536,8 @@ class BatchNorm(nn.Module):
                 ra_mean.value = m * ra_mean.value + (1.0 - m) * mean
                 ra_var.value = m * ra_var.value + (1.0 - m) * running_var
             return y
-        inv = jax.lax.rsqrt(ra_var.value + self.epsilon) * jnp.asarray(scale, jnp.float32)
-        return (x - ra_mean.value) * inv + jnp.asarray(bias, jnp.float32)
+        inv = jax.lax.rsqrt(ra_var.value + self.epsilon) * jnp.asarray(scale, dt)
+        return (x - ra_mean.value) * inv + jnp.asarray(bias, dt)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

@@ -91,9 +91,10 @@ class Bottleneck(nn.Module):
 def _shortcut(
     block: BasicBlock | Bottleneck, x_BxHxWxC: jax.Array, out_channels: int, train: bool
 ) -> jax.Array:
-    """Identity, or 1×1 conv (block stride) + BN when the block changes shape (float32)."""
+    """Identity, or 1×1 conv (block stride) + BN when the block changes shape (float32, or
+    float64 in a float64 model)."""
     if not block.downsample:
-        return x_BxHxWxC.astype(jnp.float32)
+        return x_BxHxWxC.astype(jnp.promote_types(x_BxHxWxC.dtype, jnp.float32))
     # Called inside the block's compact __call__, so these modules become its children.
     y = conv(
         out_channels,
