@@ -156,6 +156,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         lambda_seg=lam,
         lambda_depth=lam,
         label_smoothing=args.smoothing,
+        # The consistency CE's pixels with an ignored ground-truth label: the reference's
+        # Cityscapes script passes its segmentation mask (they count 0, the sum is divided by
+        # all pixels); its NYUv2 script passes none (every pixel counts).
+        consistency_ignore="keep" if args.dataset == "nyuv2" else "zero",
         encoder="resnet18" if smoke else args.encoder,
         encoder_kwargs=dict(width=4 if smoke else 8 if synthetic else 64),
         decoder_kwargs=dict(features=8 if smoke else 32 if synthetic else 128,

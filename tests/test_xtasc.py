@@ -160,7 +160,8 @@ def _hand_l1m(p, g, m):
     return float(np.mean(per))
 
 
-def _hand_ce(logits, labels, mask, eps):
+def _hand_ce(logits, labels, mask, eps, count=None):
+    """Σ over the mask's pixels of the smoothed CE, / the mask's pixel count (or ``count``)."""
     logp = _np_logsoftmax(logits.astype(np.float64))
     c = logits.shape[-1]
     total, n = 0.0, 0
@@ -169,7 +170,7 @@ def _hand_ce(logits, labels, mask, eps):
         q[labels[idx]] = 1.0 - eps
         total += -np.sum(q * logp[idx])
         n += 1
-    return total / n
+    return total / (n if count is None else count)
 
 
 @pytest.mark.parametrize("target", ["prediction", "ground_truth"])
@@ -189,13 +190,78 @@ def test_loss_groups_by_hand(example, target):
     np.testing.assert_allclose(base["depth"], l1, rtol=1e-5)
     if target == "prediction":
         xtc_d = _hand_l1m(aux["depth/from/semseg"][..., 0], preds["depth"][..., 0], valid_d)
-        xtc_s = _hand_ce(aux["semseg/from/depth"], preds["semseg"].argmax(-1),
-                         np.ones_like(valid_s), eps)
+        # the reference's LabelSmoothingLoss with the segmentation mask: the ignored pixels
+        # count 0, the sum is divided by all 2·4·6 pixels
+        xtc_s = _hand_ce(aux["semseg/from/depth"], preds["semseg"].argmax(-1), valid_s, eps,
+                         count=valid_s.size)
     else:
         xtc_d = _hand_l1m(aux["depth/from/semseg"][..., 0], gt, valid_d)
         xtc_s = _hand_ce(aux["semseg/from/depth"], labels, valid_s, eps)
     np.testing.assert_allclose(out["semseg"], (1 - lam_s) * ce + lam_s * xtc_d, rtol=1e-5)
     np.testing.assert_allclose(out["depth"], (1 - lam_d) * l1 + lam_d * xtc_s, rtol=1e-5)
+
+
+def test_consistency_ce_zeroes_ignored_pixels_and_divides_by_all_pixels():
+    """The reference's normalisation of the consistency CE (``LabelSmoothingLoss`` with the
+    mask of its Cityscapes script), on a batch small enough to write out: image 0 is 1×4 with
+    2 classes, image 1 is padding (example_mask 0) and must not count anywhere."""
+    tasks = {"semseg": make_task("semseg", num_classes=2),
+             "depth": make_task("depth", loss="l1_per_image")}
+    # T_d→s logits: p = (3/4, 1/4) at every pixel; the direct prediction's argmax is
+    # (0, 1, 0, 1) on image 0, so the per-pixel CE is log(4/3), log 4, log(4/3), log 4.
+    t_logits = np.zeros((2, 1, 4, 2), np.float32)
+    t_logits[..., 0] = np.log(3.0)
+    seg_pred = np.zeros((2, 1, 4, 2), np.float32)
+    seg_pred[0, 0, [0, 2], 0] = 1.0
+    seg_pred[0, 0, [1, 3], 1] = 1.0
+    seg_pred[1, ..., 1] = 5.0  # padding: argmax 1 everywhere, CE log 4 each if counted
+    # ground truth: pixel 1 of image 0 is ignored (its CE, log 4, must count 0)
+    labels = np.array([[[0, -1, 0, 1]], [[1, 1, 1, 1]]], np.int32)
+    depth = np.ones((2, 1, 4, 1), np.float32)
+    batch = {"semseg": labels, "depth": depth, "example_mask": np.array([1.0, 0.0])}
+    preds = {"semseg": seg_pred, "depth": np.ones((2, 1, 4, 1), np.float32)}
+    aux = {"semseg/from/depth": t_logits, "depth/from/semseg": np.ones((2, 1, 4, 1),
+                                                                       np.float32)}
+    l43, l4 = np.log(4.0 / 3.0), np.log(4.0)
+    zero = (l43 + l43 + l4) / 4  # Σ over the 3 labelled pixels / all 4 pixels
+    keep = (l43 + l4 + l43 + l4) / 4  # every pixel
+    valid_mean = (l43 + l43 + l4) / 3  # (not the reference: / the labelled pixels)
+    assert len({round(zero, 6), round(keep, 6), round(valid_mean, 6)}) == 3
+    key = "semseg/from/depth"
+    default = XTasCLossGroups().cross_terms(preds, aux, batch, tasks)[key]
+    np.testing.assert_allclose(float(default), zero, rtol=1e-6)
+    kept = XTasCLossGroups(consistency_ignore="keep").cross_terms(preds, aux, batch, tasks)
+    np.testing.assert_allclose(float(kept[key]), keep, rtol=1e-6)
+    # with label smoothing ε = 0.2 (2 classes: 0.8 on the label, 0.2 on the other one)
+    eps = 0.2
+    lp0, lp1 = np.log(0.75), np.log(0.25)
+    ce0, ce1 = -(0.8 * lp0 + 0.2 * lp1), -(0.8 * lp1 + 0.2 * lp0)
+    smoothed = XTasCLossGroups(label_smoothing=eps).cross_terms(preds, aux, batch, tasks)
+    np.testing.assert_allclose(float(smoothed[key]), (ce0 + ce0 + ce1) / 4, rtol=1e-6)
+    # the group: (1 − λ₂)·L1ₘ + λ₂·CE (L1ₘ = 0 here: prediction = ground truth)
+    out = XTasCLossGroups(lambda_depth=0.25)({"semseg": 0.0, "depth": 0.0}, preds, aux, batch,
+                                             tasks)
+    np.testing.assert_allclose(float(out["depth"]), 0.25 * zero, rtol=1e-6)
+    # Align-Net keeps the mean over the labelled pixels (CrossEntropyLoss(ignore_index)):
+    # labels (0, ·, 0, 1) → log(4/3), log(4/3), log 4 over 3 pixels
+    align = XTasCLossGroups(target="ground_truth").cross_terms(preds, aux, batch, tasks)
+    np.testing.assert_allclose(float(align[key]), valid_mean, rtol=1e-6)
+    with pytest.raises(UserError, match="consistency_ignore"):
+        XTasCLossGroups(consistency_ignore="mean")
+
+
+def test_consistency_ignore_in_the_configs():
+    """Cityscapes and synthetic zero the ignored pixels (the reference's Cityscapes script
+    passes its mask); NYUv2 keeps every pixel (its NYUv2 script passes none)."""
+    expected = {"cityscapes_mtan": "zero", "cityscapes": "zero", "synthetic": "zero",
+                "nyuv2": "keep"}
+    for dataset, mode in expected.items():
+        config = xtasc_config(f"dataset={dataset}")
+        assert config.model.consistency_ignore == mode
+        model = build_model(config.model, {"depth": 1, "semseg": 7})
+        assert model.loss_groups.consistency_ignore == mode
+    assert build_model({"architecture": "xtasc"}, {"semseg": 3, "depth": 1}
+                       ).loss_groups.consistency_ignore == "zero"
 
 
 def test_consistency_targets_are_stop_gradients(example):
