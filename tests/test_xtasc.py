@@ -409,9 +409,23 @@ def _bn(prefix, c):
             f"{prefix}.running_var": (c,), f"{prefix}.num_batches_tracked": ()}
 
 
-def xtask_ts_shapes(num_classes=7):
-    """Names and shapes of XTaskTSNet(enc_layers=34).state_dict() (akarimoon/xtask_mt,
-    model/xtask_ts.py with transfer_net.BaseTaskTransferNetWithSkipCN)."""
+def xtask_ts_shapes(num_classes=7, batch_norm=False):
+    """Names and shapes of ``XTaskTSNet(enc_layers=34, out_features_segmt=num_classes,
+    batch_norm=batch_norm).state_dict()`` as akarimoon/xtask_mt's current head defines them,
+    written out from its module tree (not from our mapping):
+
+    * ``pretrained_encoder``: ``layer0 = Sequential(conv1, bn1, relu)``, ``layer1 =
+      Sequential(maxpool, layer1)``, ``layer2..4`` (torchvision ResNet-34);
+    * ``decoder_segmt`` / ``decoder_depth`` (``DecoderSequential``): ``conv1..conv5`` are
+      ``ConvBlock``s whose ``conv1..conv3`` are ``Sequential(Conv2d 3×3 with bias,
+      BatchNorm2d, ReLU)`` at 128 channels; ``conv6 = Sequential(Conv2d 1×1, no bias)``;
+    * ``trans_s2d`` / ``trans_d2s`` (``transfer_net.TaskTransferNetWithSkipCN``, features
+      64/128/256): ``enc1 = TTDown(C_in, 64)``, ``enc2 = TTDown(64, 128)``, ``enc3 =
+      TTDown(128, 256)``, ``dec1 = TTUp(256, 128)``, ``dec2 = TTUp(128 + 128, 64)``, ``dec3 =
+      TTUp(64 + 64, 64)``; each ``double_conv = Sequential(SingleConvBlock(in, out),
+      SingleConvBlock(out, out))`` and a ``SingleConvBlock`` is ``conv = Sequential(Conv2d
+      3×3 with bias, [BatchNorm2d if batch_norm], ReLU)``; ``final_conv`` = Conv2d 1×1 without
+      bias."""
     s = {"pretrained_encoder.layer0.0.weight": (64, 3, 7, 7),
          **_bn("pretrained_encoder.layer0.1", 64)}
     cin = 64
@@ -435,23 +449,37 @@ def xtask_ts_shapes(num_classes=7):
         s[f"{dec}.conv6.0.weight"] = (out, 128, 1, 1)
     for tt, cin, out in (("trans_s2d", num_classes, 1), ("trans_d2s", 1, num_classes)):
         for part, i, o in (("enc1", cin, 64), ("enc2", 64, 128), ("enc3", 128, 256),
-                           ("dec1", 256, 128), ("dec2", 256, 64), ("dec3", 128, 64)):
-            s[f"{tt}.{part}.double_conv.0.weight"] = (o, i, 3, 3)
-            s[f"{tt}.{part}.double_conv.0.bias"] = (o,)
-            s[f"{tt}.{part}.double_conv.2.weight"] = (o, o, 3, 3)
-            s[f"{tt}.{part}.double_conv.2.bias"] = (o,)
+                           ("dec1", 256, 128), ("dec2", 128 + 128, 64), ("dec3", 64 + 64, 64)):
+            for j, c_in in ((0, i), (1, o)):  # the two SingleConvBlocks of double_conv
+                block = f"{tt}.{part}.double_conv.{j}.conv"
+                s[f"{block}.0.weight"] = (o, c_in, 3, 3)
+                s[f"{block}.0.bias"] = (o,)
+                if batch_norm:  # conv.1 is the BatchNorm2d (else the ReLU: no arrays)
+                    s.update(_bn(f"{block}.1", o))
         s[f"{tt}.final_conv.weight"] = (out, 64, 1, 1)
     return s
 
 
-def test_convert_xtask_mt_fixture_loads_into_the_model(tmp_path, capsys):
-    shapes = xtask_ts_shapes(7)
-    assert sum(int(np.prod(v)) for k, v in shapes.items()
-               if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))) \
-        == 31_553_344
-    rng = np.random.default_rng(0)
-    sd = {k: (np.array(3, np.int64) if not v else rng.standard_normal(v).astype(np.float32))
-          for k, v in shapes.items()}
+def _random_state_dict(shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    return {k: (np.array(3, np.int64) if not v else
+                (rng.uniform(0.5, 2.0, v) if k.endswith("running_var")
+                 else rng.standard_normal(v)).astype(np.float32))
+            for k, v in shapes.items()}
+
+
+def _n_params(shapes):
+    return sum(int(np.prod(v)) for k, v in shapes.items()
+               if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_convert_xtask_mt_fixture_loads_into_the_model(tmp_path, capsys, batch_norm):
+    shapes = xtask_ts_shapes(7, batch_norm=batch_norm)
+    # two BatchNorms (weight + bias) per TTNet double conv: 2 nets × 6 parts × 2 × 2C
+    bn_params = 2 * 2 * 2 * (64 + 128 + 256 + 128 + 64 + 64) if batch_norm else 0
+    assert _n_params(shapes) == 31_553_344 + bn_params
+    sd = _random_state_dict(shapes)
     src, dst = tmp_path / "xtask.npz", tmp_path / "ours.npz"
     np.savez(src, **sd)
     # Through the command line (`mtl-jax convert-weights --from=xtask_mt SRC DST`), which calls
@@ -464,18 +492,49 @@ def test_convert_xtask_mt_fixture_loads_into_the_model(tmp_path, capsys):
     n_bn = sum(k.endswith("num_batches_tracked") for k in sd)
     assert len(flat) == len(sd) - n_bn
     config = xtasc_config("dataset=cityscapes_mtan")
-    model = build_model(config.model, {"depth": 1, "semseg": 7})
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
+    config.model.ttnet_kwargs.use_bn = batch_norm
+
+    def abstract_variables(model_cfg):
+        model = build_model(model_cfg, {"depth": 1, "semseg": 7})
+        return jax.eval_shape(lambda: model.init(jax.random.key(0),
                                                  jnp.zeros((1, 128, 256, 3)), train=False))
+
+    abstract = abstract_variables(config.model)
     params, stats = apply_variables(abstract["params"], abstract["batch_stats"], flat)
     np.testing.assert_array_equal(
         params["decoders"]["semseg"]["block2_conv1"]["conv"]["kernel"],
         sd["decoder_segmt.conv2.conv1.0.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(stats["decoders"]["depth"]["block5_conv3"]["bn"]["var"],
                                   sd["decoder_depth.conv5.conv3.1.running_var"])
-    np.testing.assert_array_equal(params["transfer"]["semseg_to_depth"]["dec2_conv2"]["bias"],
-                                  sd["trans_s2d.dec2.double_conv.2.bias"])
-    np.testing.assert_array_equal(params["transfer"]["depth_to_semseg"]["head"]["kernel"],
+    s2d, d2s = params["transfer"]["semseg_to_depth"], params["transfer"]["depth_to_semseg"]
+    if batch_norm:
+        np.testing.assert_array_equal(s2d["dec2_conv2"]["conv"]["bias"],
+                                      sd["trans_s2d.dec2.double_conv.1.conv.0.bias"])
+        np.testing.assert_array_equal(
+            d2s["enc1_conv1"]["conv"]["kernel"],
+            sd["trans_d2s.enc1.double_conv.0.conv.0.weight"].transpose(2, 3, 1, 0))
+        np.testing.assert_array_equal(s2d["enc3_conv2"]["bn"]["scale"],
+                                      sd["trans_s2d.enc3.double_conv.1.conv.1.weight"])
+        np.testing.assert_array_equal(d2s["dec1_conv1"]["bn"]["bias"],
+                                      sd["trans_d2s.dec1.double_conv.0.conv.1.bias"])
+        tstats = stats["transfer"]
+        np.testing.assert_array_equal(tstats["semseg_to_depth"]["dec3_conv1"]["bn"]["mean"],
+                                      sd["trans_s2d.dec3.double_conv.0.conv.1.running_mean"])
+        np.testing.assert_array_equal(tstats["depth_to_semseg"]["enc2_conv2"]["bn"]["var"],
+                                      sd["trans_d2s.enc2.double_conv.1.conv.1.running_var"])
+        # without use_bn the model has no place for the TTNets' BatchNorm: the load says so
+        config.model.ttnet_kwargs.use_bn = False
+        plain = abstract_variables(config.model)
+        with pytest.raises(UserError, match="do not fit the model"):
+            apply_variables(plain["params"], plain["batch_stats"], flat)
+    else:
+        np.testing.assert_array_equal(s2d["dec2_conv2"]["bias"],
+                                      sd["trans_s2d.dec2.double_conv.1.conv.0.bias"])
+        np.testing.assert_array_equal(
+            d2s["enc1_conv1"]["kernel"],
+            sd["trans_d2s.enc1.double_conv.0.conv.0.weight"].transpose(2, 3, 1, 0))
+        assert "transfer" not in stats
+    np.testing.assert_array_equal(d2s["head"]["kernel"],
                                   sd["trans_d2s.final_conv.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(params["encoder"]["conv1"]["kernel"],
                                   sd["pretrained_encoder.layer0.0.weight"].transpose(2, 3, 1, 0))
@@ -484,13 +543,33 @@ def test_convert_xtask_mt_fixture_loads_into_the_model(tmp_path, capsys):
     np.testing.assert_array_equal(params["encoder"]["layer3_0"]["downsample_conv"]["kernel"],
                                   sd["pretrained_encoder.layer3.0.downsample.0.weight"]
                                   .transpose(2, 3, 1, 0))
+
+
+def test_convert_xtask_mt_errors():
+    shapes = xtask_ts_shapes(7, batch_norm=True)
+    sd = {k: np.zeros(v, np.float32) for k, v in shapes.items()}
     # a missing array and an extra one are named
     bad = dict(sd)
-    bad.pop("trans_d2s.dec3.double_conv.2.weight")
-    with pytest.raises(UserError, match="trans_d2s.dec3.double_conv.2.weight"):
+    bad.pop("trans_d2s.dec3.double_conv.1.conv.0.weight")
+    with pytest.raises(UserError, match=r"trans_d2s\.dec3\.double_conv\.1\.conv\.0\.weight"):
         CONVERTERS["xtask_mt"](bad)
     with pytest.raises(UserError, match="extra.weight"):
         CONVERTERS["xtask_mt"]({**sd, "extra.weight": np.zeros(1)})
+    # a BatchNorm in some TTNet convs only
+    partial = {k: v for k, v in sd.items() if not k.startswith("trans_s2d.enc1.double_conv.0"
+                                                                ".conv.1.")}
+    with pytest.raises(UserError, match="all or none"):
+        CONVERTERS["xtask_mt"](partial)
+    # the TTNet layout of an earlier commit (plain Sequential: conv at indices 0 and 2)
+    old = {k: v for k, v in sd.items() if ".double_conv." not in k}
+    for tt in ("trans_s2d", "trans_d2s"):
+        for part in ("enc1", "enc2", "enc3", "dec1", "dec2", "dec3"):
+            for j, index in ((0, 0), (1, 2)):
+                for leaf in ("weight", "bias"):
+                    old[f"{tt}.{part}.double_conv.{index}.{leaf}"] = \
+                        sd[f"{tt}.{part}.double_conv.{j}.conv.0.{leaf}"]
+    with pytest.raises(UserError, match="earlier"):
+        CONVERTERS["xtask_mt"](old)
 
 
 # ------------------------------------------------------------------- smoke training
