@@ -156,12 +156,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         lambda_seg=lam,
         lambda_depth=lam,
         label_smoothing=args.smoothing,
+        # The consistency CE's pixels with an ignored ground-truth label: the reference's
+        # Cityscapes script passes its segmentation mask (they count 0, the sum is divided by
+        # all pixels); its NYUv2 script passes none (every pixel counts).
+        consistency_ignore="keep" if args.dataset == "nyuv2" else "zero",
         encoder="resnet18" if smoke else args.encoder,
         encoder_kwargs=dict(width=4 if smoke else 8 if synthetic else 64),
         decoder_kwargs=dict(features=8 if smoke else 32 if synthetic else 128,
                             hidden_features=8 if smoke else 32 if synthetic else 128),
+        # use_bn: conv + BN + ReLU in the TTNets (the reference's --batch_norm; a converted
+        # checkpoint trained with it needs --config.model.ttnet_kwargs.use_bn=True).
         ttnet_kwargs=dict(features=(4, 8, 8) if smoke else (16, 32, 64) if synthetic
-                          else (64, 128, 256)),
+                          else (64, 128, 256), use_bn=False),
         init="xavier_normal",
         # A converted torchvision ImageNet checkpoint (.npz) for the encoder ("" = random).
         encoder_init="",

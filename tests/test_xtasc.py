@@ -160,7 +160,8 @@ def _hand_l1m(p, g, m):
     return float(np.mean(per))
 
 
-def _hand_ce(logits, labels, mask, eps):
+def _hand_ce(logits, labels, mask, eps, count=None):
+    """Σ over the mask's pixels of the smoothed CE, / the mask's pixel count (or ``count``)."""
     logp = _np_logsoftmax(logits.astype(np.float64))
     c = logits.shape[-1]
     total, n = 0.0, 0
@@ -169,7 +170,7 @@ def _hand_ce(logits, labels, mask, eps):
         q[labels[idx]] = 1.0 - eps
         total += -np.sum(q * logp[idx])
         n += 1
-    return total / n
+    return total / (n if count is None else count)
 
 
 @pytest.mark.parametrize("target", ["prediction", "ground_truth"])
@@ -189,13 +190,78 @@ def test_loss_groups_by_hand(example, target):
     np.testing.assert_allclose(base["depth"], l1, rtol=1e-5)
     if target == "prediction":
         xtc_d = _hand_l1m(aux["depth/from/semseg"][..., 0], preds["depth"][..., 0], valid_d)
-        xtc_s = _hand_ce(aux["semseg/from/depth"], preds["semseg"].argmax(-1),
-                         np.ones_like(valid_s), eps)
+        # the reference's LabelSmoothingLoss with the segmentation mask: the ignored pixels
+        # count 0, the sum is divided by all 2·4·6 pixels
+        xtc_s = _hand_ce(aux["semseg/from/depth"], preds["semseg"].argmax(-1), valid_s, eps,
+                         count=valid_s.size)
     else:
         xtc_d = _hand_l1m(aux["depth/from/semseg"][..., 0], gt, valid_d)
         xtc_s = _hand_ce(aux["semseg/from/depth"], labels, valid_s, eps)
     np.testing.assert_allclose(out["semseg"], (1 - lam_s) * ce + lam_s * xtc_d, rtol=1e-5)
     np.testing.assert_allclose(out["depth"], (1 - lam_d) * l1 + lam_d * xtc_s, rtol=1e-5)
+
+
+def test_consistency_ce_zeroes_ignored_pixels_and_divides_by_all_pixels():
+    """The reference's normalisation of the consistency CE (``LabelSmoothingLoss`` with the
+    mask of its Cityscapes script), on a batch small enough to write out: image 0 is 1×4 with
+    2 classes, image 1 is padding (example_mask 0) and must not count anywhere."""
+    tasks = {"semseg": make_task("semseg", num_classes=2),
+             "depth": make_task("depth", loss="l1_per_image")}
+    # T_d→s logits: p = (3/4, 1/4) at every pixel; the direct prediction's argmax is
+    # (0, 1, 0, 1) on image 0, so the per-pixel CE is log(4/3), log 4, log(4/3), log 4.
+    t_logits = np.zeros((2, 1, 4, 2), np.float32)
+    t_logits[..., 0] = np.log(3.0)
+    seg_pred = np.zeros((2, 1, 4, 2), np.float32)
+    seg_pred[0, 0, [0, 2], 0] = 1.0
+    seg_pred[0, 0, [1, 3], 1] = 1.0
+    seg_pred[1, ..., 1] = 5.0  # padding: argmax 1 everywhere, CE log 4 each if counted
+    # ground truth: pixel 1 of image 0 is ignored (its CE, log 4, must count 0)
+    labels = np.array([[[0, -1, 0, 1]], [[1, 1, 1, 1]]], np.int32)
+    depth = np.ones((2, 1, 4, 1), np.float32)
+    batch = {"semseg": labels, "depth": depth, "example_mask": np.array([1.0, 0.0])}
+    preds = {"semseg": seg_pred, "depth": np.ones((2, 1, 4, 1), np.float32)}
+    aux = {"semseg/from/depth": t_logits, "depth/from/semseg": np.ones((2, 1, 4, 1),
+                                                                       np.float32)}
+    l43, l4 = np.log(4.0 / 3.0), np.log(4.0)
+    zero = (l43 + l43 + l4) / 4  # Σ over the 3 labelled pixels / all 4 pixels
+    keep = (l43 + l4 + l43 + l4) / 4  # every pixel
+    valid_mean = (l43 + l43 + l4) / 3  # (not the reference: / the labelled pixels)
+    assert len({round(zero, 6), round(keep, 6), round(valid_mean, 6)}) == 3
+    key = "semseg/from/depth"
+    default = XTasCLossGroups().cross_terms(preds, aux, batch, tasks)[key]
+    np.testing.assert_allclose(float(default), zero, rtol=1e-6)
+    kept = XTasCLossGroups(consistency_ignore="keep").cross_terms(preds, aux, batch, tasks)
+    np.testing.assert_allclose(float(kept[key]), keep, rtol=1e-6)
+    # with label smoothing ε = 0.2 (2 classes: 0.8 on the label, 0.2 on the other one)
+    eps = 0.2
+    lp0, lp1 = np.log(0.75), np.log(0.25)
+    ce0, ce1 = -(0.8 * lp0 + 0.2 * lp1), -(0.8 * lp1 + 0.2 * lp0)
+    smoothed = XTasCLossGroups(label_smoothing=eps).cross_terms(preds, aux, batch, tasks)
+    np.testing.assert_allclose(float(smoothed[key]), (ce0 + ce0 + ce1) / 4, rtol=1e-6)
+    # the group: (1 − λ₂)·L1ₘ + λ₂·CE (L1ₘ = 0 here: prediction = ground truth)
+    out = XTasCLossGroups(lambda_depth=0.25)({"semseg": 0.0, "depth": 0.0}, preds, aux, batch,
+                                             tasks)
+    np.testing.assert_allclose(float(out["depth"]), 0.25 * zero, rtol=1e-6)
+    # Align-Net keeps the mean over the labelled pixels (CrossEntropyLoss(ignore_index)):
+    # labels (0, ·, 0, 1) → log(4/3), log(4/3), log 4 over 3 pixels
+    align = XTasCLossGroups(target="ground_truth").cross_terms(preds, aux, batch, tasks)
+    np.testing.assert_allclose(float(align[key]), valid_mean, rtol=1e-6)
+    with pytest.raises(UserError, match="consistency_ignore"):
+        XTasCLossGroups(consistency_ignore="mean")
+
+
+def test_consistency_ignore_in_the_configs():
+    """Cityscapes and synthetic zero the ignored pixels (the reference's Cityscapes script
+    passes its mask); NYUv2 keeps every pixel (its NYUv2 script passes none)."""
+    expected = {"cityscapes_mtan": "zero", "cityscapes": "zero", "synthetic": "zero",
+                "nyuv2": "keep"}
+    for dataset, mode in expected.items():
+        config = xtasc_config(f"dataset={dataset}")
+        assert config.model.consistency_ignore == mode
+        model = build_model(config.model, {"depth": 1, "semseg": 7})
+        assert model.loss_groups.consistency_ignore == mode
+    assert build_model({"architecture": "xtasc"}, {"semseg": 3, "depth": 1}
+                       ).loss_groups.consistency_ignore == "zero"
 
 
 def test_consistency_targets_are_stop_gradients(example):
@@ -343,9 +409,23 @@ def _bn(prefix, c):
             f"{prefix}.running_var": (c,), f"{prefix}.num_batches_tracked": ()}
 
 
-def xtask_ts_shapes(num_classes=7):
-    """Names and shapes of XTaskTSNet(enc_layers=34).state_dict() (akarimoon/xtask_mt,
-    model/xtask_ts.py with transfer_net.BaseTaskTransferNetWithSkipCN)."""
+def xtask_ts_shapes(num_classes=7, batch_norm=False):
+    """Names and shapes of ``XTaskTSNet(enc_layers=34, out_features_segmt=num_classes,
+    batch_norm=batch_norm).state_dict()`` as akarimoon/xtask_mt's current head defines them,
+    written out from its module tree (not from our mapping):
+
+    * ``pretrained_encoder``: ``layer0 = Sequential(conv1, bn1, relu)``, ``layer1 =
+      Sequential(maxpool, layer1)``, ``layer2..4`` (torchvision ResNet-34);
+    * ``decoder_segmt`` / ``decoder_depth`` (``DecoderSequential``): ``conv1..conv5`` are
+      ``ConvBlock``s whose ``conv1..conv3`` are ``Sequential(Conv2d 3×3 with bias,
+      BatchNorm2d, ReLU)`` at 128 channels; ``conv6 = Sequential(Conv2d 1×1, no bias)``;
+    * ``trans_s2d`` / ``trans_d2s`` (``transfer_net.TaskTransferNetWithSkipCN``, features
+      64/128/256): ``enc1 = TTDown(C_in, 64)``, ``enc2 = TTDown(64, 128)``, ``enc3 =
+      TTDown(128, 256)``, ``dec1 = TTUp(256, 128)``, ``dec2 = TTUp(128 + 128, 64)``, ``dec3 =
+      TTUp(64 + 64, 64)``; each ``double_conv = Sequential(SingleConvBlock(in, out),
+      SingleConvBlock(out, out))`` and a ``SingleConvBlock`` is ``conv = Sequential(Conv2d
+      3×3 with bias, [BatchNorm2d if batch_norm], ReLU)``; ``final_conv`` = Conv2d 1×1 without
+      bias."""
     s = {"pretrained_encoder.layer0.0.weight": (64, 3, 7, 7),
          **_bn("pretrained_encoder.layer0.1", 64)}
     cin = 64
@@ -369,23 +449,37 @@ def xtask_ts_shapes(num_classes=7):
         s[f"{dec}.conv6.0.weight"] = (out, 128, 1, 1)
     for tt, cin, out in (("trans_s2d", num_classes, 1), ("trans_d2s", 1, num_classes)):
         for part, i, o in (("enc1", cin, 64), ("enc2", 64, 128), ("enc3", 128, 256),
-                           ("dec1", 256, 128), ("dec2", 256, 64), ("dec3", 128, 64)):
-            s[f"{tt}.{part}.double_conv.0.weight"] = (o, i, 3, 3)
-            s[f"{tt}.{part}.double_conv.0.bias"] = (o,)
-            s[f"{tt}.{part}.double_conv.2.weight"] = (o, o, 3, 3)
-            s[f"{tt}.{part}.double_conv.2.bias"] = (o,)
+                           ("dec1", 256, 128), ("dec2", 128 + 128, 64), ("dec3", 64 + 64, 64)):
+            for j, c_in in ((0, i), (1, o)):  # the two SingleConvBlocks of double_conv
+                block = f"{tt}.{part}.double_conv.{j}.conv"
+                s[f"{block}.0.weight"] = (o, c_in, 3, 3)
+                s[f"{block}.0.bias"] = (o,)
+                if batch_norm:  # conv.1 is the BatchNorm2d (else the ReLU: no arrays)
+                    s.update(_bn(f"{block}.1", o))
         s[f"{tt}.final_conv.weight"] = (out, 64, 1, 1)
     return s
 
 
-def test_convert_xtask_mt_fixture_loads_into_the_model(tmp_path, capsys):
-    shapes = xtask_ts_shapes(7)
-    assert sum(int(np.prod(v)) for k, v in shapes.items()
-               if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))) \
-        == 31_553_344
-    rng = np.random.default_rng(0)
-    sd = {k: (np.array(3, np.int64) if not v else rng.standard_normal(v).astype(np.float32))
-          for k, v in shapes.items()}
+def _random_state_dict(shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    return {k: (np.array(3, np.int64) if not v else
+                (rng.uniform(0.5, 2.0, v) if k.endswith("running_var")
+                 else rng.standard_normal(v)).astype(np.float32))
+            for k, v in shapes.items()}
+
+
+def _n_params(shapes):
+    return sum(int(np.prod(v)) for k, v in shapes.items()
+               if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_convert_xtask_mt_fixture_loads_into_the_model(tmp_path, capsys, batch_norm):
+    shapes = xtask_ts_shapes(7, batch_norm=batch_norm)
+    # two BatchNorms (weight + bias) per TTNet double conv: 2 nets × 6 parts × 2 × 2C
+    bn_params = 2 * 2 * 2 * (64 + 128 + 256 + 128 + 64 + 64) if batch_norm else 0
+    assert _n_params(shapes) == 31_553_344 + bn_params
+    sd = _random_state_dict(shapes)
     src, dst = tmp_path / "xtask.npz", tmp_path / "ours.npz"
     np.savez(src, **sd)
     # Through the command line (`mtl-jax convert-weights --from=xtask_mt SRC DST`), which calls
@@ -398,18 +492,49 @@ def test_convert_xtask_mt_fixture_loads_into_the_model(tmp_path, capsys):
     n_bn = sum(k.endswith("num_batches_tracked") for k in sd)
     assert len(flat) == len(sd) - n_bn
     config = xtasc_config("dataset=cityscapes_mtan")
-    model = build_model(config.model, {"depth": 1, "semseg": 7})
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
+    config.model.ttnet_kwargs.use_bn = batch_norm
+
+    def abstract_variables(model_cfg):
+        model = build_model(model_cfg, {"depth": 1, "semseg": 7})
+        return jax.eval_shape(lambda: model.init(jax.random.key(0),
                                                  jnp.zeros((1, 128, 256, 3)), train=False))
+
+    abstract = abstract_variables(config.model)
     params, stats = apply_variables(abstract["params"], abstract["batch_stats"], flat)
     np.testing.assert_array_equal(
         params["decoders"]["semseg"]["block2_conv1"]["conv"]["kernel"],
         sd["decoder_segmt.conv2.conv1.0.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(stats["decoders"]["depth"]["block5_conv3"]["bn"]["var"],
                                   sd["decoder_depth.conv5.conv3.1.running_var"])
-    np.testing.assert_array_equal(params["transfer"]["semseg_to_depth"]["dec2_conv2"]["bias"],
-                                  sd["trans_s2d.dec2.double_conv.2.bias"])
-    np.testing.assert_array_equal(params["transfer"]["depth_to_semseg"]["head"]["kernel"],
+    s2d, d2s = params["transfer"]["semseg_to_depth"], params["transfer"]["depth_to_semseg"]
+    if batch_norm:
+        np.testing.assert_array_equal(s2d["dec2_conv2"]["conv"]["bias"],
+                                      sd["trans_s2d.dec2.double_conv.1.conv.0.bias"])
+        np.testing.assert_array_equal(
+            d2s["enc1_conv1"]["conv"]["kernel"],
+            sd["trans_d2s.enc1.double_conv.0.conv.0.weight"].transpose(2, 3, 1, 0))
+        np.testing.assert_array_equal(s2d["enc3_conv2"]["bn"]["scale"],
+                                      sd["trans_s2d.enc3.double_conv.1.conv.1.weight"])
+        np.testing.assert_array_equal(d2s["dec1_conv1"]["bn"]["bias"],
+                                      sd["trans_d2s.dec1.double_conv.0.conv.1.bias"])
+        tstats = stats["transfer"]
+        np.testing.assert_array_equal(tstats["semseg_to_depth"]["dec3_conv1"]["bn"]["mean"],
+                                      sd["trans_s2d.dec3.double_conv.0.conv.1.running_mean"])
+        np.testing.assert_array_equal(tstats["depth_to_semseg"]["enc2_conv2"]["bn"]["var"],
+                                      sd["trans_d2s.enc2.double_conv.1.conv.1.running_var"])
+        # without use_bn the model has no place for the TTNets' BatchNorm: the load says so
+        config.model.ttnet_kwargs.use_bn = False
+        plain = abstract_variables(config.model)
+        with pytest.raises(UserError, match="do not fit the model"):
+            apply_variables(plain["params"], plain["batch_stats"], flat)
+    else:
+        np.testing.assert_array_equal(s2d["dec2_conv2"]["bias"],
+                                      sd["trans_s2d.dec2.double_conv.1.conv.0.bias"])
+        np.testing.assert_array_equal(
+            d2s["enc1_conv1"]["kernel"],
+            sd["trans_d2s.enc1.double_conv.0.conv.0.weight"].transpose(2, 3, 1, 0))
+        assert "transfer" not in stats
+    np.testing.assert_array_equal(d2s["head"]["kernel"],
                                   sd["trans_d2s.final_conv.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(params["encoder"]["conv1"]["kernel"],
                                   sd["pretrained_encoder.layer0.0.weight"].transpose(2, 3, 1, 0))
@@ -418,13 +543,33 @@ def test_convert_xtask_mt_fixture_loads_into_the_model(tmp_path, capsys):
     np.testing.assert_array_equal(params["encoder"]["layer3_0"]["downsample_conv"]["kernel"],
                                   sd["pretrained_encoder.layer3.0.downsample.0.weight"]
                                   .transpose(2, 3, 1, 0))
+
+
+def test_convert_xtask_mt_errors():
+    shapes = xtask_ts_shapes(7, batch_norm=True)
+    sd = {k: np.zeros(v, np.float32) for k, v in shapes.items()}
     # a missing array and an extra one are named
     bad = dict(sd)
-    bad.pop("trans_d2s.dec3.double_conv.2.weight")
-    with pytest.raises(UserError, match="trans_d2s.dec3.double_conv.2.weight"):
+    bad.pop("trans_d2s.dec3.double_conv.1.conv.0.weight")
+    with pytest.raises(UserError, match=r"trans_d2s\.dec3\.double_conv\.1\.conv\.0\.weight"):
         CONVERTERS["xtask_mt"](bad)
     with pytest.raises(UserError, match="extra.weight"):
         CONVERTERS["xtask_mt"]({**sd, "extra.weight": np.zeros(1)})
+    # a BatchNorm in some TTNet convs only
+    partial = {k: v for k, v in sd.items() if not k.startswith("trans_s2d.enc1.double_conv.0"
+                                                                ".conv.1.")}
+    with pytest.raises(UserError, match="all or none"):
+        CONVERTERS["xtask_mt"](partial)
+    # the TTNet layout of an earlier commit (plain Sequential: conv at indices 0 and 2)
+    old = {k: v for k, v in sd.items() if ".double_conv." not in k}
+    for tt in ("trans_s2d", "trans_d2s"):
+        for part in ("enc1", "enc2", "enc3", "dec1", "dec2", "dec3"):
+            for j, index in ((0, 0), (1, 2)):
+                for leaf in ("weight", "bias"):
+                    old[f"{tt}.{part}.double_conv.{index}.{leaf}"] = \
+                        sd[f"{tt}.{part}.double_conv.{j}.conv.0.{leaf}"]
+    with pytest.raises(UserError, match="earlier"):
+        CONVERTERS["xtask_mt"](old)
 
 
 # ------------------------------------------------------------------- smoke training

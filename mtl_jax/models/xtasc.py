@@ -17,7 +17,11 @@ prediction, and the prediction pictures show them.
   prediction) | ``'align'`` (Align-Net: against the ground truth) | ``'mt'`` (Base MT-Net:
   λ = 0, no TTNets) | ``'st'`` (Base ST-Net: one task, no TTNets);
 * ``lambda_seg`` / ``lambda_depth`` (λ₁ / λ₂, default 0.01; the paper's NYUv2 value is 1e-4),
-  ``label_smoothing`` (ε of the transferred segmentation loss, default 0);
+  ``label_smoothing`` (ε of the transferred segmentation loss, default 0),
+  ``consistency_ignore`` (``'zero'``, default: the consistency CE's pixels with an ignored
+  ground-truth label count 0 and the sum is divided by all pixels, as the reference's Cityscapes
+  script | ``'keep'``: every pixel counts, as its NYUv2 script;
+  :mod:`~mtl_jax.tasks.cross_task`);
 * ``seg_task`` / ``depth_task`` (default ``'semseg'`` / ``'depth'``);
 * ``encoder`` (default ``'resnet34'``), ``encoder_kwargs``;
 * ``decoder_kwargs`` (``UNetDecoder`` fields; defaults ``features=128, hidden_features=128,
@@ -142,6 +146,7 @@ def build_xtasc(model_cfg: Mapping[str, Any], tasks: Mapping[str, int]) -> XTasC
             lambda_depth=float(model_cfg.get("lambda_depth", 0.01)),
             target="prediction" if variant == "xtasc" else "ground_truth",
             label_smoothing=float(model_cfg.get("label_smoothing", 0.0)),
+            consistency_ignore=model_cfg.get("consistency_ignore", "zero") or "zero",
             seg=seg, depth=dep)
     return XTasCNet(encoder=encoder, decoders=decoders, transfers=transfers,
                     loss_groups=loss_groups, dtype=prec["dtype"], **pixel_stats(model_cfg))

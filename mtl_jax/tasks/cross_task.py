@@ -17,16 +17,24 @@ and ``sg`` the stop-gradient, the two losses the weighting strategy sees are::
   Depth values are compared in the depth task's regression space (``output_scale`` × head
   output vs. the encoded target, :mod:`~mtl_jax.tasks.depth`).
 * ``CE_ls(z, c)`` (:func:`label_smoothing_ce`) = cross-entropy of logits ``z`` against the
-  smoothed one-hot of ``c`` (``1 − ε`` on ``c``, ``ε / (C − 1)`` elsewhere), averaged over the
-  pixels of the mask: all pixels of real examples for the consistency target (the argmax is
-  defined everywhere), the non-ignored pixels for Align-Net.
+  smoothed one-hot of ``c`` (``1 − ε`` on ``c``, ``ε / (C − 1)`` elsewhere). For the
+  consistency target (``c`` = argmax of the prediction, defined everywhere) it is normalised
+  as the reference's ``LabelSmoothingLoss`` with the segmentation mask its Cityscapes script
+  passes: the pixels whose ground truth is ignored contribute 0 and the sum is divided by
+  **all** pixels of the real examples (``consistency_ignore='zero'``, the default), i.e.
+  ``Σ_valid ce / n_all``; ``consistency_ignore='keep'`` counts every pixel (``Σ_all ce /
+  n_all``: the reference's NYUv2 script, which passes no mask, and this library before).
+  Align-Net averages over the non-ignored pixels (``Σ_valid ce / n_valid``, the reference's
+  ``CrossEntropyLoss(ignore_index)``).
 * ``CE`` and the direct depth loss are the tasks' own losses (``losses[task]`` as the step
   computed them; XTasC configures depth with ``loss='l1_per_image'``, i.e. ``L1ₘ``).
 
-Which term goes in which group follows the issue's grouping: a group holds the terms whose
-gradient reaches that task's decoder (the consistency term of ``T_s→d`` trains the segmentation
-decoder through ``ŷ_seg``). The released code puts ``L1ₘ(T_s→d(ŷ_seg), sg(ŷ_depth))`` in its
-depth ("image") loss instead; with equal weights the sum is the same.
+A group holds the terms whose gradient reaches that task's decoder (the consistency term of
+``T_s→d`` trains the segmentation decoder through ``ŷ_seg``). This is the released code's
+grouping with its uncertainty weights and with GradNorm (``XTaskLoss`` with a balance method:
+the depth ("image") loss holds the CE of ``T_d→s(ŷ_depth)``, the segmentation ("label") loss the
+L1 of ``T_s→d(ŷ_seg)``); only its unweighted branch groups by output space, where the sum of the
+two losses, and so the gradient, is the same.
 """
 
 from __future__ import annotations
@@ -39,10 +47,12 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.errors import UserError
-from mtl_jax.tasks.base import Batch, example_mask, pixel_mask, safe_div
+from mtl_jax.tasks.base import Batch, pixel_mask, safe_div
 from mtl_jax.tasks.depth import encode_depth
 
 TARGETS = ("prediction", "ground_truth")
+#: How the consistency CE treats the pixels whose ground-truth label is ignored (module doc).
+CONSISTENCY_IGNORE = ("zero", "keep")
 
 
 def masked_l1_per_image(pred_BxHxW: jax.Array, target_BxHxW: jax.Array,
@@ -58,10 +68,13 @@ def masked_l1_per_image(pred_BxHxW: jax.Array, target_BxHxW: jax.Array,
 
 
 def label_smoothing_ce(logits_BxHxWxC: jax.Array, labels_BxHxW: jax.Array,
-                       mask_BxHxW: jax.Array, smoothing: float = 0.0) -> jax.Array:
+                       mask_BxHxW: jax.Array, smoothing: float = 0.0,
+                       count_BxHxW: jax.Array | None = None) -> jax.Array:
     """Cross-entropy against the smoothed one-hot targets (``1 − ε`` on the label, ``ε / (C −
-    1)`` on every other class), mean over the masked pixels (0 when none); float32 scalar.
-    Labels outside ``[0, C)`` must be masked out (they are clipped before the lookup)."""
+    1)`` on every other class), summed over the masked pixels and divided by the number of
+    pixels in ``count_BxHxW`` (default: the mask itself, i.e. the mean over the masked pixels;
+    0 when the count is 0); float32 scalar. Labels outside ``[0, C)`` must be masked out (they
+    are clipped before the lookup)."""
     logp = jax.nn.log_softmax(logits_BxHxWxC.astype(jnp.float32), axis=-1)
     num_classes = logp.shape[-1]
     labels = jnp.clip(labels_BxHxW.astype(jnp.int32), 0, num_classes - 1)
@@ -73,8 +86,9 @@ def label_smoothing_ce(logits_BxHxWxC: jax.Array, labels_BxHxW: jax.Array,
     else:
         ce = nll
     mask = mask_BxHxW.astype(bool)
+    count = mask if count_BxHxW is None else count_BxHxW.astype(bool)
     return safe_div(jnp.sum(jnp.where(mask, ce, 0.0)),
-                    jnp.sum(mask).astype(jnp.float32))
+                    jnp.sum(count).astype(jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,19 +102,25 @@ class XTasCLossGroups:
 
     Fields: ``lambda_seg`` (λ₁, semseg group), ``lambda_depth`` (λ₂, depth group), ``target``
     (``'prediction'``: XTasC-Net, ``'ground_truth'``: Align-Net), ``label_smoothing`` (ε of
-    ``CE_ls``), ``seg`` / ``depth`` (task names).
+    ``CE_ls``), ``consistency_ignore`` (``'zero'``: the consistency CE's ground-truth-ignored
+    pixels count 0 over all pixels, as the reference on Cityscapes; ``'keep'``: every pixel
+    counts; module docstring), ``seg`` / ``depth`` (task names).
     """
 
     lambda_seg: float = 0.01
     lambda_depth: float = 0.01
     target: str = "prediction"
     label_smoothing: float = 0.0
+    consistency_ignore: str = "zero"
     seg: str = "semseg"
     depth: str = "depth"
 
     def __post_init__(self):
         if self.target not in TARGETS:
             raise UserError(f"XTasC loss target must be one of {TARGETS}, got {self.target!r}")
+        if self.consistency_ignore not in CONSISTENCY_IGNORE:
+            raise UserError(f"XTasC consistency_ignore must be one of {CONSISTENCY_IGNORE}, "
+                            f"got {self.consistency_ignore!r}")
         for name in ("lambda_seg", "lambda_depth", "label_smoothing"):
             value = float(getattr(self, name))
             if not 0.0 <= value <= 1.0:
@@ -128,16 +148,18 @@ class XTasCLossGroups:
                                         getattr(depth_task, "encoding", "none"))
         l1 = masked_l1_per_image(transferred_depth, depth_target, m_depth)
 
+        raw = jnp.asarray(batch[seg_task.label_key], jnp.int32)
+        labelled = (raw >= 0) & (raw < preds[seg].shape[-1])
+        labelled &= raw != getattr(seg_task, "ignore_index", -1)
+        m_labelled = pixel_mask(batch, labelled)
         if self.target == "prediction":
             labels = jnp.argmax(jax.lax.stop_gradient(preds[seg]), axis=-1)
-            b, h, w = labels.shape
-            m_seg = jnp.broadcast_to((example_mask(batch, b) > 0)[:, None, None], (b, h, w))
+            m_all = pixel_mask(batch, jnp.ones(labels.shape, bool))
+            m_seg = m_labelled if self.consistency_ignore == "zero" else m_all
+            ce = label_smoothing_ce(aux[keys[1]], labels, m_seg, self.label_smoothing,
+                                    count_BxHxW=m_all)
         else:
-            raw = jnp.asarray(batch[seg_task.label_key], jnp.int32)
-            in_range = (raw >= 0) & (raw < preds[seg].shape[-1])
-            in_range &= raw != getattr(seg_task, "ignore_index", -1)
-            labels, m_seg = raw, pixel_mask(batch, in_range)
-        ce = label_smoothing_ce(aux[keys[1]], labels, m_seg, self.label_smoothing)
+            ce = label_smoothing_ce(aux[keys[1]], raw, m_labelled, self.label_smoothing)
         return {keys[0]: l1, keys[1]: ce}
 
     def __call__(self, losses: Mapping[str, jax.Array], preds: Mapping[str, jax.Array],

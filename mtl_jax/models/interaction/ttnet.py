@@ -3,9 +3,9 @@ prediction to another task's output space (e.g. segmentation logits → depth).
 
 Layout (``features = (64, 128, 256)``), input ``x`` ``[B, H, W, C_in]``:
 
-* ``enc1``..``enc3``: two conv3×3 (with bias) + ReLU (optionally conv + BN + ReLU) at
-  ``features[i]`` channels, then 2×2 max-pool with stride 2 (floor, as PyTorch) →
-  ``e1`` (H/2, 64), ``e2`` (H/4, 128), ``e3`` (H/8, 256);
+* ``enc1``..``enc3``: two conv3×3 (with bias) + ReLU (with ``use_bn`` conv + BN + ReLU, the
+  reference's ``batch_norm=True``) at ``features[i]`` channels, then 2×2 max-pool with stride
+  2 (floor, as PyTorch) → ``e1`` (H/2, 64), ``e2`` (H/4, 128), ``e3`` (H/8, 256);
 * ``dec1``: bilinear ×2 of ``e3`` to the size of ``e2`` (aligned corners), two conv3×3 + ReLU →
   128; ``dec2``: the same on ``concat(dec1, e2)`` (the upsampled map first, then the skip) to
   the size of ``e1`` → 64; ``dec3``: on ``concat(dec2, e1)`` to ``(H, W)`` → 64;
@@ -13,8 +13,7 @@ Layout (``features = (64, 128, 256)``), input ``x`` ``[B, H, W, C_in]``:
 
 ``log_softmax_input=True`` (seg → depth) applies a log-softmax over the channels to the input
 first; depth → seg takes the raw depth. The output is the raw head output (for seg it is used as
-logits: the cross-task loss applies its own log-softmax, which is idempotent, so the released
-code's extra log-softmax on that output changes nothing).
+logits), as the reference's ``TaskTransferNetWithSkipCN``.
 
 Upsampling uses aligned corners (PyTorch ``nn.Upsample(scale_factor=2, mode='bilinear',
 align_corners=True)``, the reference's convention); for sizes that are not multiples of 8 the
