@@ -4,10 +4,13 @@
 ``metrics.jsonl`` (eval curves) and ``config.json`` (its tasks, for the metric directions)
 and returns a Markdown table: one row per run, one column per metric of the runs' tasks
 (arrow = better direction), and a ``Δm %`` column when ``baselines`` are given. Baselines
-are single-task runs (their workdirs, or ``results.json`` files); their metrics are merged
-(``evaluation.load_baseline``), and Δm of each run is computed over the metrics it shares
-with them, exactly as the trainer's ``eval/delta_m``. ``plot_curves`` draws every eval
-metric over steps, one panel per metric and one line per run (matplotlib).
+are single-task runs (their workdirs, or ``results.json`` files): one that covers more than
+one task (by its ``config.json``, or by the tasks its metrics name) is refused. Their metrics
+are merged (``evaluation.load_baseline``), and Δm of each run is computed over the metrics it
+shares with them, exactly as the trainer's ``eval/delta_m``; lines under the table say which
+baseline covers which task, the metrics each run's Δm is computed over, and the run's tasks
+that no baseline covers. ``plot_curves`` draws every eval metric over steps, one panel per
+metric and one line per run (matplotlib; ``mtl-jax compare --plot=FILE``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ def load_results(workdir: str) -> dict[str, float]:
     """Final metrics of a run (``results.json`` without ``step``/``delta_m``), or of a
     ``results.json`` path given directly."""
     path = workdir if workdir.endswith(".json") else os.path.join(workdir, "results.json")
+    if not os.path.exists(workdir):
+        raise UserError(f"{workdir} does not exist (give a run's --workdir or its "
+                        "results.json)")
     if not os.path.exists(path):
         raise UserError(f"{path} not found: {workdir} is not a finished run (results.json "
                         "is written at the last step; for an unfinished one run "
@@ -44,7 +50,45 @@ def load_results(workdir: str) -> dict[str, float]:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON: {e}") from e
-    return {k: float(v) for k, v in data.items() if _is_metric(k)}
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a results.json (a JSON object of metrics)")
+    try:
+        return {k: float(v) for k, v in data.items() if _is_metric(k)}
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: a metric is not a number: {e}") from e
+
+
+def run_tasks(workdir: str, results: Mapping[str, float]) -> list[str]:
+    """The tasks a run covers: those of its ``config.json`` if it has one, else the tasks its
+    metrics name (``<task>/<metric>``)."""
+    from mtl_jax.experiment import build_tasks
+
+    folder = os.path.dirname(workdir) if workdir.endswith(".json") else workdir
+    path = os.path.join(folder, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            config = ml_collections.ConfigDict(json.load(f))
+        return list(build_tasks(config))
+    return sorted({k.split("/")[0] for k in results})
+
+
+def _load_baselines(baselines: Sequence[str]) -> tuple[dict[str, float], dict[str, str]]:
+    """Merged baseline metrics and ``{task: baseline}``; refuses multi-task baselines."""
+    files = [b if b.endswith(".json") else os.path.join(b, "results.json") for b in baselines]
+    covers: dict[str, str] = {}
+    for b in baselines:
+        tasks = run_tasks(b, load_results(b))  # the same clear error for a missing one
+        if len(tasks) != 1:
+            raise UserError(
+                f"baseline {b} covers {len(tasks)} tasks ({', '.join(tasks) or 'none'}): Δm "
+                "compares against single-task runs, one per task (train them with "
+                "configs/stl.py); pass the multi-task run as a run, not as --baseline")
+        covers.setdefault(tasks[0], b)  # two of one task must agree (load_baseline)
+    try:
+        merged = load_baseline(files)
+    except ValueError as e:
+        raise UserError(f"baselines: {e}") from e
+    return {k: v for k, v in merged.items() if _is_metric(k)}, covers
 
 
 def load_curves(workdir: str) -> dict[str, list[tuple[int, float]]]:
@@ -107,16 +151,9 @@ def compare(workdirs: Sequence[str], baselines: Sequence[str] = (),
         keys += [k for k in results if k not in keys
                  and (include_side or "/side/" not in k)]
     keys.sort(key=lambda k: (k.split("/")[0], k))
-    base = None
+    base, covers = None, {}
     if baselines:
-        files = [b if b.endswith(".json") else os.path.join(b, "results.json") for b in baselines]
-        for path in files:
-            load_results(path)  # the same clear error for a missing one
-        try:
-            merged = load_baseline(files)
-        except ValueError as e:
-            raise UserError(f"baselines: {e}") from e
-        base = {k: v for k, v in merged.items() if _is_metric(k)}
+        base, covers = _load_baselines(baselines)
     header = ["run"]
     for k in keys:
         d = _direction(k, directions)
@@ -127,7 +164,8 @@ def compare(workdirs: Sequence[str], baselines: Sequence[str] = (),
     names = [run_name(w) for w in workdirs]
     if len(set(names)) < len(names):
         names = list(workdirs)
-    for name, results in zip(names, runs.values()):
+    notes = []
+    for name, w, results in zip(names, workdirs, runs.values()):
         row = [name] + [_fmt(results.get(k)) for k in keys]
         if base is not None:
             dirs = {k: _direction(k, directions) for k in set(results) & set(base)}
@@ -136,7 +174,14 @@ def compare(workdirs: Sequence[str], baselines: Sequence[str] = (),
                 row.append(f"{delta_m(results, base, dirs, keys=sorted(dirs)):+.2f}")
             except ValueError:
                 row.append("–")  # no metric in common with the baselines
+            uncovered = [t for t in run_tasks(w, results) if t not in covers]
+            notes.append(f"- Δm of {name} over {len(dirs)} metrics: "
+                         f"{', '.join(sorted(dirs)) or 'none'}"
+                         + (f"; no baseline for {', '.join(uncovered)}" if uncovered else ""))
         lines.append("| " + " | ".join(row) + " |")
+    if base is not None:
+        lines += ["", "Baselines: " + ", ".join(f"{t}: {run_name(b)}"
+                                               for t, b in sorted(covers.items())), *notes]
     return "\n".join(lines) + "\n"
 
 

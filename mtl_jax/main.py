@@ -166,13 +166,13 @@ def _compare(rest: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="mtl-jax compare",
         description="Markdown table of the final metrics (results.json) of several runs, "
-                    "with Δm against single-task runs when --baseline is given, and a PNG "
-                    "of their eval curves.")
+                    "with Δm against single-task runs when --baseline is given, and, with "
+                    "--plot=FILE, a PNG of their eval curves.")
     parser.add_argument("workdirs", nargs="+", help="run directories (--workdir of train)")
     parser.add_argument("--baseline", default="",
                         help="comma-separated single-task run dirs (or results.json files)")
-    parser.add_argument("--plot", default="compare.png",
-                        help="PNG of the eval curves ('' to skip)")
+    parser.add_argument("--plot", default="",
+                        help="write a PNG of the eval curves to this file (default: none)")
     parser.add_argument("--side", action="store_true",
                         help="also list side-output metrics (<task>/side/<k>/...)")
     args = parser.parse_args(rest)

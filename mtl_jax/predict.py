@@ -14,8 +14,15 @@ writes into ``out``:
 
 Size: each image is resized (bilinear, aspect ratio not kept) to the config's
 ``input_size``; the outputs are at that size (``[H,W]`` = ``config.input_size``), not at
-the file's size. Images are read with Pillow (PNG, JPEG, BMP, TIFF, ...; grey and RGBA are
-converted to RGB).
+the file's size. Images are read with Pillow (PNG, JPEG, BMP, TIFF, ...) and turned the way
+their EXIF orientation says; grey, palette and RGBA images are converted to RGB; 16-bit images
+(PNG/TIFF grey ``I;16``, or ``I`` with values up to 65535) are scaled by 1/65535, not clipped to
+8 bits; 32-bit float images (``F``) must hold values in [0, 1]. Other modes, and images over
+:data:`MAX_PIXELS`, are refused with a message naming the file.
+
+An image that cannot be read is reported (``mtl-jax: skipped <file>: <why>``) and the others
+are still predicted; :func:`predict` then raises one :class:`UserError` listing them (exit 1).
+``--out`` is checked (created, or an existing folder) before the model is loaded.
 """
 
 from __future__ import annotations
@@ -23,18 +30,27 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 from collections.abc import Sequence
 
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mtl_jax import checkpointing
 from mtl_jax.data import visualize
 from mtl_jax.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+#: The largest image (width × height) predict reads: 100 Mpixels, i.e. 10000 × 10000. Larger
+#: files are refused before they are decoded (a 15000 × 15000 RGB image needs 675 MB as
+#: uint8 and 2.7 GB as float32 before it is resized); downscale them first.
+MAX_PIXELS = 100_000_000
+# 8-bit modes Pillow converts to RGB exactly.
+_EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB",
+                    "HSV", "La", "RGBa")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -74,17 +90,52 @@ def find_images(images: str) -> list[str]:
 
 
 def read_image(path: str, size_hw: Sequence[int]) -> np.ndarray:
-    """Float32 RGB ``[H,W,3]`` in [0, 1] at ``size_hw`` (bilinear resize)."""
+    """Float32 RGB ``[H,W,3]`` in [0, 1] at ``size_hw`` (bilinear resize), turned by its EXIF
+    orientation; 16-bit images scaled by 1/65535 (see the module docstring)."""
+    h, w = (int(s) for s in size_hw)
     try:
         with Image.open(path) as im:
-            rgb = im.convert("RGB")
-            rgb.load()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+            w0, h0 = im.size
+            if w0 * h0 > MAX_PIXELS:
+                raise UserError(f"image {path} is {w0}×{h0} = {w0 * h0 / 1e6:.0f} Mpixels, "
+                                f"over the limit of {MAX_PIXELS / 1e6:.0f} Mpixels; "
+                                "downscale it first")
+            im = ImageOps.exif_transpose(im)
+            if im.mode in _EIGHT_BIT_MODES:  # resized as 8-bit RGB
+                rgb = im.convert("RGB")
+                if rgb.size != (w, h):
+                    rgb = rgb.resize((w, h), Image.BILINEAR)
+                return np.asarray(rgb, np.float32) / 255.0
+            grey = _grey_float(im, path)
+    except Image.DecompressionBombError as e:
+        raise UserError(f"image {path} is too large to decode safely ({e}); downscale it "
+                        "first") from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise UserError(f"cannot read image {path}: {e}") from e
-    h, w = (int(s) for s in size_hw)
-    if rgb.size != (w, h):
-        rgb = rgb.resize((w, h), Image.BILINEAR)
-    return np.asarray(rgb, np.float32) / 255.0
+    if grey.shape != (h, w):
+        grey = np.asarray(Image.fromarray(grey.astype(np.float32)).resize((w, h), Image.BILINEAR),
+                          np.float32)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def _grey_float(im: Image.Image, path: str) -> np.ndarray:
+    """A 16-bit or float grey Pillow image → float32 ``[h, w]`` in [0, 1]."""
+    if im.mode in _SIXTEEN_BIT_MODES or im.mode == "I":
+        grey = np.asarray(im, np.float64)
+        if im.mode == "I" and (grey.min() < 0 or grey.max() > 65535):
+            raise UserError(f"image {path}: 32-bit integer pixels outside 0..65535 (min "
+                            f"{grey.min():.0f}, max {grey.max():.0f}); save it as an 8- or "
+                            "16-bit image")
+        return (grey / 65535.0).astype(np.float32)
+    if im.mode == "F":
+        grey = np.asarray(im, np.float32)
+        if not np.all(np.isfinite(grey)) or grey.min() < 0 or grey.max() > 1:
+            raise UserError(f"image {path}: float pixels must lie in [0, 1] (min "
+                            f"{np.nanmin(grey):.4g}, max {np.nanmax(grey):.4g}); save it "
+                            "as an 8- or 16-bit image")
+        return grey
+    raise UserError(f"image {path}: Pillow mode {im.mode!r} is not supported (use 8-bit "
+                    "RGB/grey/RGBA or 16-bit grey)")
 
 
 def picture(name: str, value: np.ndarray) -> np.ndarray:
@@ -141,12 +192,18 @@ def predict(workdir: str, images: str, out: str, *, step: int | None = None,
     """Predict every image of ``images`` with the checkpoint of ``workdir``; returns the
     written file paths (see the module docstring for names and contents)."""
     paths = find_images(images)
+    _prepare_out(out)
     exp, state, step = load_run(workdir, step, config)
-    os.makedirs(out, exist_ok=True)
     written = []
+    failed: list[str] = []
     used_stems: set[str] = set()
     for path in paths:
-        image = read_image(path, exp.config.input_size)
+        try:
+            image = read_image(path, exp.config.input_size)
+        except UserError as e:
+            print(f"mtl-jax: skipped {path}: {e}", file=sys.stderr)
+            failed.append(path)
+            continue
         preds = jax.device_get(exp.predict_step(state, image[None]))
         stem = os.path.splitext(os.path.basename(path))[0]
         while stem in used_stems:  # same name in two folders of a glob
@@ -164,4 +221,21 @@ def predict(workdir: str, images: str, out: str, *, step: int | None = None,
             pic = picture(name, arr)
             Image.fromarray(pic).save(f"{base}_{tag}.png")
             written += [f"{base}_{tag}.npy", f"{base}_{tag}.png"]
+    if failed:
+        done = len(paths) - len(failed)
+        raise UserError(f"{len(failed)} of {len(paths)} images could not be read (listed "
+                        f"above: {', '.join(failed[:3])}{' ...' if len(failed) > 3 else ''}); "
+                        f"the other {done} were written to {out}")
     return written
+
+
+def _prepare_out(out: str) -> None:
+    """``--out`` as a folder (created if missing), checked before the model is loaded."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out={out} is an existing file, not a folder; give a folder path")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the --out folder {out}: {e}") from e
+    if not os.access(out, os.W_OK):
+        raise UserError(f"the --out folder {out} is not writable")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -99,8 +100,9 @@ def test_predict_errors(run, images, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "broken.png").write_bytes(b"this is no png")
-    with pytest.raises(UserError, match=r"cannot read image .*broken\.png"):
+    with pytest.raises(UserError, match=r"1 of 1 images could not be read .*broken\.png"):
         predict.predict(wd, str(bad), str(tmp_path / "o1"))
+    assert re.search(r"skipped .*broken\.png: cannot read image", capsys.readouterr().err)
     with pytest.raises(UserError, match="no image found"):
         predict.predict(wd, str(tmp_path / "nothing" / "*.png"), str(tmp_path / "o2"))
     empty = tmp_path / "untrained"
@@ -120,6 +122,53 @@ def test_predict_errors(run, images, tmp_path, capsys):
     assert main(["predict", f"--workdir={empty}", f"--images={images}",
                  f"--out={tmp_path / 'o7'}"]) == 1
     assert "mtl-jax: error: no checkpoint in" in capsys.readouterr().err
+
+
+def test_read_image_scales_16_bit_and_follows_exif(tmp_path, monkeypatch):
+    """A 16-bit grey PNG is scaled by 1/65535 (not clipped to 255); EXIF orientation 6 (the
+    camera turned 90° clockwise) is applied; oversize images are refused before decoding."""
+    rng = np.random.default_rng(0)
+    deep = rng.integers(0, 65536, (6, 8)).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    seen = predict.read_image(str(tmp_path / "deep.png"), (6, 8))
+    np.testing.assert_allclose(seen, np.repeat(deep[..., None] / 65535.0, 3, -1), atol=1e-6)
+    assert (seen > 254 / 255).mean() < 0.05  # clipped, >99 % of these would read as white
+    rgb = rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(tmp_path / "turned.png", exif=exif)
+    np.testing.assert_array_equal(predict.read_image(str(tmp_path / "turned.png"), (6, 4)),
+                                  np.rot90(rgb, k=-1) / np.float32(255))
+    Image.fromarray(rng.normal(size=(4, 4)).astype(np.float32) * 9).save(
+        tmp_path / "wide.tif")
+    with pytest.raises(UserError, match=r"wide\.tif: float pixels must lie in \[0, 1\]"):
+        predict.read_image(str(tmp_path / "wide.tif"), (4, 4))
+    monkeypatch.setattr(predict, "MAX_PIXELS", 40)
+    with pytest.raises(UserError, match=r"deep\.png is 8×6 = 0 Mpixels, over the limit"):
+        predict.read_image(str(tmp_path / "deep.png"), (6, 8))
+
+
+def test_predict_checks_out_first_and_keeps_going_past_a_bad_image(run, images, tmp_path,
+                                                                   monkeypatch, capsys):
+    _, wd, _ = run
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a folder")
+    loads = []
+    monkeypatch.setattr(predict, "load_run", lambda *a, **k: loads.append(a) or 1 / 0)
+    assert main(["predict", f"--workdir={wd}", f"--images={images}", f"--out={blocker}"]) == 1
+    assert "is an existing file, not a folder" in capsys.readouterr().err
+    assert not loads  # refused before the model was loaded
+    monkeypatch.undo()
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(images / "a.png", mixed / "a.png")
+    (mixed / "bad.png").write_bytes(b"\x89PNG truncated")
+    out = tmp_path / "out"
+    assert main(["predict", f"--workdir={wd}", f"--images={mixed}", f"--out={out}"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"skipped .*bad\.png: cannot read image", err)
+    assert "1 of 2 images could not be read" in err and "the other 1 were written" in err
+    assert (out / "a_semseg.npy").exists() and not list(out.glob("bad_*"))
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +207,11 @@ def test_compare_table_and_delta_m(runs, tmp_path, capsys):
     # Δm: semseg twice the baseline (+100 %), depth error half the baseline's (+50 %).
     assert float(rows["mtl_ew"][-1]) == pytest.approx(75.0, abs=0.01)
     assert float(rows["mtl_other"][-1]) == pytest.approx((0.0 + 50.0) / 2, abs=0.01)
+    # Under the table: which baseline covers which task, the metrics of each Δm, and the
+    # run's tasks without a baseline.
+    assert "Baselines: depth: stl_d, semseg: stl_s" in out
+    assert ("- Δm of mtl_ew over 2 metrics: depth/abs_err, semseg/miou; no baseline for "
+            "normals") in out
     picture = np.asarray(Image.open(png))
     assert picture.ndim == 3 and picture.shape[0] > 100 and picture.shape[1] > 100
     keys = compare.plot_curves([wd], str(tmp_path / "one.png"))
@@ -166,7 +220,7 @@ def test_compare_table_and_delta_m(runs, tmp_path, capsys):
     assert [s for s, _ in curves["semseg/miou"]] == [1, 2]  # eval at every step
 
 
-def test_compare_errors(runs, tmp_path, capsys):
+def test_compare_errors(runs, tmp_path, capsys, monkeypatch):
     wd, second, stl_s, _, _ = runs
     with pytest.raises(UserError, match="is not a finished run"):
         compare.compare([wd, str(tmp_path)])
@@ -176,6 +230,14 @@ def test_compare_errors(runs, tmp_path, capsys):
     with pytest.raises(UserError, match="conflicting baseline values"):
         compare.compare([wd], [stl_s, str(conflicting)])
     assert main(["compare", wd, str(tmp_path / "missing"), "--plot="]) == 1
-    assert "not a finished run" in capsys.readouterr().err
+    assert f"{tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+    # A multi-task run as a baseline is refused, naming its tasks.
+    with pytest.raises(UserError, match=r"baseline .* covers 3 tasks \(depth, normals, "
+                                        r"semseg\): Δm compares against single-task runs"):
+        compare.compare([second], [wd])
     table = compare.compare([wd, second])  # no baselines: no Δm column
     assert "Δm" not in table and table.count("\n") == 4
+    # The curves PNG only where --plot asks for one.
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", wd]) == 0
+    assert not list(tmp_path.glob("*.png"))
