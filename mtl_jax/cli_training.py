@@ -45,6 +45,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer("heartbeat_timeout", 60,
                          "multi-process runs: seconds without heartbeat after which a process "
                          "is declared dead and all others stop (docs/tpu.md)")
+    flags.DEFINE_integer("init_timeout", 300,
+                         "multi-process runs: seconds a process waits at start-up for all "
+                         "processes to join before it exits with an error (docs/tpu.md)")
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -75,7 +78,8 @@ def _main(command: str) -> int:
         from mtl_jax import distributed
 
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                               FLAGS.process_id, heartbeat_timeout_s=FLAGS.heartbeat_timeout)
+                               FLAGS.process_id, heartbeat_timeout_s=FLAGS.heartbeat_timeout,
+                               init_timeout_s=FLAGS.init_timeout)
         try:
             return _run_command(command, config)
         except BaseException as e:  # noqa: BLE001 -- every failure must leave at once

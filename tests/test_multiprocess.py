@@ -330,3 +330,32 @@ def test_a_dead_peer_stops_the_others(data_dir, cache_dir, tmp_path):
         assert "detected fatal errors" in out
     assert waited < heartbeat + 120
     print(f"process 0 stopped {waited:.0f} s after its peer died (heartbeat {heartbeat} s)")
+
+
+def test_a_peer_dead_at_start_up_stops_the_other_within_the_init_timeout(data_dir, cache_dir,
+                                                                         tmp_path):
+    """Process 0 killed during start-up (before its coordination service is up): process 1
+    does not wait forever in ``jax.distributed.initialize``; after ``--init_timeout`` it
+    exits 1 with one line naming the coordinator and the timeout, and writes nothing."""
+    env = _child_env(data_dir, cache_dir)
+    init_timeout = 10
+    wd = tmp_path / "wd"
+    procs = _start(tmp_path, "startup", [*COMMON, f"--workdir={wd}",
+                                          f"--init_timeout={init_timeout}"], env)
+    procs[0][0].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    try:
+        code = procs[1][0].wait(timeout=init_timeout + 120)
+    except subprocess.TimeoutExpired:
+        procs[1][0].kill()
+        pytest.fail("process 1 hung at start-up after process 0 died")
+    waited = time.time() - killed_at
+    out = open(procs[1][2]).read()
+    assert code == 1, out[-3000:]
+    assert re.search(r"^mtl-jax: error: process 1 of 2 could not join the run at "
+                     rf"127\.0\.0\.1:\d+ within {init_timeout} s \(--init_timeout\)", out,
+                     re.MULTILINE), out[-3000:]
+    assert "Check failure stack trace" not in out  # JAX's own abort never came
+    assert not wd.exists()  # refused before anything was written
+    assert init_timeout <= waited < init_timeout + 120
+    print(f"process 1 stopped {waited:.0f} s after process 0 died (init timeout {init_timeout})")
