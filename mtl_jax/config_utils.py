@@ -14,6 +14,7 @@ from typing import Any
 import ml_collections
 
 from mtl_jax.errors import UserError
+from mtl_jax.tasks import TASKS
 
 
 def _convert(name: str, text: str, default: Any) -> Any:
@@ -61,12 +62,14 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(out)
 
 
-TASK_LETTERS = {"s": "semseg", "d": "depth", "n": "normals", "e": "edges", "r": "reconstruction"}
+#: letter -> task name, from each task's ``letter`` (``Task.letter``)
+TASK_LETTERS = {cls.letter: name for name, cls in TASKS.items()}
 
 
 def task_set(letters: str) -> tuple[str, ...]:
     """``'sdn'`` -> ``('semseg', 'depth', 'normals')`` (the papers' S-D-N-E notation)."""
-    unknown = [c for c in letters if c not in TASK_LETTERS]
+    known = {cls.letter: name for name, cls in TASKS.items()}  # tasks registered since import
+    unknown = [c for c in letters if c not in known]
     if unknown or not letters:
-        raise UserError(f"task set {letters!r}: use letters from {TASK_LETTERS}")
-    return tuple(TASK_LETTERS[c] for c in letters)
+        raise UserError(f"task set {letters!r}: use letters from {known}")
+    return tuple(known[c] for c in letters)

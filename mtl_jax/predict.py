@@ -41,6 +41,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from mtl_jax import checkpointing
 from mtl_jax.data import visualize
 from mtl_jax.errors import UserError
+from mtl_jax.tasks import TASKS, Task
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 #: The largest image (width × height) predict reads: 100 Mpixels, i.e. 10000 × 10000. Larger
@@ -138,13 +139,13 @@ def _grey_float(im: Image.Image, path: str) -> np.ndarray:
                     "RGB/grey/RGBA or 16-bit grey)")
 
 
-def picture(name: str, value: np.ndarray) -> np.ndarray:
+def picture(name: str, value: np.ndarray, task: Task | None = None) -> np.ndarray:
     """uint8 picture of one prediction ``name`` (task, or ``attention/<task>/<block>``):
-    RGB ``[H,W,3]``, or grayscale ``[H,W]`` for attention maps."""
+    RGB ``[H,W,3]`` drawn by the task (``task``, default: the registry's), or grayscale
+    ``[H,W]`` for attention maps."""
     if name.startswith("attention/"):
         return np.round(np.clip(np.nan_to_num(value), 0.0, 1.0) * 255).astype(np.uint8)
-    field = "image" if name == "reconstruction" else name
-    return visualize.colorize(field, value)
+    return (task or TASKS[name]).prediction_picture(value)
 
 
 def _restore(exp, workdir: str, step: int | None):
@@ -218,7 +219,7 @@ def predict(workdir: str, images: str, out: str, *, step: int | None = None,
                 arr = arr[..., 0]
             tag = name.replace("/", "_")
             np.save(f"{base}_{tag}.npy", arr)
-            pic = picture(name, arr)
+            pic = picture(name, arr, exp.tasks.get(name))
             Image.fromarray(pic).save(f"{base}_{tag}.png")
             written += [f"{base}_{tag}.npy", f"{base}_{tag}.png"]
     if failed:

@@ -322,3 +322,50 @@ def test_make_task_errors():
         make_task("depth", lossx="l1")
     with pytest.raises(ValueError, match="depth loss must be one of"):
         make_task("depth", loss="l2")
+
+
+def test_a_task_owns_its_facts(monkeypatch):
+    """Adding a task is its class plus one registry line: the task-set letters, the pictures,
+    predict's drawing and the trivial predictor all ask the task, none names it."""
+    import dataclasses as dc
+
+    from mtl_jax import predict, tasks
+    from mtl_jax.config_utils import task_set
+    from mtl_jax.evaluation.pictures import prediction_grid
+    from mtl_jax.evaluation.trivial import fit_constants
+
+    @dc.dataclass(frozen=True)
+    class Heat(tasks.Task):
+        name = "heat"
+        letter = "h"
+        label_key = "heat_map"
+
+        @property
+        def channels(self):
+            return 1
+
+        @classmethod
+        def prediction_picture(cls, pred, label=None):
+            return np.repeat(np.asarray(pred, np.uint8).reshape(*np.shape(pred)[:2], 1), 3, -1)
+
+        def trivial_prediction(self, examples):
+            return np.array([np.mean([e["heat_map"].mean() for e in examples])], np.float32)
+
+    monkeypatch.setitem(tasks.TASKS, "heat", Heat)
+    assert task_set("sh") == ("semseg", "heat")
+    batch = {"image": np.zeros((1, 2, 3, 3), np.float32),
+             "heat_map": np.full((1, 2, 3, 1), 7.0, np.float32)}
+    grid = prediction_grid(batch, {"heat": np.full((1, 2, 3, 1), 9.0, np.float32)})
+    assert {7, 9} <= set(np.unique(grid).tolist())  # its label and its prediction, its way
+    np.testing.assert_array_equal(predict.picture("heat", np.full((2, 3), 5.0)),
+                                  np.full((2, 3, 3), 5, np.uint8))
+
+    class Source:  # two decoded training examples
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return {"image": np.zeros((2, 3, 3), np.uint8),
+                    "heat_map": np.full((2, 3, 1), 2.0 + 2 * i, np.float32)}
+
+    np.testing.assert_allclose(fit_constants(Source(), {"heat": Heat()})["heat"], [3.0])

@@ -141,17 +141,20 @@ def test_random_hflip_flips_whole_examples():
 
 def test_discriminator_inputs():
     logits = jnp.array([[[[0.0, 0.0, 0.0, 0.0], [10.0, -10.0, -10.0, -10.0]]]])  # [1,1,2,4]
-    si = np.asarray(uda_inputs.semseg_self_information(logits))
+    si = np.asarray(uda_inputs.DISCRIMINATOR_INPUTS["semseg"](logits))
     np.testing.assert_allclose(si[0, 0, 0], np.full(4, -0.25 * np.log2(0.25) / 2), rtol=1e-6)
     np.testing.assert_allclose(si[0, 0, 0].sum(), 1.0, rtol=1e-6)  # uniform: entropy 1
     assert si[0, 0, 1].sum() < 1e-3  # confident: ~0
     depth = jnp.array([2.0, 4.0, 3.0, 6.0, 1.0, 1.0, 2.0, 3.0]).reshape(2, 2, 2, 1)
-    mm = np.asarray(uda_inputs.depth_min_max(depth))
+    mm = np.asarray(uda_inputs.DISCRIMINATOR_INPUTS["depth"](depth))
     np.testing.assert_allclose(mm.reshape(2, 4), [[0, 0.5, 0.25, 1], [0, 0, 0.5, 1]])
-    n = np.asarray(uda_inputs.normals_unit(jnp.array([[[[3.0, 0.0, 4.0]]]])))
+    n = np.asarray(uda_inputs.DISCRIMINATOR_INPUTS["normals"](jnp.array([[[[3.0, 0.0, 4.0]]]])))
     np.testing.assert_allclose(n[0, 0, 0], [0.6, 0.0, 0.8], rtol=1e-6)
-    e = np.asarray(uda_inputs.edge_probability(jnp.array([[[[0.0, np.log(3.0)]]]])))
+    e = np.asarray(uda_inputs.DISCRIMINATOR_INPUTS["edges"](jnp.array([[[[0.0, np.log(3.0)]]]])))
     assert e.shape == (1, 1, 1, 1) and e[0, 0, 0, 0] == pytest.approx(0.75)
+    assert uda_inputs.input_channels("edges", 2) == 1
+    assert uda_inputs.input_channels("semseg", 13) == 13
+    assert set(uda_inputs.DISCRIMINATOR_INPUTS) == {"semseg", "depth", "normals", "edges"}
     with pytest.raises(ValueError, match="no side output 1"):
         uda_inputs.discriminator_inputs({"depth": depth}, {}, ("depth",), (0, 1))
 

@@ -7,11 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from mtl_jax.data import visualize
-
-#: batch key of each task's target
-_LABEL_KEY = {"semseg": "semseg", "depth": "depth", "normals": "normals", "edges": "edges",
-              "reconstruction": "image"}
-
+from mtl_jax.tasks import TASKS, Task
 
 #: prefix of the attention-mask entries of ``predict_step``'s output
 ATTENTION_PREFIX = "attention/"
@@ -24,13 +20,16 @@ def mask_picture(mask_HxW: np.ndarray) -> np.ndarray:
 
 
 def prediction_grid(batch: Mapping[str, np.ndarray], preds: Mapping[str, np.ndarray],
-                    max_examples: int = 4) -> np.ndarray:
+                    max_examples: int = 4, tasks: Mapping[str, Task | type[Task]] | None = None
+                    ) -> np.ndarray:
     """uint8 RGB grid: one row per example; columns ``image``, then ``<task> gt`` and
     ``<task> pred`` for every task, one column per transferred prediction
     ``'<task>/from/<source>'`` (XTasC-Net), then one ``att <task>/<block>`` column per attention
     mask (``preds`` keys ``'attention/<task>/<block>'``, ``[B, H, W]`` in [0, 1], drawn grey:
     white = 1, as AdaMT-Net's Figure 6). ``preds`` are post-processed (class ids, unit normals,
-    edge probabilities, metric depth). Depth prediction and ground truth share one colour
+    edge probabilities, metric depth). Each task draws its own label and prediction
+    (``Task.label_picture`` / ``prediction_picture``; ``tasks``: the run's, by default the
+    registry's classes): depth prediction and ground truth share one colour
     range (the ground truth's)."""
     batch = {k: np.asarray(v) for k, v in batch.items()}
     preds = {k: np.asarray(v) for k, v in preds.items()}
@@ -45,27 +44,19 @@ def prediction_grid(batch: Mapping[str, np.ndarray], preds: Mapping[str, np.ndar
         # drawn like <task>'s prediction, next to it, without repeating the ground truth.
         titles += [name] if "/from/" in name else [f"{name} gt", f"{name} pred"]
     titles += [f"att {key}" for key in masks]
+    tasks = {**{name.split("/", 1)[0]: TASKS[name.split("/", 1)[0]] for name in preds},
+             **(tasks or {})}
     rows = []
     for i in range(n):
         row = [visualize.to_uint8_image(batch["image"][i])]
         for name, pred in preds.items():
-            task = name.split("/", 1)[0]
-            transferred = "/from/" in name
-            key = _LABEL_KEY.get(task, task)
-            gt = batch.get(key)
-            if task == "depth" and gt is not None:
-                valid = gt[i] > 0
-                lo, hi = (np.percentile(gt[i][valid], [1, 99]) if valid.any() else (0.0, 1.0))
-                if not transferred:
-                    row.append(visualize.colorize_depth(gt[i], lo, hi))
-                shown = np.maximum(pred[i], 1e-6)  # invalid (<= 0) predictions still drawn
-                row.append(visualize.colorize_depth(shown, lo, hi))
-                continue
-            field = "image" if task == "reconstruction" else task
-            blank = np.zeros_like(row[0])
-            if not transferred:
-                row.append(visualize.colorize(field, gt[i]) if gt is not None else blank)
-            row.append(visualize.colorize(field, pred[i]))
+            task = tasks[name.split("/", 1)[0]]
+            gt = batch.get(task.label_key)
+            label = None if gt is None else gt[i]
+            if "/from/" not in name:
+                row.append(np.zeros_like(row[0]) if label is None
+                           else task.label_picture(label))
+            row.append(task.prediction_picture(pred[i], label))
         row += [mask_picture(mask[i]) for mask in masks.values()]
         rows.append(row)
     return visualize.grid(rows, titles=titles)

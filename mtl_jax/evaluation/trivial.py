@@ -1,5 +1,7 @@
 """Trivial predictors: what a model must beat to have learnt anything.
 
+Each task defines its own (``Task.trivial_prediction``):
+
 * semseg: the majority class of the training pixels, everywhere;
 * depth: the mean valid training depth, everywhere (encoded in the network's output space when
   the task regresses an encoding of depth, e.g. ``encoding='inverse_cm'``);
@@ -32,29 +34,8 @@ def fit_constants(train_source, tasks: Mapping[str, Any], max_examples: int = 20
     head output, e.g. the encoded depth for a depth task with an encoding."""
     n = min(len(train_source), max_examples)
     exs = [decode(train_source[i], normals_from_depth=normals_from_depth) for i in range(n)]
-    out: dict[str, np.ndarray] = {}
-    for name, task in tasks.items():
-        if name == "semseg":
-            labels = np.concatenate([e["semseg"].ravel() for e in exs])
-            counts = np.bincount(labels[labels >= 0], minlength=task.channels)
-            logits = np.full(task.channels, -10.0, np.float32)
-            logits[int(np.argmax(counts))] = 10.0
-            out[name] = logits
-        elif name == "depth":
-            d = np.concatenate([e["depth"].ravel() for e in exs])
-            mean_m = np.array([d[d > 0].mean()], np.float32)
-            out[name] = np.asarray(task.raw_prediction(mean_m), np.float32)
-        elif name == "normals":
-            nrm = np.concatenate([e["normals"].reshape(-1, 3) for e in exs])
-            m = nrm[np.any(nrm != 0, axis=1)].mean(0)
-            out[name] = (m / np.linalg.norm(m)).astype(np.float32)
-        elif name == "edges":
-            e = np.concatenate([x["edges"].ravel() for x in exs])
-            majority = int(np.mean(e[e >= 0]) > 0.5)
-            out[name] = np.array([10.0, -10.0] if majority == 0 else [-10.0, 10.0], np.float32)
-        elif name == "reconstruction":
-            out[name] = np.concatenate([e["image"].reshape(-1, 3) for e in exs]).mean(0)
-    return out
+    return {name: np.asarray(task.trivial_prediction(exs), np.float32)
+            for name, task in tasks.items()}
 
 
 def evaluate_constants(val_source, tasks: Mapping[str, Any], constants: Mapping[str, Any],

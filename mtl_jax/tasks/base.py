@@ -1,8 +1,12 @@
 """The ``Task`` interface and the helpers every task shares.
 
-A task knows the size of its head, its loss, its metric statistics and their directions, and
-how augmentation must resize the batch keys it owns. Tasks are frozen dataclasses: hashable,
-so they can be closed over by ``jax.jit`` and used as static arguments.
+A task knows the size of its head, its loss, its metric statistics and their directions,
+how augmentation must resize the batch keys it owns, and everything else the library needs
+to know of it: its letter in config task sets, how its predictions and labels are drawn,
+its trivial (constant) predictor, and what a domain discriminator sees of its output.
+Adding a task is one file here plus one line in ``TASKS`` (``mtl_jax/tasks/__init__.py``).
+Tasks are frozen dataclasses: hashable, so they can be closed over by ``jax.jit`` and used as
+static arguments.
 
 Conventions shared by all tasks:
 
@@ -18,7 +22,7 @@ Conventions shared by all tasks:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import flax
@@ -81,6 +85,13 @@ def masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(mask, values, 0.0))
 
 
+def constant_logits(channels: int, index: int) -> np.ndarray:
+    """float32 ``[channels]`` logits that pick class ``index`` with certainty (±10)."""
+    logits = np.full(channels, -10.0, np.float32)
+    logits[int(index)] = 10.0
+    return logits
+
+
 def count(mask: jax.Array) -> jax.Array:
     """Int32 number of true entries of ``mask``."""
     return jnp.sum(mask, dtype=jnp.int32)
@@ -92,6 +103,7 @@ class Task:
 
     Class attributes (data, not code):
       name: registry name, also the key of the prediction dict and of the metric namespace.
+      letter: the task's letter in config task sets (``tasks=sdn``).
       label_key: batch key holding the task's target.
       resize_methods: batch key -> 'nearest' | 'linear', for every batch key the task owns.
       directions: metric name -> True when higher is better (subclasses with options may
@@ -99,7 +111,10 @@ class Task:
     """
 
     name: ClassVar[str] = ""
+    letter: ClassVar[str] = ""
     label_key: ClassVar[str] = ""
+    #: channels of :meth:`discriminator_input` when they differ from the head's (``None``)
+    discriminator_channels: ClassVar[int | None] = None
     resize_methods: ClassVar[Mapping[str, str]] = {}
     directions: ClassVar[Mapping[str, bool]] = {}
     metric_cls: ClassVar[type[SumMetric]] = SumMetric
@@ -128,6 +143,30 @@ class Task:
     def check_labels(self, batch: Batch) -> None:
         """Host-side sanity check of the task's labels; raises ValueError on bad values."""
         del batch
+
+    @classmethod
+    def label_picture(cls, label: np.ndarray) -> np.ndarray:
+        """uint8 RGB ``[H, W, 3]`` of one example's label (``batch[label_key][i]``)."""
+        return cls.prediction_picture(label)
+
+    @classmethod
+    def prediction_picture(cls, pred: np.ndarray, label: np.ndarray | None = None
+                           ) -> np.ndarray:
+        """uint8 RGB ``[H, W, 3]`` of one example's post-processed prediction; ``label``
+        (its ground truth, if known) sets the colour range where the task has one (depth)."""
+        raise NotImplementedError
+
+    def trivial_prediction(self, examples: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
+        """The trivial predictor: a constant raw head output ``[channels]`` (float32) fitted on
+        decoded training ``examples``, to be scored with the task's own metrics."""
+        raise NotImplementedError
+
+    @classmethod
+    def discriminator_input(cls, raw: jax.Array) -> jax.Array:
+        """What a domain discriminator (UDA) sees of the raw output ``[B, H, W, channels]``:
+        float32 ``[B, H, W, C]`` (``C``: ``discriminator_channels``, or the head's channels),
+        comparable across domains. Tasks without it cannot take part in UDA."""
+        raise NotImplementedError(f"task {cls.name!r} has no discriminator input")
 
     def count_bad_labels(self, batch: Batch) -> jax.Array | None:
         """Int32 number of label pixels of real examples outside the task's label range (and

@@ -9,7 +9,9 @@ from typing import ClassVar
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from mtl_jax.data import visualize
 from mtl_jax.tasks.base import Batch, SumMetric, Task, count, masked_sum, pixel_mask, safe_div
 
 DEPTH_LOSSES = ("l1", "berhu", "l1_per_image")
@@ -162,6 +164,7 @@ class Depth(Task):
     max_depth: float | None = None
 
     name: ClassVar[str] = "depth"
+    letter: ClassVar[str] = "d"
     label_key: ClassVar[str] = "depth"
     resize_methods: ClassVar = {"depth": "nearest"}
     directions: ClassVar = {
@@ -214,6 +217,35 @@ class Depth(Task):
         """The head output whose postprocessed value is ``depth`` (the target's unit): the
         inverse of :meth:`postprocess`, e.g. for constant-predictor baselines."""
         return encode_depth(depth, self.encoding) / self.output_scale
+
+    @classmethod
+    def label_picture(cls, label):
+        """A colour ramp over the 1st-99th percentile of the valid depths (invalid black)."""
+        return visualize.colorize_depth(label)
+
+    @classmethod
+    def prediction_picture(cls, pred, label=None):
+        """The label's colour range when the label is known (invalid predictions, <= 0, drawn
+        at the near end); else the prediction's own."""
+        if label is None:
+            return visualize.colorize_depth(pred)
+        valid = label > 0
+        lo, hi = np.percentile(label[valid], [1, 99]) if valid.any() else (0.0, 1.0)
+        return visualize.colorize_depth(np.maximum(pred, 1e-6), lo, hi)
+
+    def trivial_prediction(self, examples):
+        """The mean valid training depth, everywhere, in the head's output space (encoded)."""
+        depth = np.concatenate([np.ravel(e[self.label_key]) for e in examples])
+        mean_m = np.array([depth[depth > 0].mean()], np.float32)
+        return np.asarray(self.raw_prediction(mean_m), np.float32)
+
+    @classmethod
+    def discriminator_input(cls, raw):
+        """The raw output min-max normalised per image to [0, 1] (scale-invariant)."""
+        x = jnp.asarray(raw, jnp.float32)
+        lo = jnp.min(x, axis=(1, 2, 3), keepdims=True)
+        hi = jnp.max(x, axis=(1, 2, 3), keepdims=True)
+        return (x - lo) / jnp.maximum(hi - lo, 1e-8)
 
     def _residual(self, pred: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
         """Residual p - encode(g) (0 where invalid) and valid mask, both ``[B,H,W]``

@@ -8,12 +8,15 @@ from typing import ClassVar
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from mtl_jax.data import visualize
 from mtl_jax.tasks.base import (
     Batch,
     SumMetric,
     Task,
     check_label_values,
+    constant_logits,
     count,
     pixel_mask,
     safe_div,
@@ -91,7 +94,9 @@ class Edges(Task):
     tolerance: int = 1
 
     name: ClassVar[str] = "edges"
+    letter: ClassVar[str] = "e"
     label_key: ClassVar[str] = "edges"
+    discriminator_channels: ClassVar[int] = 1
     resize_methods: ClassVar = {"edges": "nearest"}
     directions: ClassVar = {
         k: True for k in ("precision", "recall", "f1", "bprecision", "brecall", "bf1")
@@ -118,6 +123,21 @@ class Edges(Task):
         ce_BxHxW = -jnp.where(is_edge, logp[..., 1], logp[..., 0])
         weight = jnp.where(valid, jnp.where(is_edge, self.pos_weight, self.neg_weight), 0.0)
         return safe_div(jnp.sum(jnp.where(valid, weight * ce_BxHxW, 0.0)), jnp.sum(weight))
+
+    @classmethod
+    def prediction_picture(cls, pred, label=None):
+        """White edges on black (ignored label pixels dark red)."""
+        return visualize.colorize_edges(pred)
+
+    def trivial_prediction(self, examples):
+        """The more frequent training label (background, in practice), everywhere."""
+        labels = np.concatenate([np.ravel(e[self.label_key]) for e in examples])
+        return constant_logits(2, int(np.mean(labels[labels >= 0]) > 0.5))
+
+    @classmethod
+    def discriminator_input(cls, raw):
+        """The probability of the edge class, ``[B, H, W, 1]``."""
+        return jax.nn.softmax(jnp.asarray(raw, jnp.float32), axis=-1)[..., 1:2]
 
     def postprocess(self, pred: jax.Array) -> jax.Array:
         """Edge probability ``[B,H,W]`` float32 (> 0.5 exactly when predicted as edge)."""

@@ -8,7 +8,9 @@ from typing import ClassVar
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from mtl_jax.data import visualize
 from mtl_jax.tasks.base import Batch, SumMetric, Task, count, masked_sum, pixel_mask, safe_div
 
 # Angle histogram for the median: HIST_BINS bins of HIST_BIN_DEG degrees over [0, 180].
@@ -79,6 +81,7 @@ class Normals(Task):
     """
 
     name: ClassVar[str] = "normals"
+    letter: ClassVar[str] = "n"
     label_key: ClassVar[str] = "normals"
     # Linear resizing shortens vectors; the loss and metrics renormalise the target.
     resize_methods: ClassVar = {"normals": "linear"}
@@ -93,6 +96,23 @@ class Normals(Task):
     @property
     def channels(self) -> int:
         return 3
+
+    @classmethod
+    def prediction_picture(cls, pred, label=None):
+        """``(n + 1) / 2`` as RGB (all-zero, invalid, black)."""
+        return visualize.colorize_normals(pred)
+
+    def trivial_prediction(self, examples):
+        """The mean valid training normal, normalised, everywhere."""
+        normals = np.concatenate([np.reshape(e[self.label_key], (-1, 3)) for e in examples])
+        mean = normals[np.any(normals != 0, axis=1)].mean(0)
+        return (mean / np.linalg.norm(mean)).astype(np.float32)
+
+    @classmethod
+    def discriminator_input(cls, raw):
+        """The output scaled to unit length per pixel."""
+        x = jnp.asarray(raw, jnp.float32)
+        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
 
     def postprocess(self, pred: jax.Array) -> jax.Array:
         """Unit normals ``[B,H,W,3]`` float32 (a zero prediction stays zero)."""

@@ -8,7 +8,9 @@ from typing import ClassVar
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from mtl_jax.data import visualize
 from mtl_jax.tasks.base import Batch, SumMetric, Task, count, example_mask, masked_sum, safe_div
 
 # PSNR of a perfect reconstruction (MSE = 0) is reported as this many dB instead of infinity.
@@ -44,6 +46,7 @@ class Reconstruction(Task):
     """
 
     name: ClassVar[str] = "reconstruction"
+    letter: ClassVar[str] = "r"
     label_key: ClassVar[str] = "image"
     resize_methods: ClassVar = {"image": "linear"}
     directions: ClassVar = {"psnr": True}
@@ -63,6 +66,16 @@ class Reconstruction(Task):
         image = jnp.asarray(batch[self.label_key], jnp.float32)
         valid = self._valid(batch, pred.shape)
         return safe_div(masked_sum(jnp.abs(pred - image), valid), jnp.sum(valid))
+
+    @classmethod
+    def prediction_picture(cls, pred, label=None):
+        """The image itself."""
+        return visualize.to_uint8_image(pred)
+
+    def trivial_prediction(self, examples):
+        """The mean training colour, everywhere."""
+        pixels = np.concatenate([np.reshape(e[self.label_key], (-1, 3)) for e in examples])
+        return pixels.mean(0)
 
     def postprocess(self, pred: jax.Array) -> jax.Array:
         """Image ``[B,H,W,3]`` float32 clipped to [0, 1]."""

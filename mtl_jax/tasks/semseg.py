@@ -10,12 +10,15 @@ from typing import ClassVar
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from mtl_jax.data import visualize
 from mtl_jax.tasks.base import (
     Batch,
     SumMetric,
     Task,
     check_label_values,
+    constant_logits,
     count,
     pixel_mask,
     safe_div,
@@ -86,6 +89,7 @@ class SemSeg(Task):
     per_class_iou: bool = False
 
     name: ClassVar[str] = "semseg"
+    letter: ClassVar[str] = "s"
     label_key: ClassVar[str] = "semseg"
     resize_methods: ClassVar = {"semseg": "nearest"}
 
@@ -134,6 +138,25 @@ class SemSeg(Task):
             weight_BxHxW = weight_BxHxW * jnp.asarray(self.class_weights, jnp.float32)[labels]
         num = jnp.sum(jnp.where(valid, ce_BxHxW * weight_BxHxW, 0.0))
         return safe_div(num, jnp.sum(weight_BxHxW))
+
+    @classmethod
+    def prediction_picture(cls, pred, label=None):
+        """Colour per class (void black)."""
+        return visualize.colorize_semseg(pred)
+
+    def trivial_prediction(self, examples):
+        """The majority class of the training pixels (labels >= 0), everywhere."""
+        labels = np.concatenate([np.ravel(e[self.label_key]) for e in examples])
+        counts = np.bincount(labels[labels >= 0], minlength=self.channels)
+        return constant_logits(self.channels, int(np.argmax(counts)))
+
+    @classmethod
+    def discriminator_input(cls, raw):
+        """ADVENT's weighted self-information ``-p log2 p / log2 C`` per class channel (each
+        value in [0, 1 / (e ln C)]; their sum over channels is the normalised entropy)."""
+        logits = jnp.asarray(raw, jnp.float32)
+        p = jax.nn.softmax(logits, axis=-1)
+        return -p * jax.nn.log_softmax(logits, axis=-1) / jnp.log(float(logits.shape[-1]))
 
     def postprocess(self, pred: jax.Array) -> jax.Array:
         """Class ids int32 ``[B,H,W]`` (argmax of the logits)."""

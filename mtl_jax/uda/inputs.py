@@ -1,9 +1,10 @@
 """What the discriminators see: the model's outputs mapped to a domain-comparable form.
 
-Per task (SPEC §4.4; DenseMTL): semseg -> weighted self-information ``-p·log2(p) / log2(C)``
-per class channel (ADVENT); depth -> the prediction min-max normalised per image to [0, 1];
-normals -> unit vectors; edges -> the edge probability. Every input is float32
-``[B, H, W, C_task]`` at the output size (side outputs are already resized to it).
+Each task says it (``Task.discriminator_input``; DenseMTL's choices): semseg -> weighted
+self-information ``-p·log2(p) / log2(C)`` per class channel (ADVENT); depth -> the
+prediction min-max normalised per image to [0, 1]; normals -> unit vectors; edges -> the edge
+probability. Every input is float32 ``[B, H, W, C]`` at the output size (side outputs are
+already resized to it).
 """
 
 from __future__ import annotations
@@ -11,54 +12,25 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 
 from mtl_jax.models.multitask import side_outputs
-
-_EPS = 1e-8
-
-
-def semseg_self_information(logits_BxHxWxC: jax.Array) -> jax.Array:
-    """ADVENT's weighted self-information ``-p log2 p / log2 C`` per class channel ``[B,H,W,C]``
-    (each value in [0, 1 / (e ln C)]; their sum over channels is the normalised entropy)."""
-    logits = jnp.asarray(logits_BxHxWxC, jnp.float32)
-    c = logits.shape[-1]
-    p = jax.nn.softmax(logits, axis=-1)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -p * logp / jnp.log(float(c))  # log2 p / log2 C == ln p / ln C
+from mtl_jax.tasks import TASKS, Task
 
 
-def depth_min_max(pred_BxHxWx1: jax.Array) -> jax.Array:
-    """The depth output min-max normalised per image (invariant to the output's scale)."""
-    x = jnp.asarray(pred_BxHxWx1, jnp.float32)
-    lo = jnp.min(x, axis=(1, 2, 3), keepdims=True)
-    hi = jnp.max(x, axis=(1, 2, 3), keepdims=True)
-    return (x - lo) / jnp.maximum(hi - lo, _EPS)
+def _supports_uda(cls: type[Task]) -> bool:
+    return cls.discriminator_input.__func__ is not Task.discriminator_input.__func__
 
 
-def normals_unit(pred_BxHxWx3: jax.Array) -> jax.Array:
-    """Normals output scaled to unit length per pixel."""
-    x = jnp.asarray(pred_BxHxWx3, jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _EPS)
-
-
-def edge_probability(logits_BxHxWx2: jax.Array) -> jax.Array:
-    """Probability of the edge class, ``[B, H, W, 1]``."""
-    return jax.nn.softmax(jnp.asarray(logits_BxHxWx2, jnp.float32), axis=-1)[..., 1:2]
-
-
-#: task name -> map from its raw output to the discriminator input.
+#: task name -> map from its raw output to the discriminator input (``Task.discriminator_input``
+#: of the tasks that define one; task options do not change it).
 DISCRIMINATOR_INPUTS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "semseg": semseg_self_information,
-    "depth": depth_min_max,
-    "normals": normals_unit,
-    "edges": edge_probability,
-}
+    name: cls.discriminator_input for name, cls in TASKS.items()
+    if _supports_uda(cls)}
 
 
 def input_channels(task: str, task_channels: int) -> int:
     """Channels of the discriminator input of ``task`` whose head has ``task_channels``."""
-    return 1 if task == "edges" else task_channels
+    return TASKS[task].discriminator_channels or task_channels
 
 
 def discriminator_key(task: str, scale: int) -> str:
