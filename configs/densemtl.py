@@ -68,7 +68,8 @@ Hardware and time: smoke ~1 min on 2 CPU cores (mostly compilation). dataset=syn
 (96×128, ResNet-101 at width 16, batch 8, 600 steps, evals at 200/400/600): 14 min on 2 CPU
 cores (1.0 step/s) with the dataset already prepared (~1 min the first time).
 
-Expected numbers of that synthetic run (val, 500 images; measured at commit 771da92), against
+Expected numbers of that synthetic run (val, 500 images; measured at commit 771da92, before
+the config took the reference's standardisation and task order; not re-run since), against
 the trivial predictors written to trivial_baseline.json:
   semseg   mIoU 0.475 (trivial 0.046), pixel accuracy 0.858 (0.456)
   depth    abs rel 0.152 (0.390), RMSE 0.70 m (1.32)
