@@ -42,6 +42,10 @@ Arguments (comma-separated after the colon):
                  random weights reaches targets of 65536 / (depth_cm + 1) ~ 65..650)
   smoke          tiny data and model (ResNet-18 at width 4, 32×48 inputs, 4 steps)
 
+Task order (``config.task_order``): the letters' order, e.g. semseg, depth, normals (the paper's
+S-D-N and the reference configs'). Images are standardised as the reference's encoder does,
+(x − 0.45) / 0.225 (``model.pixel_mean`` / ``pixel_std``), not with ImageNet's statistics.
+
 Paper hyper-parameters (defaults): ResNet-101 OS16 (ImageNet initialisation in the paper: convert
 torchvision's resnet101 checkpoint once with ``mtl-jax convert-weights resnet101.pth r101.npz``
 (needs torch) and pass ``--config.model.encoder_init=r101.npz``; by default encoders start from
@@ -64,7 +68,8 @@ Hardware and time: smoke ~1 min on 2 CPU cores (mostly compilation). dataset=syn
 (96×128, ResNet-101 at width 16, batch 8, 600 steps, evals at 200/400/600): 14 min on 2 CPU
 cores (1.0 step/s) with the dataset already prepared (~1 min the first time).
 
-Expected numbers of that synthetic run (val, 500 images; measured at commit 771da92), against
+Expected numbers of that synthetic run (val, 500 images; measured at commit 771da92, before
+the config took the reference's standardisation and task order; not re-run since), against
 the trivial predictors written to trivial_baseline.json:
   semseg   mIoU 0.475 (trivial 0.046), pixel accuracy 0.858 (0.456)
   depth    abs rel 0.152 (0.390), RMSE 0.70 m (1.32)
@@ -144,6 +149,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "edges": dict(pos_weight=0.95, neg_weight=0.05),
     }
     c.tasks = {t: dict(task_options[t]) for t in tasks}
+    # The task order (the loss vector, the heads, the mTEB fusion's input blocks): the paper's
+    # S-D-N-E, which is also the reference configs' and so convert-weights --from=densemtl's
+    # default (docs/models/densemtl.md, "Weights from the authors' checkpoints").
+    c.task_order = list(tasks)
 
     width = args.width or (4 if smoke else 16 if synthetic else 64)
     encoder = "resnet18" if smoke else args.encoder
@@ -156,6 +165,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         encoder_init="",
         # A whole model converted from the authors' code (mtl-jax convert-weights --from=NAME).
         init_from="",
+        # The reference's encoder (monodepth2's ResnetEncoder) standardises every image as
+        # (x - 0.45) / 0.225, for every DenseMTL model and baseline: not ImageNet's mean/std.
+        pixel_mean=(0.45, 0.45, 0.45),
+        pixel_std=(0.225, 0.225, 0.225),
         dtype="float32",
     )
     three_ways = dict(decoder="three_ways", decoder_kwargs=dict(channels=channels,

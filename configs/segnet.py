@@ -165,6 +165,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     width = args.width or (4 if smoke else 8 if synthetic else 64)
     c.model = dict(architecture=architecture, width=width, dtype="float32", init_from="",
                    **extra)
+    if architecture == "segnet_dense":  # its unused shared last block: MTAN's class_nb channels
+        c.model.class_nb = num_classes
     if args.model == "atinet":
         c.model.stage_switch = float(args.stage_switch)
 

@@ -59,23 +59,49 @@ def _to_dict(cfg: Any) -> dict:
     return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
+def task_order(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The order of the tasks: ``config.task_order`` (a list naming every key of
+    ``config.tasks`` once), else the task names sorted alphabetically.
+
+    It is the one source of the order everything that depends on it reads: the loss vector the
+    weighting sees, the heads, exchange blocks that concatenate the tasks' features (e.g. the
+    mTEB fusion, cross-stitch units), and the converters' output (``mtl-jax convert-weights
+    --config``). Never the order of a dict's keys: ``ConfigDict`` sorts them, a plain dict
+    keeps insertion order, and a config saved as JSON may do either."""
+    names = list(_to_dict(config.tasks))
+    given = config.get("task_order", None)
+    if not given:
+        return tuple(sorted(names))
+    order = (tuple(t.strip() for t in given.split(",") if t.strip()) if isinstance(given, str)
+             else tuple(str(t) for t in given))
+    if sorted(order) != sorted(names) or len(set(order)) != len(order):
+        raise UserError(f"config.task_order={list(order)} must name every task of config.tasks "
+                        f"{sorted(names)} exactly once")
+    return order
+
+
 def build_tasks(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """``config.tasks``: ``{name: {task options}}`` -> ``{name: Task}`` (config order).
+    """``config.tasks``: ``{name: {task options}}`` -> ``{name: Task}`` in
+    :func:`task_order`.
 
     The dataset's ``TASK_DEFAULTS`` (e.g. the depth evaluation range of VKITTI2) come first;
     the options in ``config.tasks`` override them."""
     dataset = _to_dict(config.get("dataset", None)).get("name")
     implied = getattr(DATASETS[dataset], "TASK_DEFAULTS", {}) if dataset in DATASETS else {}
+    options_of = _to_dict(config.tasks)
+    unknown = [name for name in options_of if name not in TASKS]
+    if unknown:
+        raise UserError(f"config.tasks has unknown task {unknown[0]!r}; available: "
+                        f"{sorted(TASKS)}")
+    if not options_of:
+        raise UserError("config.tasks is empty: name at least one task")
     tasks = {}
-    for name, options in _to_dict(config.tasks).items():
-        if name not in TASKS:
-            raise UserError(f"config.tasks has unknown task {name!r}; available: {sorted(TASKS)}")
+    for name in task_order(config):
         try:
-            tasks[name] = make_task(name, **{**implied.get(name, {}), **_to_dict(options)})
+            tasks[name] = make_task(name, **{**implied.get(name, {}),
+                                             **_to_dict(options_of[name])})
         except (TypeError, ValueError) as e:
             raise UserError(f"config.tasks.{name}: {e}") from e
-    if not tasks:
-        raise UserError("config.tasks is empty: name at least one task")
     return tasks
 
 
@@ -141,7 +167,8 @@ def build_experiment(config: ml_collections.ConfigDict,
                                          state_sharding)
     init_from = config.model.get("init_from", None)
     if init_from:
-        init_state = _init_from_state(str(init_from), init_state, abstract, tx, state_sharding)
+        init_state = _init_from_state(str(init_from), init_state, abstract, tx, state_sharding,
+                                      tuple(tasks))
 
     def compile_steps(model):
         train_step = jax.jit(
@@ -217,13 +244,15 @@ def _encoder_init_state(path: str, model: Any, init_state: Callable[[], steps.Tr
 
 
 def _init_from_state(path: str, init_state: Callable[[], steps.TrainState],
-                     abstract: steps.TrainState, tx: Any, state_sharding: steps.TrainState
-                     ) -> Callable[[], steps.TrainState]:
+                     abstract: steps.TrainState, tx: Any, state_sharding: steps.TrainState,
+                     task_names: Sequence[str]) -> Callable[[], steps.TrainState]:
     """``config.model.init_from``: every parameter and batch statistic from a converted file
-    (``mtl-jax convert-weights --from=NAME``), checked against the model now."""
+    (``mtl-jax convert-weights --from=NAME``), checked against the model now (leaves, shapes,
+    and the task order the file was converted for, where its layout depends on it)."""
     from mtl_jax.models import converters
 
     flat = converters.load_variables(path)
+    converters.check_task_order(flat, task_names, path)
     converters.apply_variables(abstract.params, abstract.batch_stats, flat)  # check
     return _overlay_state(init_state, tx, state_sharding,
                           lambda p, s: converters.apply_variables(p, s, flat))

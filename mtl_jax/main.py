@@ -8,7 +8,7 @@ Subcommands::
     mtl-jax eval  --config=... --workdir=W [--step N]
     mtl-jax params --config=...                               parameter count per part
     mtl-jax convert-weights SRC.pth DST.npz                   torchvision ResNet -> .npz
-    mtl-jax convert-weights --from=NAME SRC.npz DST.npz [--option k=v]
+    mtl-jax convert-weights --from=NAME SRC.npz DST.npz [--config=C] [--option k=v]
                                                  authors' PyTorch model -> config.model.init_from
     mtl-jax predict --workdir=W --images=DIR_OR_GLOB --out=DIR  PNGs + .npy per task
     mtl-jax compare W1 W2 ... [--baseline S1,S2 ...]          Markdown table + curves PNG
@@ -115,8 +115,17 @@ def _convert_weights(rest: list[str]) -> int:
                              "converters.CONVERTERS)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="converter option, repeatable (see the converter's docs)")
+    parser.add_argument("--config", default=None,
+                        help="configs/x.py[:args] of the model the weights are for: its task "
+                             "order (config.task_order) fixes the layout of the converters "
+                             "that depend on it (densemtl's fusion convs)")
     args = parser.parse_args(rest)
     if args.source is None:
+        if args.config:
+            from mtl_jax.errors import UsageError
+
+            raise UsageError("--config goes with --from=NAME (a torchvision ResNet has no "
+                             "tasks)")
         from mtl_jax.models import pretrained
 
         n = pretrained.convert_torch_checkpoint(args.src, args.dst)
@@ -131,7 +140,13 @@ def _convert_weights(rest: list[str]) -> int:
         if not eq or not key:
             raise UsageError(f"--option needs KEY=VALUE, got {item!r}")
         options[key.strip()] = value.strip()
-    n = converters.convert_file(args.source, args.src, args.dst, **options)
+    task_order = None
+    if args.config:
+        from mtl_jax import experiment, predict
+
+        task_order = experiment.task_order(predict.load_config(args.config))
+    n = converters.convert_file(args.source, args.src, args.dst, task_order=task_order,
+                                **options)
     print(f"wrote {args.dst}: {n} arrays (load with --config.model.init_from={args.dst})")
     return 0
 

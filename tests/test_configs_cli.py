@@ -174,3 +174,29 @@ def test_gradient_clipping():
     updates, _ = tx.update({"a": jnp.array([3.0, 4.0])}, tx.init(params), params)
     np.testing.assert_allclose(updates["a"], [-0.6, -0.8], rtol=1e-6)
     assert float(optax.global_norm(updates)) == pytest.approx(1.0)
+
+
+def test_task_order_is_the_configs_list_else_the_sorted_names():
+    """config.task_order fixes the order of the tasks (heads, losses, exchange inputs); absent,
+    the names sorted -- never a dict's key order, which ConfigDict sorts and JSON keeps."""
+    import ml_collections
+
+    from mtl_jax.experiment import task_order
+
+    c = load_config_module("quickstart").get_config("smoke")
+    assert "task_order" not in c
+    assert tuple(build_tasks(c)) == ("depth", "normals", "semseg")
+    plain = ml_collections.ConfigDict({"tasks": {"semseg": {}, "normals": {}}})
+    assert task_order(plain) == ("normals", "semseg")
+    c.task_order = ["normals", "semseg", "depth"]
+    assert tuple(build_tasks(c)) == ("normals", "semseg", "depth")
+    s = load_config_module("quickstart").get_config("smoke")
+    s.task_order = "semseg, depth,normals"  # a comma-separated string is read too
+    assert task_order(s) == ("semseg", "depth", "normals")
+    for bad in (["semseg", "depth"], ["semseg", "depth", "normals", "semseg"],
+                ["semseg", "depth", "edges"]):
+        c.task_order = bad
+        with pytest.raises(UserError, match="must name every task of config.tasks"):
+            build_tasks(c)
+    d = load_config_module("densemtl").get_config("tasks=sdne,smoke")
+    assert tuple(build_tasks(d)) == ("semseg", "depth", "normals", "edges")

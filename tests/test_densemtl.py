@@ -87,6 +87,27 @@ def test_cli_params_prints_the_exchange_block():
     assert "2,318,592" in r.stdout and "42,500,160" in r.stdout and "22,061,634" in r.stdout
 
 
+@pytest.mark.parametrize("config_file", ["densemtl.py", "densemtl_uda.py"])
+def test_images_are_standardised_as_the_reference_encoder(config_file):
+    """The reference's ResnetEncoder (monodepth2's) feeds the ResNet (x - 0.45) / 0.225, for
+    every DenseMTL model; the configs' models do the same (not ImageNet's mean/std)."""
+    spec = importlib.util.spec_from_file_location(
+        f"_std_{config_file[:-3]}", os.path.join(REPO, "configs", config_file))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config("smoke")
+    tasks = build_tasks(config)
+    model = build_model(config.model, {t: task.channels for t, task in tasks.items()})
+    h, w = config.input_size
+    image = np.random.default_rng(0).uniform(size=(1, h, w, 3)).astype(np.float32)
+    variables = model.init(KEY, jnp.zeros((1, h, w, 3)), False, method=model.encode)
+    features = model.apply(variables, jnp.asarray(image), False, method=model.encode)
+    encoder_vars = {k: v["encoder"] for k, v in variables.items() if "encoder" in v}
+    want = model.encoder.apply(encoder_vars, jnp.asarray((image - 0.45) / 0.225), train=False)
+    for got, ref in zip(features, want, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------- xTAM
 def _conv(x, kernel, bias=None, pad=1):
     y = jax.lax.conv_general_dilated(x, kernel, (1, 1), [(pad, pad), (pad, pad)],

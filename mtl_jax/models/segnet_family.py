@@ -7,6 +7,9 @@
   fast decomposed path.
 * ``'segnet_dense'`` -- "Dense": a shared SegNet plus one full SegNet per task reading the
   shared maps (:mod:`~mtl_jax.models.decoders.segnet_dense`); separable too.
+  ``model.class_nb``: the output channels of the shared network's last block, which feeds
+  nothing (MTAN's ``class_nb``, the semantic class count whatever the task set and order);
+  default the ``semseg`` task's channels.
 * ``'segnet_cross_stitch'`` -- one SegNet per task with cross-stitch units
   (:mod:`~mtl_jax.models.interaction.cross_stitch`); ``encoder`` = the tasks' level-0 blocks
   (the only layers that see the image), ``cross_stitch`` = the rest and the units.
@@ -16,7 +19,8 @@
 
 Parameter counts (NYUv2, 13 classes; reference files count MTAN's 3 ``logsigma`` scalars, i.e.
 our count with ``weighting=uw``): STL semseg 24,981,069; Split 25,055,188 / 50,807,764 /
-43,934,164; Dense 123,743,995; Cross-stitch 74,941,807; PAD-Net 45,938,641 (no scalars).
+43,934,164; Dense 123,743,995 (in any task order); Cross-stitch 74,941,807; PAD-Net 45,938,641
+(no scalars).
 """
 
 from __future__ import annotations
@@ -55,9 +59,13 @@ def build_dense(model_cfg: Mapping[str, Any], tasks: Mapping[str, int]) -> Multi
     """MTAN's "Dense" baseline for ``{task: channels}``."""
     prec, extra = common(model_cfg)
     widths = widths_of(model_cfg)
-    first = int(next(iter(tasks.values())))
+    class_nb = model_cfg.get("class_nb", None) or tasks.get("semseg", None)
+    if not class_nb:
+        raise ValueError("segnet_dense: the shared network's last block has MTAN's class_nb "
+                         "output channels (the semantic class count); without a semseg task "
+                         "set model.class_nb")
     return MultiTaskModel(
-        encoder=DenseShared(widths, last_channels=first, **prec),
+        encoder=DenseShared(widths, last_channels=int(class_nb), **prec),
         decoders={t: DenseTaskNet(int(c), widths, **prec) for t, c in tasks.items()}, **extra)
 
 

@@ -11,13 +11,20 @@ names and shapes), and ``mtl-jax eval`` evaluates it when the workdir has no che
 
 Registry: ``CONVERTERS = {name: function(state_dict, **options) -> flat variables}``; adding a
 converter is one file here plus one line.
+
+**Task order.** Where the converted layout depends on the model's task order (DenseMTL's fusion
+convs concatenate the other tasks' features in that order), the converter takes it as the option
+``tasks`` (``mtl-jax convert-weights --config=CONFIG`` passes the config's
+``experiment.task_order``) and records it in the file as ``meta/task_order``; loading the file
+into a model whose task order differs is refused (:func:`check_task_order`), since the shapes
+agree and strict loading alone would permute channels silently.
 """
 
 from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,9 +33,12 @@ from flax import traverse_util
 from mtl_jax.errors import UserError
 from mtl_jax.models.converters.densemtl import convert_densemtl
 from mtl_jax.models.converters.mtan import convert_mtan_segnet
+from mtl_jax.models.converters.torch_names import TASK_ORDER_KEY
 from mtl_jax.models.converters.xtask_mt import convert_xtask_mt
 
 PyTree = Any
+#: Converters whose option ``tasks`` is the model's task order (``convert-weights --config``).
+TAKES_TASK_ORDER = ("densemtl",)
 Converter = Callable[..., dict[str, np.ndarray]]
 
 CONVERTERS: dict[str, Converter] = {
@@ -58,11 +68,23 @@ def read_npz(path: str | os.PathLike, what: str) -> dict[str, np.ndarray]:
 
 
 def convert_file(name: str, src: str | os.PathLike, dst: str | os.PathLike,
-                 **options: Any) -> int:
+                 task_order: Sequence[str] | None = None, **options: Any) -> int:
     """Convert the state_dict ``.npz`` at ``src`` with converter ``name`` and write our flat
-    variables to ``dst`` (``.npz``). Returns the number of arrays written."""
+    variables to ``dst`` (``.npz``). ``task_order``: the model's (``experiment.task_order`` of
+    its config), for the converters of ``TAKES_TASK_ORDER``. Returns the number of arrays
+    written."""
     if name not in CONVERTERS:
         raise UserError(f"unknown converter --from={name!r}; available: {sorted(CONVERTERS)}")
+    if task_order is not None:
+        if name not in TAKES_TASK_ORDER:
+            raise UserError(f"--from={name}: its output does not depend on the task order "
+                            "(names carry the tasks); drop --config")
+        order = ",".join(task_order)
+        given = options.get("tasks")
+        if given is not None and [t.strip() for t in str(given).split(",")] != list(task_order):
+            raise UserError(f"--option tasks={given} differs from the config's task order "
+                            f"{order}; give one of them")
+        options["tasks"] = order
     state_dict = read_npz(src, "PyTorch state_dict file")
     flat = CONVERTERS[name](state_dict, **options)
     np.savez(os.fspath(dst), **flat)
@@ -72,12 +94,33 @@ def convert_file(name: str, src: str | os.PathLike, dst: str | os.PathLike,
 def load_variables(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A converted file (``convert_file``'s output): flat ``{'params/...': array, ...}``."""
     flat = read_npz(path, "converted weights file (config.model.init_from)")
-    bad = [k for k in flat if k.split("/", 1)[0] not in ("params", "batch_stats")]
+    bad = [k for k in flat if k.split("/", 1)[0] not in ("params", "batch_stats")
+           and k != TASK_ORDER_KEY]
     if bad:
         raise UserError(f"converted weights file {os.fspath(path)!r} has keys outside "
                         f"params/ and batch_stats/ (e.g. {bad[0]!r}); write it with "
                         "mtl-jax convert-weights --from=NAME SRC.npz DST.npz")
     return flat
+
+
+def file_task_order(flat: Mapping[str, np.ndarray]) -> tuple[str, ...] | None:
+    """The task order a converted file was written for (``meta/task_order``), or ``None``
+    when its layout does not depend on it."""
+    if TASK_ORDER_KEY not in flat:
+        return None
+    return tuple(str(t) for t in np.asarray(flat[TASK_ORDER_KEY]).reshape(-1))
+
+
+def check_task_order(flat: Mapping[str, np.ndarray], model_order: Sequence[str],
+                     path: str | os.PathLike = "converted weights") -> None:
+    """``UserError`` when the file was converted for another task order than the model's."""
+    file_order = file_task_order(flat)
+    if file_order is None or tuple(file_order) == tuple(model_order):
+        return
+    raise UserError(
+        f"{os.fspath(path)} was converted for the task order {','.join(file_order)} but the "
+        f"model's (config.task_order) is {','.join(model_order)}: convert again with "
+        f"--config=<this config> (or --option tasks={','.join(model_order)})")
 
 
 def apply_variables(params: PyTree, batch_stats: PyTree, flat: Mapping[str, np.ndarray]
@@ -107,7 +150,7 @@ def apply_variables(params: PyTree, batch_stats: PyTree, flat: Mapping[str, np.n
                 continue
             new[path] = value.astype(leaf.dtype)
         out.append(traverse_util.unflatten_dict(new, sep="/") if new else {})
-    extra = sorted(set(flat) - seen)
+    extra = sorted(set(flat) - seen - {TASK_ORDER_KEY})
     if missing or shapes or extra:
         parts = [f"{len(v)} {what} (first: {v[0]})" for what, v in
                  (("missing from the file", missing), ("with other shapes", shapes),
@@ -116,4 +159,5 @@ def apply_variables(params: PyTree, batch_stats: PyTree, flat: Mapping[str, np.n
                         "classes and widths as the converted checkpoint?): " + "; ".join(parts))
     return out[0], out[1]
 
-__all__ = ["CONVERTERS", "apply_variables", "convert_file", "load_variables", "read_npz"]
+__all__ = ["CONVERTERS", "TAKES_TASK_ORDER", "TASK_ORDER_KEY", "apply_variables",
+           "check_task_order", "convert_file", "file_task_order", "load_variables", "read_npz"]

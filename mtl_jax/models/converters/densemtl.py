@@ -27,11 +27,17 @@ Source names (the released code; ``t`` a task, ``s`` another task, ``k`` an exch
 features of the other tasks in the order the reference iterates the Python *set*
 ``{s for s in tasks if s != t}`` -- for strings that order depends on the interpreter's hash
 seed (``PYTHONHASHSEED``), so it is not in the checkpoint. Our ``fuse_<t>`` concatenates the
-other tasks in our task order (``config.tasks``). The converter permutes the input channel
-blocks of ``post`` from the reference's order to ours:
+other tasks in the model's task order (``config.task_order``, :func:`mtl_jax.experiment.
+task_order`). The converter permutes the input channel blocks of ``post`` from the reference's
+order to ours:
 
-* ``tasks=semseg,depth,normals``: our task order (default: the order of ``heads.*`` in the
-  file, i.e. of the reference's config);
+* ``tasks=semseg,depth,normals``: the model's task order. ``mtl-jax convert-weights
+  --config=CONFIG`` passes the config's; without either, the order of ``heads.*`` in the file
+  (the reference config's, e.g. semseg, depth, normals -- configs/densemtl.py's too). With an
+  exchange block and 3 or more tasks the order used is written to the file
+  (``meta/task_order``) and loading it into a model of another order is refused
+  (``converters.check_task_order``): the shapes agree, so strict loading alone would not
+  notice a permutation;
 * ``set_order=depth,normals,semseg``: the order the reference's sets iterated (each target's
   set in the induced order). Needed with 3 or more tasks (with 2 there is only one source);
   find it by running ``print([s for s in {'semseg', 'depth', 'normals'} if s != 'semseg'])``
@@ -47,7 +53,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from mtl_jax.errors import UserError
-from mtl_jax.models.converters.torch_names import TorchStateDict
+from mtl_jax.models.converters.torch_names import TASK_ORDER_KEY, TorchStateDict
 
 #: ('upconv', stage, j) -> index in DecoderHead.decoder (ASPP at index 0 is handled apart).
 DECODER_INDEX = {(4, 1): 2, (3, 0): 3, (3, 1): 5, (2, 0): 6, (2, 1): 8, (1, 0): 9, (1, 1): 11,
@@ -171,4 +177,7 @@ def convert_densemtl(state_dict: Mapping[str, np.ndarray], tasks: str | Sequence
         _head(sd, t, scales)
     for stage in stages:
         _exchange(sd, stage, order, set_order_)
-    return sd.finish()
+    out = sd.finish()
+    if stages and len(order) >= 3:  # the fusion convs' input blocks follow this order
+        out[TASK_ORDER_KEY] = np.array(order)
+    return out

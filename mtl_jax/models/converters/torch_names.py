@@ -29,6 +29,9 @@ from mtl_jax.errors import UserError
 from mtl_jax.models.pretrained import resnet_from_torchvision
 
 IGNORED_SUFFIXES = (".num_batches_tracked",)
+#: Key of a converted file's task order (1-D array of names), written by the converters whose
+#: layout depends on the model's task order (``converters.check_task_order`` reads it).
+TASK_ORDER_KEY = "meta/task_order"
 
 
 class TorchStateDict:

@@ -5,8 +5,9 @@
   mask-keeping max-pooling, decoder blocks ``dec{k}`` with unpooling. Output list:
   ``[image, pooled_0..pooled_4, up_4..up_0]`` -- what every task network reads (the image,
   the shared pooled encoder maps and the shared unpooled decoder inputs). The last shared
-  decoder block (``dec0``, 64 → 64 → C with C the first task's channels, as the reference's
-  ``class_nb``) feeds nothing, as in the reference code; it is kept for the parameter count.
+  decoder block (``dec0``, 64 → 64 → C with C = ``last_channels``, the reference's
+  ``class_nb``: the semantic class count, whatever the tasks' order) feeds nothing, as in the
+  reference code; it is kept for the parameter count.
 * :class:`CrossStitchStem` -- level 0 of every task network of the Cross-stitch baseline
   (they read the image): ``<task>_enc0``; output ``[pooled_t, mask_t for t in tasks]``.
 
