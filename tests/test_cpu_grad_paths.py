@@ -1,6 +1,7 @@
-"""The other CPU-shaped pieces of models/layers.py: ``add_relu`` (a residual block's output, bit
-for bit ``relu(a + b)``, written so that XLA's CPU fusion materialises it once) and
-``max_pool`` (its gradient without select-and-scatter on CPU, XLA's elsewhere)."""
+"""The other CPU kernels of models/cpu_grads, through the layers models use: ``add_relu`` (a
+residual block's output, bit for bit ``relu(a + b)``, written so that XLA's CPU fusion
+materialises it once) and ``max_pool`` (its gradient without select-and-scatter on CPU, XLA's
+elsewhere); the switch that turns every kernel off; the guard that models use these layers."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtl_jax.models import layers
+from mtl_jax.models import cpu_grads, layers
 
 
 def test_add_relu_is_relu_of_the_sum_bit_for_bit_with_relus_gradient():
@@ -84,7 +85,7 @@ def test_max_pool_matches_flax_with_ties(shape, window, strides, padding):
     # first maximum of several windows sums them (in another order: rounding only).
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(dx != 0, dx_ref != 0)
-    np.testing.assert_allclose(layers.max_pool_grad_by_mask(x, g, window, strides, padding),
+    np.testing.assert_allclose(cpu_grads.max_pool_grad_by_mask(x, g, window, strides, padding),
                                dx_ref, rtol=1e-6, atol=1e-6)
 
 
@@ -102,7 +103,7 @@ def test_max_pool_gradient_never_loses_a_window():
     x = jnp.asarray(np.nextafter(base, np.float32(4)) * rng.integers(0, 2, base.shape) +
                     base * (1 - rng.integers(0, 2, base.shape)), jnp.float32)
     g = jnp.asarray(rng.integers(1, 4, size=(2, 5, 6, 3)), jnp.float32)
-    dx = layers.max_pool_grad_by_mask(x, g, (3, 3), (2, 2), ((1, 1), (1, 1)))
+    dx = cpu_grads.max_pool_grad_by_mask(x, g, (3, 3), (2, 2), ((1, 1), (1, 1)))
     assert float(jnp.sum(dx)) == float(jnp.sum(g))
     dx_ref = jax.vjp(lambda a: nn.max_pool(a, (3, 3), strides=(2, 2),
                                            padding=((1, 1), (1, 1))), x)[1](g)[0]
