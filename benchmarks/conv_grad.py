@@ -1,5 +1,5 @@
 """Where a ResNet encoder's forward + backward spends its time, one convolution shape at a time,
-and what the kernel gradient by taps (``mtl_jax.models.layers.kernel_grad_by_taps``) changes.
+and what the kernel gradient by taps (``mtl_jax.models.cpu_grads.kernel_grad_by_taps``) changes.
 
 Usage::
 
@@ -12,7 +12,7 @@ alone (median of ``--steps`` calls after a compiling one): the forward pass, the
 XLA's input gradient, with XLA's kernel gradient, and with the kernel gradient by taps. The
 count-weighted sums are then put next to the whole encoder's forward and forward + backward
 (``jax.value_and_grad`` over parameters, ``train=True`` BatchNorm), with our convolutions and
-with XLA's own gradients (``layers.xla_conv_gradients()``). Prints Markdown tables for
+with XLA's own gradients (``cpu_grads.xla_conv_gradients()``). Prints Markdown tables for
 ``docs/benchmarks.md``.
 
 A kernel-gradient column far above the forward one is XLA's kernel-gradient convolution on the
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_jax.models import layers
+from mtl_jax.models import cpu_grads
 from mtl_jax.models.encoders import build_encoder
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -77,7 +77,7 @@ def conv_times(sig, steps: int) -> dict[str, float]:
     def taps(x_, k_):
         y, pullback = jax.vjp(lambda a: conv(a, k_), x_)
         g = 2.0 * y
-        return pullback(g)[0], layers.kernel_grad_by_taps(x_, g, kshape, strides, padding,
+        return pullback(g)[0], cpu_grads.kernel_grad_by_taps(x_, g, kshape, strides, padding,
                                                           dilation)
 
     return {
@@ -99,7 +99,7 @@ def encoder_times(model: nn.Module, variables, image, steps: int) -> tuple[float
 
     fwd = timed(jax.jit(forward), params, image, steps=steps)
     fwd_bwd = timed(jax.jit(jax.value_and_grad(forward)), params, image, steps=steps)
-    with layers.xla_conv_gradients():
+    with cpu_grads.xla_conv_gradients():
         fwd_bwd_xla = timed(jax.jit(jax.value_and_grad(forward)), params, image, steps=steps)
     return fwd, fwd_bwd, fwd_bwd_xla
 

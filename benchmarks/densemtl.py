@@ -27,7 +27,7 @@ where ResNet-101 at 448x576 takes seconds per step, 20 on GPU/TPU). Reported mem
 
 ``--conv_grad xla`` keeps XLA's own convolution gradients on CPU (``MTL_JAX_CPU_CONV_GRAD=xla``,
 inherited by the subprocesses) to compare with the default kernel gradient by taps
-(``mtl_jax/models/layers.py``); the hardware column says which ran.
+(``mtl_jax/models/cpu_grads``); the hardware column says which ran.
 
 Prints one Markdown table row per variant for ``docs/benchmarks.md``.
 """

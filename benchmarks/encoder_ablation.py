@@ -9,10 +9,10 @@ Compiles the encoder's step (``benchmarks/torch_reference.py``'s ``jax_encoder_l
 five features' mean squares, train-mode BatchNorm, gradients of the parameters) twice: as the
 library builds it, and with the changes named by ``--without`` undone while tracing:
 
-* ``bn``: BatchNorm's closed-form training backward (``layers.batch_norm_train``) replaced by
-  JAX's derivative of the same forward formula;
+* ``bn``: BatchNorm's closed-form training backward (``cpu_grads.batch_norm_train``) replaced by
+  JAX's derivative of the same forward formula (``cpu_grads.disabled('batch_norm')``);
 * ``s2d``: the space-to-depth kernel gradient of strided stem convolutions
-  (``layers.space_to_depth_pays_off`` answering no, so plain taps are used).
+  (``cpu_grads.conv.space_to_depth_pays_off`` answering no, so plain taps are used).
 
 Then it alternates the two executables (``--rounds`` rounds of 3 steps, the order flipped every
 round) and prints the medians and their ratio. Both run in the same process, back to back, so
@@ -32,7 +32,8 @@ import time
 
 import jax
 
-from mtl_jax.models import layers
+from mtl_jax.models import cpu_grads
+from mtl_jax.models.cpu_grads import conv as cpu_conv
 
 sys.path.insert(0, os.path.dirname(__file__))
 from torch_reference import jax_encoder_loss  # noqa: E402
@@ -42,23 +43,18 @@ ABLATIONS = ("bn", "s2d")
 
 @contextlib.contextmanager
 def undone(names: list[str]):
-    """Undo the named changes for what is traced inside (module attributes, restored after)."""
+    """Undo the named changes for what is traced inside (the ``batch_norm`` kernel switched
+    off; ``space_to_depth_pays_off`` replaced, restored after)."""
     saved = {}
-    if "bn" in names:
-        saved["batch_norm_train"] = layers.batch_norm_train
-
-        def autodiff_bn(x, scale, bias, epsilon, fast_variance=False):
-            return layers._batch_norm_train_fwd(x, scale, bias, epsilon, fast_variance)[0]
-
-        layers.batch_norm_train = autodiff_bn
     if "s2d" in names:
-        saved["space_to_depth_pays_off"] = layers.space_to_depth_pays_off
-        layers.space_to_depth_pays_off = lambda *args: False
+        saved["space_to_depth_pays_off"] = cpu_conv.space_to_depth_pays_off
+        cpu_conv.space_to_depth_pays_off = lambda *args: False
     try:
-        yield
+        with cpu_grads.disabled("batch_norm") if "bn" in names else contextlib.nullcontext():
+            yield
     finally:
         for name, value in saved.items():
-            setattr(layers, name, value)
+            setattr(cpu_conv, name, value)
 
 
 def main() -> None:

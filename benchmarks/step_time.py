@@ -10,7 +10,7 @@ Random inputs of the config's resolution (no dataset needed). Measures the first
 the device with ``block_until_ready``. It prints one Markdown table row for
 ``docs/benchmarks.md``. ``--conv_grad xla`` keeps XLA's own convolution gradients on CPU
 (``MTL_JAX_CPU_CONV_GRAD=xla``) instead of the kernel gradient by taps
-(``mtl_jax/models/layers.py``).
+(``mtl_jax/models/cpu_grads``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _load_config(path: str, arg: str):
 
 
 def add_conv_grad_flag(parser) -> None:
-    """``--conv_grad taps|xla``: the CPU convolution kernel gradient (mtl_jax/models/layers.py)."""
+    """``--conv_grad taps|xla``: the CPU convolution kernel gradient (mtl_jax/models/cpu_grads)."""
     parser.add_argument("--conv_grad", choices=("taps", "xla"), default=None,
                         help="CPU convolution kernel gradient (default: the library's, taps)")
 

@@ -36,7 +36,7 @@ so anything above ~1e-5 is a real difference.
 ``--convs N:H:W:CIN:K:COUT,...`` times single convolutions instead (stride 1, "same" padding,
 no bias; NCHW on the torch side, NHWC on ours): the forward pass and forward + backward
 (gradients of input and kernel of ``sum(y ** 2)``), ours both with the library's convolution
-(``mtl_jax.models.layers.conv_general_dilated``: kernel gradient by taps where it pays off)
+(``mtl_jax.models.cpu_grads.conv_general_dilated``: kernel gradient by taps where it pays off)
 and with XLA's own gradients. This separates what the convolution kernels cost from what
 the model around them adds.
 """
@@ -282,7 +282,7 @@ def _jax_conv(spec: str, steps: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from mtl_jax.models import layers
+    from mtl_jax.models import cpu_grads
 
     nhwc = ("NHWC", "HWIO", "NHWC")
     n, h, w, c_in, k, c_out = _conv_spec(spec)
@@ -301,9 +301,9 @@ def _jax_conv(spec: str, steps: int) -> dict:
         x_, k_, (1, 1), pad, dimension_numbers=nhwc))
     return {
         "fwd": _median_time(lambda: jax.block_until_ready(forward(x, kernel)), steps),
-        "both": _median_time(grads(layers.conv_general_dilated), steps),
+        "both": _median_time(grads(cpu_grads.conv_general_dilated), steps),
         "both_xla": _median_time(grads(jax.lax.conv_general_dilated), steps),
-        "taps": layers.taps_pay_off(kernel.shape),
+        "taps": cpu_grads.taps_pay_off(kernel.shape),
     }
 
 

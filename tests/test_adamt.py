@@ -120,6 +120,16 @@ def test_pool2_matches_flax_pooling_with_odd_sizes(kind):
     assert _pool2(x, kind).shape == (2, 3, 4, 3)
 
 
+def test_pool2_max_gradient_goes_to_the_first_maximum():
+    """At ties the max-pool's gradient goes to the first maximum of the window (PyTorch's rule,
+    the models' one ``layers.max_pool``), not split among the tied inputs."""
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 2, size=(2, 7, 9, 3)), jnp.float32)
+    g = jax.random.normal(KEY, (2, 3, 4, 3))
+    (dx,) = jax.vjp(lambda a: _pool2(a, "max"), x)[1](g)
+    (ref,) = jax.vjp(lambda a: flax.linen.max_pool(a, (2, 2), strides=(2, 2)), x)[1](g)
+    np.testing.assert_array_equal(dx, ref)
+
+
 def test_ablation_switches_change_exactly_the_intended_modules():
     full = flat_shapes(shapes(tiny("adamt", ("semseg", "depth"))))
     noatt = flat_shapes(shapes(tiny("dense_noatt", ("semseg", "depth"))))

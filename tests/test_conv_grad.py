@@ -1,4 +1,4 @@
-"""The CPU kernel gradient by taps (models/layers.py): same values and gradients as XLA's
+"""The CPU kernel gradient by taps (models/cpu_grads): same values and gradients as XLA's
 convolution for every shape the models use, only on the CPU backend, and never for what it
 does not handle."""
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtl_jax.models import layers
+from mtl_jax.models import cpu_grads, layers
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -43,18 +43,19 @@ def test_row_chunks_give_the_same_kernel_gradient(xshape, kshape, strides, paddi
     y = _xla(x, k, strides, padding, dilation)
     g = jnp.asarray(np.random.default_rng(1).normal(size=y.shape), jnp.float32)
     (dk_xla,) = jax.vjp(lambda k_: _xla(x, k_, strides, padding, dilation), k)[1](g)
-    grad = jax.jit(layers.kernel_grad_by_taps, static_argnums=(2, 3, 4, 5, 6))
+    grad = jax.jit(cpu_grads.kernel_grad_by_taps, static_argnums=(2, 3, 4, 5, 6))
     dk = grad(x, g, kshape, strides, padding, dilation, rows)
     np.testing.assert_allclose(dk, dk_xla, rtol=1e-5, atol=1e-4)
 
 
 def test_large_maps_are_chunked_and_take_the_taps_from_32_outputs():
-    assert layers.taps_chunk_rows(2, 56, 72) == 56  # 8,064 positions: one chunk
-    assert layers.taps_chunk_rows(2, 224, 288) == 4  # 2,304 positions per chunk
-    assert layers.taps_chunk_rows(16, 96, 128) == 1
+    assert cpu_grads.taps_chunk_rows(2, 56, 72) == 56  # 8,064 positions: one chunk
+    assert cpu_grads.taps_chunk_rows(2, 224, 288) == 4  # 2,304 positions per chunk
+    assert cpu_grads.taps_chunk_rows(16, 96, 128) == 1
     big = 16 * 48 * 64
-    assert layers.taps_pay_off((3, 3, 48, 32), big) and not layers.taps_pay_off((3, 3, 48, 32))
-    assert not layers.taps_pay_off((3, 3, 32, 16), big)
+    assert cpu_grads.taps_pay_off((3, 3, 48, 32), big)
+    assert not cpu_grads.taps_pay_off((3, 3, 48, 32))
+    assert not cpu_grads.taps_pay_off((3, 3, 32, 16), big)
     # the CPU backward of a large map loops over the chunks; a small one does not
     cpu = _backward_hlo("cpu", (1, 130, 130, 32), (3, 3, 32, 32), padding=((1, 1), (1, 1)))
     assert "stablehlo.while" in cpu and "dot_general" in cpu
@@ -68,7 +69,7 @@ def _xla(x, k, strides, padding, dilation):
 
 
 def _ours(x, k, strides, padding, dilation):
-    return layers.conv_general_dilated(x, k, strides, padding, rhs_dilation=dilation,
+    return cpu_grads.conv_general_dilated(x, k, strides, padding, rhs_dilation=dilation,
                                        dimension_numbers=NHWC)
 
 
@@ -85,7 +86,7 @@ def test_taps_kernel_gradient_matches_xla(xshape, kshape, strides, padding, dila
     g = jnp.asarray(np.random.default_rng(1).normal(size=y.shape), jnp.float32)
     _, vjp = jax.vjp(lambda k_: _xla(x, k_, strides, padding, dilation), k)
     (dk_xla,) = vjp(g)
-    dk = jax.jit(layers.kernel_grad_by_taps, static_argnums=(2, 3, 4, 5))(
+    dk = jax.jit(cpu_grads.kernel_grad_by_taps, static_argnums=(2, 3, 4, 5))(
         x, g, kshape, strides, padding, dilation)
     np.testing.assert_allclose(dk, dk_xla, rtol=1e-5, atol=1e-4)
 
@@ -117,8 +118,8 @@ def test_only_the_cpu_backend_takes_the_taps():
 @pytest.mark.parametrize("c_in,c_out,taps", [(32, 32, False), (64, 16, False), (128, 64, False),
                                               (16, 64, True), (64, 64, True), (256, 128, True)])
 def test_which_kernels_take_the_taps(c_in, c_out, taps):
-    assert layers.taps_pay_off((3, 3, c_in, c_out)) is taps
-    assert layers.taps_pay_off((1, 1, c_in, c_out))  # every 1×1 kernel
+    assert cpu_grads.taps_pay_off((3, 3, c_in, c_out)) is taps
+    assert cpu_grads.taps_pay_off((1, 1, c_in, c_out))  # every 1×1 kernel
     cpu = _backward_hlo("cpu", (1, 5, 5, c_in), (3, 3, c_in, c_out), padding=((1, 1), (1, 1)))
     assert ("dot_general" in cpu) is taps
     assert cpu.count("stablehlo.convolution") == (1 if taps else 2)
@@ -126,12 +127,12 @@ def test_which_kernels_take_the_taps(c_in, c_out, taps):
 
 def test_strided_stem_kernels_take_space_to_depth():
     stem = ((7, 7, 3, 64), (2, 2), (1, 1))
-    assert layers.space_to_depth_pays_off(*stem)
+    assert cpu_grads.space_to_depth_pays_off(*stem)
     for kshape, strides, dilation in [((7, 7, 3, 64), (1, 1), (1, 1)),  # not strided
                                       ((3, 3, 3, 64), (2, 2), (2, 2)),  # dilated
                                       ((1, 1, 3, 64), (2, 2), (1, 1)),  # one tap already
                                       ((3, 3, 128, 128), (2, 2), (1, 1))]:  # wide: plain taps
-        assert not layers.space_to_depth_pays_off(kshape, strides, dilation)
+        assert not cpu_grads.space_to_depth_pays_off(kshape, strides, dilation)
     cpu = _backward_hlo("cpu", (1, 16, 16, 3), (7, 7, 3, 64), (2, 2), ((3, 3), (3, 3)))
     assert cpu.count("stablehlo.dot_general") == 16  # 4 × 4 products, not 7 × 7
     # the wide strided 3×3 keeps one product per tap
@@ -140,23 +141,23 @@ def test_strided_stem_kernels_take_space_to_depth():
 
 
 def test_switches_back_to_xla_gradients(monkeypatch):
-    with layers.xla_conv_gradients():
+    with cpu_grads.xla_conv_gradients():
         assert "dot_general" not in _backward_hlo("cpu", (2, 7, 9, 8), (1, 1, 8, 12))
-    monkeypatch.setenv(layers.CONV_GRAD_ENV, "xla")
+    monkeypatch.setenv(cpu_grads.CONV_GRAD_ENV, "xla")
     assert "dot_general" not in _backward_hlo("cpu", (2, 7, 9, 8), (1, 1, 8, 12))
-    monkeypatch.setenv(layers.CONV_GRAD_ENV, "fast")
+    monkeypatch.setenv(cpu_grads.CONV_GRAD_ENV, "fast")
     with pytest.raises(ValueError, match="MTL_JAX_CPU_CONV_GRAD='fast'"):
         _backward_hlo("cpu", (2, 7, 9, 8), (1, 1, 8, 12))
 
 
 def test_unsupported_convolutions_fall_back_to_xla():
     x, k = _inputs((1, 6, 6, 4), (3, 3, 2, 8))
-    grouped = layers.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+    grouped = cpu_grads.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
                                           dimension_numbers=NHWC, feature_group_count=2)
     ref = jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC,
                                        feature_group_count=2)
     np.testing.assert_allclose(grouped, ref, rtol=1e-6)
-    text = jax.jit(jax.grad(lambda k_: jnp.sum(layers.conv_general_dilated(
+    text = jax.jit(jax.grad(lambda k_: jnp.sum(cpu_grads.conv_general_dilated(
         x, k_, (1, 1), "SAME", dimension_numbers=NHWC, feature_group_count=2)))).trace(
             k).lower().as_text()
     assert "dot_general" not in text
@@ -181,7 +182,7 @@ def test_valid_padding_takes_the_taps():  # DenseMTL's reflection-padded decoder
     def loss(conv, x_, k_):
         return jnp.sum(jnp.cos(conv(x_, k_, (1, 1), "VALID", dimension_numbers=NHWC)))
 
-    ours = jax.jit(jax.grad(lambda x_, k_: loss(layers.conv_general_dilated, x_, k_), (0, 1)))
+    ours = jax.jit(jax.grad(lambda x_, k_: loss(cpu_grads.conv_general_dilated, x_, k_), (0, 1)))
     ref = jax.jit(jax.grad(lambda x_, k_: loss(jax.lax.conv_general_dilated, x_, k_), (0, 1)))
     for a, b in zip(ours(x, k), ref(x, k)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,7 @@
-"""The other CPU-shaped pieces of models/layers.py: ``add_relu`` (a residual block's output, bit
-for bit ``relu(a + b)``, written so that XLA's CPU fusion materialises it once) and
-``max_pool`` (its gradient without select-and-scatter on CPU, XLA's elsewhere)."""
+"""The other CPU kernels of models/cpu_grads, through the layers models use: ``add_relu`` (a
+residual block's output, bit for bit ``relu(a + b)``, written so that XLA's CPU fusion
+materialises it once) and ``max_pool`` (its gradient without select-and-scatter on CPU, XLA's
+elsewhere); the switch that turns every kernel off; the guard that models use these layers."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtl_jax.models import layers
+from mtl_jax.models import cpu_grads, layers
 
 
 def test_add_relu_is_relu_of_the_sum_bit_for_bit_with_relus_gradient():
@@ -84,7 +85,7 @@ def test_max_pool_matches_flax_with_ties(shape, window, strides, padding):
     # first maximum of several windows sums them (in another order: rounding only).
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(dx != 0, dx_ref != 0)
-    np.testing.assert_allclose(layers.max_pool_grad_by_mask(x, g, window, strides, padding),
+    np.testing.assert_allclose(cpu_grads.max_pool_grad_by_mask(x, g, window, strides, padding),
                                dx_ref, rtol=1e-6, atol=1e-6)
 
 
@@ -102,7 +103,7 @@ def test_max_pool_gradient_never_loses_a_window():
     x = jnp.asarray(np.nextafter(base, np.float32(4)) * rng.integers(0, 2, base.shape) +
                     base * (1 - rng.integers(0, 2, base.shape)), jnp.float32)
     g = jnp.asarray(rng.integers(1, 4, size=(2, 5, 6, 3)), jnp.float32)
-    dx = layers.max_pool_grad_by_mask(x, g, (3, 3), (2, 2), ((1, 1), (1, 1)))
+    dx = cpu_grads.max_pool_grad_by_mask(x, g, (3, 3), (2, 2), ((1, 1), (1, 1)))
     assert float(jnp.sum(dx)) == float(jnp.sum(g))
     dx_ref = jax.vjp(lambda a: nn.max_pool(a, (3, 3), strides=(2, 2),
                                            padding=((1, 1), (1, 1))), x)[1](g)[0]
@@ -193,3 +194,164 @@ def test_resnet_blocks_use_them(monkeypatch):
         mutable=["batch_stats"])[0]))).trace(variables["params"]).lower(
             lowering_platforms=("cpu",)).as_text()
     assert "select_and_scatter" not in text
+
+
+# ------------------------------------------------------------------ the switch: every kernel off
+class _Block(nn.Module):
+    """One of each: a 1×1 conv (kernel gradient by taps, 1×1 input gradient), a training
+    BatchNorm, ``add_relu`` and the stem's max-pool."""
+
+    @nn.compact
+    def __call__(self, x):
+        y = layers.conv(8, 1, name="conv")(x)
+        y = layers.BatchNorm(name="bn")(y, train=True)
+        y = layers.add_relu(y, x)
+        return layers.max_pool(y, (3, 3), (2, 2), ((1, 1), (1, 1)))
+
+
+def _block_grad():
+    """(loss, gradients) of :class:`_Block` from a fresh jitted function (the switch is read
+    when tracing), the loss's jaxpr and the gradient's CPU lowering."""
+    model = _Block()
+    x = jax.random.normal(jax.random.key(0), (2, 9, 11, 8), jnp.float32)
+    variables = model.init(jax.random.key(1), x)
+
+    def loss(params, x_):
+        y, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x_,
+                           mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y))
+
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    args = (variables["params"], x)
+    jaxpr = str(jax.make_jaxpr(loss)(*args))
+    cpu = f.trace(*args).lower(lowering_platforms=("cpu",)).as_text()
+    return f(*args), jaxpr, cpu
+
+
+def test_one_switch_turns_every_kernel_off_and_the_results_agree(monkeypatch):
+    monkeypatch.delenv(cpu_grads.CPU_KERNELS_ENV, raising=False)
+    monkeypatch.delenv(cpu_grads.CONV_GRAD_ENV, raising=False)
+    on, on_jaxpr, on_cpu = _block_grad()
+    # conv, BatchNorm, add_relu and max-pool each have their own VJP; on CPU no
+    # select-and-scatter, the kernel gradient a product (one convolution: the forward's).
+    assert on_jaxpr.count("custom_vjp_call") == 4
+    assert "select_and_scatter" not in on_cpu and on_cpu.count("stablehlo.convolution") == 1
+    monkeypatch.setenv(cpu_grads.CPU_KERNELS_ENV, "off")
+    off, off_jaxpr, off_cpu = _block_grad()
+    assert "custom_vjp_call" not in off_jaxpr  # plain relu(a + b), JAX's BatchNorm derivative
+    assert "select_and_scatter" in off_cpu  # XLA's max-pool gradient
+    assert off_cpu.count("stablehlo.convolution") == 3  # forward, input and kernel gradients
+    for got, want in zip(jax.tree.leaves(on), jax.tree.leaves(off), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # each kernel by name; the context manager does the same within one process
+    for i, name in enumerate(cpu_grads.KERNELS):
+        monkeypatch.setenv(cpu_grads.CPU_KERNELS_ENV, name)
+        assert _block_grad()[1].count("custom_vjp_call") == 3, name
+        monkeypatch.setenv(cpu_grads.CPU_KERNELS_ENV, ",".join(cpu_grads.KERNELS[:i + 1]))
+        assert _block_grad()[1].count("custom_vjp_call") == 3 - i
+    monkeypatch.setenv(cpu_grads.CPU_KERNELS_ENV, "on")
+    with cpu_grads.disabled():
+        assert "custom_vjp_call" not in _block_grad()[1]
+    with cpu_grads.disabled("max_pool"):
+        assert "select_and_scatter" in _block_grad()[2]
+    assert _block_grad()[1].count("custom_vjp_call") == 4
+
+
+def test_switch_values_are_checked(monkeypatch):
+    monkeypatch.setenv(cpu_grads.CPU_KERNELS_ENV, "fast")
+    with pytest.raises(cpu_grads.SwitchError, match="MTL_JAX_CPU_KERNELS='fast'.*'off'"):
+        layers.add_relu(jnp.ones(2), jnp.ones(2))
+    monkeypatch.setenv(cpu_grads.CPU_KERNELS_ENV, "max_pool,maxpool")
+    with pytest.raises(cpu_grads.SwitchError, match="'maxpool'"):
+        layers.add_relu(jnp.ones(2), jnp.ones(2))
+    with pytest.raises(ValueError, match="'relu'"):  # a UserError and a ValueError
+        with cpu_grads.disabled("relu"):
+            pass
+
+
+# ---------------------------------------------------- the guard: models use the covered layers
+_RAW = {  # what the CPU kernels cover, built without them
+    "nn.Conv", "linen.Conv", "flax.linen.Conv", "nn.max_pool", "linen.max_pool",
+    "flax.linen.max_pool", "nn.pooling.max_pool", "lax.conv", "jax.lax.conv",
+    "lax.conv_general_dilated", "jax.lax.conv_general_dilated", "lax.reduce_window",
+    "jax.lax.reduce_window",
+}
+
+
+def _raw_layers(source: str) -> list[str]:
+    """Raw convolutions / max-pools a module's code (not its docstrings) builds or imports."""
+    import ast
+
+    def dotted(node):
+        if isinstance(node, ast.Attribute):
+            base = dotted(node.value)
+            return f"{base}.{node.attr}" if base else None
+        return node.id if isinstance(node, ast.Name) else None
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and dotted(node) in _RAW:
+            found.append(f"line {node.lineno}: {dotted(node)}")
+        elif isinstance(node, ast.ImportFrom) and node.module in ("flax.linen", "jax.lax"):
+            found += [f"line {node.lineno}: from {node.module} import {a.name}"
+                      for a in node.names if f"{node.module}.{a.name}" in _RAW]
+    return found
+
+
+def test_models_use_the_layers_the_cpu_kernels_cover():
+    """No model module (nor the UDA discriminator) builds a convolution or max-pool without
+    ``layers.conv`` / ``layers.max_pool``, which would silently miss the CPU kernels and the
+    one max-pool's tie rule. ``nn.ConvTranspose`` has no CPU kernel and stays allowed."""
+    import pathlib
+
+    assert _raw_layers("import flax.linen as nn\nc = nn.Conv(4, (3, 3))\n") == ["line 2: nn.Conv"]
+    assert _raw_layers("from jax.lax import reduce_window\n'''nn.Conv'''\n") == [
+        "line 1: from jax.lax import reduce_window"]
+    root = pathlib.Path(__file__).resolve().parents[1] / "mtl_jax"
+    allowed = {root / "models" / "layers.py"} | set((root / "models" / "cpu_grads").rglob("*.py"))
+    files = [*(root / "models").rglob("*.py"), *(root / "uda").rglob("*.py")]
+    offenders = {str(p.relative_to(root)): raw for p in files if p not in allowed
+                 for raw in [_raw_layers(p.read_text())] if raw}
+    assert offenders == {}
+    assert len(files) > 40  # the walk found the models
+
+
+class _RawConvDiscriminator(nn.Module):
+    """The patch discriminator as it was written before it used ``layers.conv``."""
+
+    channels: tuple = (4,)
+
+    @nn.compact
+    def __call__(self, x, *, update_stats):
+        features = (*self.channels, 1)
+        for i, ch in enumerate(features):
+            layer = nn.Conv(ch, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)),
+                            name=f"conv{i}")
+            x = nn.SpectralNorm(layer, n_steps=1, name=f"sn{i}")(x, update_stats=update_stats)
+            if i < len(features) - 1:
+                x = nn.leaky_relu(x, 0.2)
+        return x
+
+
+def test_discriminator_on_layers_conv_keeps_its_tree_values_and_checkpoints():
+    from mtl_jax.models.discriminator import PatchDiscriminator
+
+    x = jax.random.normal(jax.random.key(2), (2, 16, 16, 3), jnp.float32)
+    old, new = _RawConvDiscriminator(), PatchDiscriminator(channels=(4,))
+    v_old = jax.jit(lambda k: old.init(k, x, update_stats=False))(jax.random.key(0))
+    v_new = jax.jit(lambda k: new.init(k, x, update_stats=False))(jax.random.key(0))
+    # the same tree (names, shapes) and the same initial values from the same key
+    assert jax.tree.structure(v_new) == jax.tree.structure(v_old)
+    for a, b in zip(jax.tree.leaves(v_new), jax.tree.leaves(v_old), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    # an old checkpoint's variables drive the new module to the old module's outputs and state
+    trained = jax.tree.map(lambda a: a + 0.1 * jnp.cos(jnp.arange(a.size).reshape(a.shape)),
+                           v_old)
+    y_old, s_old = jax.jit(lambda v: old.apply(v, x, update_stats=True,
+                                               mutable=["batch_stats"]))(trained)
+    y_new, s_new = jax.jit(lambda v: new.apply(v, x, update_stats=True,
+                                               mutable=["batch_stats"]))(trained)
+    np.testing.assert_allclose(y_new, y_old, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(s_new), jax.tree.leaves(s_old), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -9,13 +9,8 @@ import numpy as np
 import pytest
 
 from mtl_jax.models import build_model
-from mtl_jax.models.layers import (
-    BatchNorm,
-    ConvBNAct,
-    batch_norm,
-    batch_norm_train,
-    resize_bilinear,
-)
+from mtl_jax.models.cpu_grads import batch_norm_train
+from mtl_jax.models.layers import BatchNorm, ConvBNAct, batch_norm, resize_bilinear
 
 KEY = jax.random.key(0)
 

@@ -12,7 +12,8 @@ import pytest
 
 from mtl_jax.errors import UserError
 from mtl_jax.models import build_model
-from mtl_jax.models.pooling import max_pool, max_pool_with_mask, max_unpool, torch_indices
+from mtl_jax.models.layers import max_pool
+from mtl_jax.models.pooling import max_pool_with_mask, max_unpool, torch_indices
 
 
 def _segnet_config(arg):
@@ -66,7 +67,7 @@ def test_pool_and_unpool_match_a_direct_loop_including_ties():
     np.testing.assert_array_equal(np.asarray(torch_indices(mask)), want_idx)
     assert int(torch_indices(mask)[0, 0, 0, 0]) == 0
     assert np.asarray(mask).sum() == pooled.size  # exactly one winner per window
-    np.testing.assert_array_equal(np.asarray(max_pool(jnp.asarray(x))), want)
+    np.testing.assert_array_equal(np.asarray(max_pool(jnp.asarray(x), (2, 2), (2, 2))), want)
     values = rng.normal(size=want.shape).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(max_unpool(jnp.asarray(values), mask)),
                                   _loop_unpool(values, want_idx, 6, 8))

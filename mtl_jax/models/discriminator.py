@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.models.layers import conv
+
 DEFAULT_CHANNELS = (64, 128, 256, 512)
 
 
@@ -59,8 +61,10 @@ class PatchDiscriminator(nn.Module):
             x = random_hflip(x, flip_rng)
         features = (*self.channels, 1)
         for i, ch in enumerate(features):
-            layer = nn.Conv(ch, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)),
-                            name=f"conv{i}")
+            # Flax's nn.Conv defaults (bias, LeCun-normal kernel), torch's padding 1, and the
+            # CPU kernel gradient of layers.conv; the parameter tree is nn.Conv's.
+            layer = conv(ch, 4, strides=2, use_bias=True,
+                         kernel_init=nn.initializers.lecun_normal(), name=f"conv{i}")
             x = nn.SpectralNorm(layer, n_steps=self.power_iterations, name=f"sn{i}")(
                 x, update_stats=update_stats)
             if i < len(features) - 1:

@@ -1,9 +1,14 @@
 """2×2 max-pooling that remembers where each maximum was, and max-unpooling (SegNet).
 
-PyTorch semantics (``nn.MaxPool2d(2, 2, return_indices=True)`` + ``nn.MaxUnpool2d(2, 2)``,
-SPEC §6): within each non-overlapping 2×2 window the *first* maximum in row-major order
-(top-left, top-right, bottom-left, bottom-right) wins; unpooling writes each pooled value back
-to that position and zero everywhere else.
+A different op from ``layers.max_pool`` (the models' one plain max-pool), kept because
+unpooling needs the positions. Its semantics are PyTorch's (``nn.MaxPool2d(2, 2,
+return_indices=True)`` + ``nn.MaxUnpool2d(2, 2)``): within each non-overlapping 2×2 window the
+*first* maximum in row-major order (top-left, top-right, bottom-left, bottom-right) wins, the
+tie rule of ``layers.max_pool`` too (PyTorch's CPU kernel replaces its running maximum only
+by a strictly larger value). A NaN counts as the maximum (of several NaNs the first wins here,
+PyTorch's kernel keeps the last). On finite inputs the pooled values equal
+``layers.max_pool``'s, and so does the gradient, which goes to the winning position only.
+Unpooling writes each pooled value back to that position and zero everywhere else.
 
 No scatter: the "indices" are kept as a one-hot *window mask* ``[B, H, W, C]`` (1 at the
 winning position of every window, 0 elsewhere), so unpooling is a nearest ×2 repeat times the
@@ -59,12 +64,6 @@ def max_pool_with_mask(x_BxHxWxC: jax.Array) -> tuple[jax.Array, jax.Array]:
     onehot = jax.lax.stop_gradient(onehot)
     pooled = jnp.sum(win * onehot, axis=-1)
     return pooled, _unwindows(onehot)
-
-
-def max_pool(x_BxHxWxC: jax.Array) -> jax.Array:
-    """Plain 2×2 stride-2 max-pool (``F.max_pool2d(x, 2, 2)``) of an even-sized map."""
-    _check_even(x_BxHxWxC, "max_pool")
-    return jnp.max(_windows(x_BxHxWxC), axis=-1)
 
 
 def max_unpool(x_BxhxwxC: jax.Array, mask_BxHxWxC: jax.Array) -> jax.Array:

@@ -39,7 +39,6 @@ import jax.numpy as jnp
 from mtl_jax.models.decoders.aspp import ASPP
 from mtl_jax.models.layers import (
     conv,
-    conv_general_dilated,
     resize_bilinear,
     resize_nearest,
     torch_default_kernel_init,
@@ -62,10 +61,9 @@ class ConvBlock(nn.Module):
     def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
         x = jnp.pad(x_BxHxWxC.astype(self.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)),
                     mode="reflect")
-        y = nn.Conv(self.features, (3, 3), padding="VALID", use_bias=True,
-                    kernel_init=torch_default_kernel_init, bias_init=nn.initializers.zeros,
-                    dtype=self.dtype, param_dtype=self.param_dtype,
-                    conv_general_dilated=conv_general_dilated, name="conv")(x)
+        y = conv(self.features, 3, padding=0, use_bias=True,
+                 kernel_init=torch_default_kernel_init, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="conv")(x)
         return nn.elu(y).astype(self.dtype)
 
 

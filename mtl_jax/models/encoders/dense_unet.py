@@ -44,7 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.models.layers import ConvBNAct
+from mtl_jax.models.layers import ConvBNAct, max_pool
 
 Dtype = Any
 
@@ -52,17 +52,13 @@ DENSE_POOLS = ("max", "avg")
 
 
 def _pool2(x_BxHxWxC: jax.Array, kind: str) -> jax.Array:
-    """2×2 pooling, stride 2, no padding (odd sizes floored as PyTorch's ``MaxPool2d(2)``).
-
-    Written as a reshape and a reduction rather than ``nn.max_pool``: same values, and its
-    gradient is an elementwise select instead of XLA's select-and-scatter, which is many times
-    slower on CPU. (At a tie the reduction splits the gradient among the tied inputs where
-    PyTorch gives it to the first; ties of non-zero values after BN do not occur in practice.)
-    """
+    """2×2 pooling, stride 2, no padding (odd sizes floored as PyTorch's ``MaxPool2d(2)``):
+    ``'max'`` is ``layers.max_pool`` (gradient to the first maximum, as PyTorch's),
+    ``'avg'`` the mean of each window (``AvgPool2d(2)``)."""
+    if kind == "max":
+        return max_pool(x_BxHxWxC, (2, 2), (2, 2))
     b, h, w, c = x_BxHxWxC.shape
     x = x_BxHxWxC[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
-    if kind == "max":
-        return jnp.max(x, axis=(2, 4))
     return jnp.mean(x, axis=(2, 4))
 
 

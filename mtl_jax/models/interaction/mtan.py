@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.models.encoders.segnet import ConvLayer, xavier_normal
-from mtl_jax.models.layers import Initializer, batch_norm, conv, resize_bilinear
-from mtl_jax.models.pooling import max_pool
+from mtl_jax.models.layers import Initializer, batch_norm, conv, max_pool, resize_bilinear
 
 Dtype = Any
 
@@ -97,7 +96,7 @@ class MTANAttention(nn.Module):
             for j in range(5):
                 inp = us[j] if j == 0 else jnp.concatenate([us[j], prev], axis=-1)
                 attended = row.att_enc[j](inp, train) * ps[j]
-                prev = max_pool(shared_enc[j](attended, train))
+                prev = max_pool(shared_enc[j](attended, train), (2, 2), (2, 2))
             for j, k in enumerate(range(4, -1, -1)):
                 _, h, wd, _ = prev.shape
                 x = resize_bilinear(prev, (2 * h, 2 * wd), align_corners=True)

@@ -40,8 +40,13 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.models.attention import attention as dot_product_attention
-from mtl_jax.models.layers import ConvBNAct, conv, resize_nearest, torch_default_kernel_init
-from mtl_jax.models.layers import max_pool as layers_max_pool
+from mtl_jax.models.layers import (
+    ConvBNAct,
+    conv,
+    max_pool,
+    resize_nearest,
+    torch_default_kernel_init,
+)
 
 Dtype = Any
 
@@ -56,13 +61,6 @@ def subsample_nearest(x_BxHxWxC: jax.Array, factor: int) -> jax.Array:
         return x_BxHxWxC
     _, h, w, _ = x_BxHxWxC.shape
     return resize_nearest(x_BxHxWxC, (h // factor, w // factor))
-
-
-def max_pool(x_BxHxWxC: jax.Array, factor: int) -> jax.Array:
-    """``factor × factor`` max-pooling with stride ``factor`` (floor mode)."""
-    if factor == 1:
-        return x_BxHxWxC
-    return layers_max_pool(x_BxHxWxC, (factor, factor), (factor, factor))
 
 
 def channel_attention(q_BxNxC: jax.Array, k_BxNxC: jax.Array, v_BxNxC: jax.Array) -> jax.Array:
@@ -120,7 +118,7 @@ class XTAM(nn.Module):
         def project(name: str, x: jax.Array) -> jax.Array:
             return ConvBNAct(c, kernel_size=1, name=name, **kw)(x, train)
 
-        pooled = max_pool(e, s)
+        pooled = e if s == 1 else max_pool(e, (s, s), (s, s))  # floor mode
         q = project("query", subsample_nearest(target, s))
         k = project("key", pooled)
         v = project("value", pooled)
