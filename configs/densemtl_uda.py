@@ -74,24 +74,14 @@ Source-only loses clearly against the oracle; adaptation closes about 40 % of th
 and about half of the depth gap (CPU).
 """
 
-import importlib.util
-import os
 
 import ml_collections
 
-from mtl_jax.config_utils import parse_arg, task_set
+from mtl_jax.config_utils import load_config_module, parse_arg, task_set
 from mtl_jax.errors import UserError
 
 SOURCES = ("synthetic", "synthia", "vkitti2")
 TARGETS = {"synthetic_target": "synthetic", "cityscapes": "cityscapes"}
-
-
-def _densemtl():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "densemtl.py")
-    spec = importlib.util.spec_from_file_location("_densemtl_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -109,12 +99,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         "(source=synthetic with target=synthetic_target)")
     if (args.smoke or args.synthetic_small) and not synthetic:
         raise UserError("smoke and synthetic_small run on the procedural dataset only")
-    dm = _densemtl()
     base_arg = f"dataset={args.source},tasks={args.tasks},model={args.model}"
     if args.smoke:
         base_arg += ",smoke"
     if args.width:
         base_arg += f",width={args.width}"
+    dm = load_config_module("densemtl.py", relative_to=__file__)
     c = dm.get_config(base_arg)
     tasks = task_set(args.tasks)
 

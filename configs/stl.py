@@ -17,7 +17,7 @@ Hardware and time: 2 CPU cores, a little less than the quickstart per task (one 
 
 import ml_collections
 
-from mtl_jax.config_utils import parse_arg, task_set
+from mtl_jax.config_utils import load_config, parse_arg, task_set
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -26,14 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         from mtl_jax.errors import UserError
 
         raise UserError(f"stl takes exactly one task letter, got task={args.task!r}")
-    import importlib.util
-    import os
-
-    spec = importlib.util.spec_from_file_location(
-        "_quickstart", os.path.join(os.path.dirname(__file__), "quickstart.py"))
-    quickstart = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quickstart)
     sub = f"tasks={args.task},steps={args.steps}" + (",smoke" if args.smoke else "")
-    c = quickstart.get_config(sub)
+    c = load_config("quickstart.py", sub, relative_to=__file__)
     assert tuple(c.tasks) == task_set(args.task)
     return c

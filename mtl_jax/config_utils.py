@@ -5,10 +5,14 @@ A config file's ``get_config(arg)`` receives the text after the colon of
 ``configs/quickstart.py:smoke,weighting=dwa``. :func:`parse_arg` turns that text into a
 ``ConfigDict`` typed after the defaults the config declares (a bare name sets a boolean to
 ``True``), and rejects names the config does not know, listing those it does.
+:func:`load_config` reads a config file as ``--config`` does: the one loader of the library,
+its configs (a config built on another), predict, the notebooks and the tests.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Any
 
 import ml_collections
@@ -73,3 +77,30 @@ def task_set(letters: str) -> tuple[str, ...]:
     if unknown or not letters:
         raise UserError(f"task set {letters!r}: use letters from {known}")
     return tuple(known[c] for c in letters)
+
+
+def load_config_module(path: str, *, relative_to: str | None = None) -> Any:
+    """The module of config file ``path`` (its ``get_config`` and constants); ``relative_to``
+    (a file, e.g. a config's ``__file__``) resolves a relative path from that file's folder.
+    A missing file is a :class:`UserError` naming it."""
+    if relative_to is not None and not os.path.isabs(path):
+        path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    name = "_mtl_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise UserError(f"config file {path} has no get_config(arg) function")
+    return module
+
+
+def load_config(spec: str, arg: str | None = None, *,
+                relative_to: str | None = None) -> ml_collections.ConfigDict:
+    """``configs/x.py[:args]`` → the file's ``get_config(args)``, as ``--config`` reads it
+    (``arg``, if given, replaces the text after the colon; ``relative_to`` as in
+    :func:`load_config_module`)."""
+    path, colon, spec_arg = spec.partition(":")
+    module = load_config_module(path, relative_to=relative_to)
+    return module.get_config(arg if arg is not None else (spec_arg if colon else None))

@@ -142,9 +142,9 @@ def _convert_weights(rest: list[str]) -> int:
         options[key.strip()] = value.strip()
     task_order = None
     if args.config:
-        from mtl_jax import experiment, predict
+        from mtl_jax import config_utils, experiment
 
-        task_order = experiment.task_order(predict.load_config(args.config))
+        task_order = experiment.task_order(config_utils.load_config(args.config))
     n = converters.convert_file(args.source, args.src, args.dst, task_order=task_order,
                                 **options)
     print(f"wrote {args.dst}: {n} arrays (load with --config.model.init_from={args.dst})")
@@ -167,9 +167,9 @@ def _predict(rest: list[str]) -> int:
     parser.add_argument("--config", default=None,
                         help="configs/x.py[:args] (default: the run's own config.json)")
     args = parser.parse_args(rest)
-    from mtl_jax import predict
+    from mtl_jax import config_utils, predict
 
-    config = predict.load_config(args.config) if args.config else None
+    config = config_utils.load_config(args.config) if args.config else None
     written = predict.predict(args.workdir, args.images, args.out, step=args.step,
                               config=config)
     n_images = sum(p.endswith("_input.png") for p in written)

@@ -54,19 +54,6 @@ _EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "Y
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """``configs/x.py[:args]`` -> the file's ``get_config(args)`` (as ``--config`` reads it)."""
-    import importlib.util
-
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise UserError(f"config file not found: {path}")
-    module_spec = importlib.util.spec_from_file_location("_mtl_jax_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
-
-
 def workdir_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run was trained with (``<workdir>/config.json``, written by ``train``)."""
     path = os.path.join(workdir, "config.json")
