@@ -174,8 +174,13 @@ def run(command: str, argv: list[str]) -> int:
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
         # ml_collections reports a mistyped --config.key as KeyError ("did you mean ...").
         key_error = e if isinstance(e, KeyError) else e.__context__
-        if isinstance(key_error, KeyError) and key_error.args:  # also raised as AttributeError
-            msg = f"unknown config key {key_error.args[0]}"
+        key = str(key_error.args[0]).split()[0].strip("'\"") if (
+            isinstance(key_error, KeyError) and key_error.args) else None
+        overridden = [a for a in argv if a.startswith("--config.")]
+        if key and any(f".{key}" in a.split("=", 1)[0] for a in overridden):
+            msg = f"unknown config key {key_error.args[0]}"  # also raised as AttributeError
+        elif isinstance(e, (KeyError, AttributeError)):  # raised by get_config itself
+            raise _config_load_error(e, argv) from e
         elif "Error whilst parsing config file" in str(e):  # get_config raised
             raise _config_load_error(e, argv) from e
         else:
