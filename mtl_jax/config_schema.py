@@ -210,6 +210,7 @@ def _fields() -> list[Field]:
         flag("augment.scale_depth"),
         reals("augment.scales", 0.0, "(1.0, 1.2, 1.5)"),
         # Tasks, model, weighting: the keys their constructors leave unchecked.
+        count("tasks.semseg.num_classes", 1, 10),
         choice("model.dtype", ("float32", "bfloat16", "float16", "float64"), "float32"),
         choice("model.param_dtype", ("float32", "bfloat16", "float16", "float64"), "float32"),
         choice("model.encoder", _registry("mtl_jax.models", "ENCODERS"), "resnet18",
