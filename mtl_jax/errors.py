@@ -73,8 +73,8 @@ def report(error: BaseException, *, process: str = "") -> int | None:
     if isinstance(error, Preempted):
         print(f"mtl-jax: {error}{where}", file=sys.stderr)
         return EXIT_PREEMPTED
-    if isinstance(error, UserError):
-        message = f"error: {error}"
+    if isinstance(error, UserError):  # one line, whatever the message holds
+        message = "error: " + " ".join(str(error).split())
         code = EXIT_USAGE if isinstance(error, UsageError) else EXIT_ERROR
     elif isinstance(error, KeyboardInterrupt):
         message = ("interrupted (Ctrl-C); a train run resumes from its latest checkpoint when "

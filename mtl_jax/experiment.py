@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mtl_jax import optim, run_config, staging, steps
+from mtl_jax import config_schema, optim, run_config, staging, steps
 from mtl_jax.data import DATASETS, augment, registry
 from mtl_jax.errors import UserError
 from mtl_jax.models import build_model
@@ -113,14 +113,17 @@ def _eval_compat(config: ml_collections.ConfigDict) -> tuple[str, ...]:
         raise UserError(f"config.eval.compat: {e}") from e
 
 
-def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
-    """Data-parallel mesh over ``config.num_devices`` devices (-1: all)."""
-    devices = jax.devices()
+def mesh_devices(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(devices of the data-parallel mesh, processes) for :func:`config_schema.check`."""
     n = int(config.get("num_devices", -1))
-    if n > len(devices):
-        raise UserError(f"config.num_devices={n} but only {len(devices)} devices are visible")
-    if n > 0:
-        devices = devices[:n]
+    return (n if n > 0 else len(jax.devices())), jax.process_count()
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+    """Data-parallel mesh over ``config.num_devices`` devices (-1: all; the schema checks that
+    they are visible)."""
+    n = int(config.get("num_devices", -1))
+    devices = jax.devices()[:n] if n > 0 else jax.devices()
     return Mesh(np.array(devices), ("data",))
 
 
@@ -131,14 +134,17 @@ def build_experiment(config: ml_collections.ConfigDict,
     ``steps_per_epoch`` (training examples // batch size) fills in the epoch length of
     strategies that average over epochs (``dwa``) when the config leaves it at 0.
     """
+    config_schema.check(config, devices=mesh_devices(config))
     tasks = build_tasks(config)
-    model = build_model(config.model, {name: task.channels for name, task in tasks.items()})
+    try:
+        model = build_model(config.model, {name: task.channels for name, task in tasks.items()})
+    except ValueError as e:  # build_model's contract: ValueError for a bad config.model value
+        raise UserError(f"config.model: {e}") from e
     weighting = make_weighting(config.weighting)
     fields = {f.name for f in dataclasses.fields(weighting)}
     if "steps_per_epoch" in fields and not weighting.steps_per_epoch and steps_per_epoch:
         weighting = dataclasses.replace(weighting, steps_per_epoch=int(steps_per_epoch))
     mesh = make_mesh(config)
-    run_config.check_batch_sizes(config, mesh.shape["data"], jax.process_count())
     h, w = config.input_size
     image_shape = (1, int(h), int(w), 3)
     rng = jax.random.key(int(config.seed))

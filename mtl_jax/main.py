@@ -28,6 +28,15 @@ import sys
 _TRAINING_COMMANDS = ("train", "eval", "params")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: one line ``mtl-jax: error: ...``, exit 2."""
+
+    def error(self, message: str):
+        from mtl_jax.errors import UsageError
+
+        raise UsageError(f"{self.prog}: {message} (see: {self.prog} --help)")
+
+
 def _add_dataset_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="dataset name, e.g. 'synthetic'")
     p.add_argument("--data_dir", default=None,
@@ -79,7 +88,7 @@ def _data_show(args: argparse.Namespace) -> int:
 
 
 def _data_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mtl-jax data",
+    parser = _Parser(prog="mtl-jax data",
                                      description="Prepare and look at datasets.")
     sub = parser.add_subparsers(dest="action", required=True)
     b = sub.add_parser("build", help="prepare a dataset as array_record (no download)")
@@ -101,7 +110,7 @@ def _data_parser() -> argparse.ArgumentParser:
 
 
 def _convert_weights(rest: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mtl-jax convert-weights",
         description="Without --from: convert a local torchvision ResNet state_dict (.pth) to "
                     "the .npz that config.model.encoder_init reads (needs torch). With "
@@ -152,7 +161,7 @@ def _convert_weights(rest: list[str]) -> int:
 
 
 def _predict(rest: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mtl-jax predict",
         description="Run a trained checkpoint on image files. Each image is resized to the "
                     "config's input_size; per image and task it writes <stem>_<task>.png "
@@ -178,7 +187,7 @@ def _predict(rest: list[str]) -> int:
 
 
 def _compare(rest: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mtl-jax compare",
         description="Markdown table of the final metrics (results.json) of several runs, "
                     "with Δm against single-task runs when --baseline is given, and, with "
@@ -202,7 +211,7 @@ def _compare(rest: list[str]) -> int:
 
 
 def _top_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mtl-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command",
                                 metavar="{data,train,eval,params,predict,compare,convert-weights}")

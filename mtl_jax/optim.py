@@ -30,6 +30,10 @@ import optax
 
 from mtl_jax.errors import UserError
 
+#: ``config.optimizer.name`` and ``.schedule`` choices (checked by :mod:`mtl_jax.config_schema`).
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "step", "cosine", "poly")
+
 
 def make_schedule(cfg: Mapping[str, Any], total_steps: int, base_lr: float) -> optax.Schedule:
     """The learning-rate schedule (a function of the step) for one parameter part."""
@@ -48,8 +52,7 @@ def make_schedule(cfg: Mapping[str, Any], total_steps: int, base_lr: float) -> o
         main = optax.polynomial_schedule(base_lr, 0.0, float(cfg.get("power", 0.9)),
                                          max(1, total_steps - warmup))
     else:
-        raise UserError(f"unknown schedule {name!r}; use 'constant', 'step', 'cosine' or "
-                        "'poly'")
+        raise UserError(f"unknown schedule {name!r}; use one of {SCHEDULES}")
     if warmup > 0:
         return optax.join_schedules([optax.linear_schedule(0.0, base_lr, warmup), main], [warmup])
     return main
@@ -68,7 +71,7 @@ def _base_optimizer(cfg: Mapping[str, Any], lr: optax.Schedule) -> optax.Gradien
         decay = float(cfg.get("weight_decay", 0.0) or 0.0)
         # torch.optim.SGD's weight_decay: wd·param added to the gradient before momentum.
         return optax.chain(optax.add_decayed_weights(decay), sgd) if decay else sgd
-    raise UserError(f"unknown optimizer {name!r}; use 'adam', 'adamw' or 'sgd'")
+    raise UserError(f"unknown optimizer {name!r}; use one of {OPTIMIZERS}")
 
 
 def make_optimizer(cfg: Mapping[str, Any], total_steps: int,

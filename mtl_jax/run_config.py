@@ -1,8 +1,8 @@
 """Checks of a run's config: against the workdir's saved config, the devices, the dataset.
 
-:func:`check_batch_sizes` and :func:`check_dataset_classes` run at start-up (before anything
-is compiled), so that a batch that does not divide over the devices or a class count below the
-dataset's is one clear error instead of a traceback or silently ignored labels.
+:func:`check_dataset_classes` runs at start-up (before anything is compiled), so that a class
+count below the dataset's is one clear error instead of silently ignored labels (the ranges of
+the config's keys and the batch sizes against the devices: :mod:`mtl_jax.config_schema`).
 
 A workdir's ``config.json`` describes the run its checkpoints come from. Before restoring,
 :func:`check_resume` compares the new config with it, key by key (nested keys joined by dots):
@@ -80,23 +80,6 @@ def differences(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
 def _short(value: Any, limit: int = 40) -> str:
     text = json.dumps(value) if value is not _MISSING else value
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int,
-                      num_processes: int = 1) -> None:
-    """``config.batch_size`` and ``config.eval_batch_size`` (global batches) must divide over
-    the ``num_devices`` devices of the data-parallel mesh and the processes."""
-    for key in ("batch_size", "eval_batch_size"):
-        value = int(config.get(key, None) or config.batch_size)
-        if value < 1:
-            raise UserError(f"config.{key}={value} must be at least 1")
-        for n, what in ((num_devices, "devices of the data-parallel mesh"),
-                        (num_processes, "processes")):
-            if value % n:
-                raise UserError(
-                    f"config.{key}={value} is not divisible by the {n} {what} "
-                    f"(config.num_devices={config.get('num_devices', -1)}); set config.{key} to "
-                    f"a multiple of {n} or config.num_devices to a divisor of {value}")
 
 
 def declared_num_classes(builder: Any) -> int | None:

@@ -36,6 +36,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtl_jax.data.augment import JointAugment, decode
+from mtl_jax.errors import UserError
+
+
+class SplitTooSmallError(UserError, ValueError):
+    """The training split has fewer examples than a process's batch (or than processes)."""
 
 Batch = dict[str, Any]
 
@@ -71,12 +76,14 @@ def host_train_dataset(source, *, local_batch_size: int, seed: int,
                        normals_from_depth: bool = False) -> grain.IterDataset:
     """The per-process training stream of NumPy batches (infinite)."""
     if len(source) < process_count:
-        raise ValueError(f"split of {len(source)} examples is smaller than {process_count} "
-                         "processes")
+        raise SplitTooSmallError(f"the training split of {len(source)} examples is smaller "
+                                 f"than the {process_count} processes")
     ds = grain.MapDataset.source(source)[process_index::process_count]
     if len(ds) < local_batch_size:
-        raise ValueError(f"each process has {len(ds)} training examples, fewer than its batch "
-                         f"size {local_batch_size}; lower the batch size or add data")
+        raise SplitTooSmallError(
+            f"each process has {len(ds)} training examples, fewer than its batch size "
+            f"{local_batch_size} (config.batch_size over {process_count} process(es)); lower "
+            "config.batch_size or add data")
     ds = ds.seed(seed).shuffle().repeat(None).map(_decoder(normals_from_depth))
     if augment is not None:
         ds = ds.random_map(augment)
