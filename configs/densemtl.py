@@ -204,7 +204,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                          part_lr_multipliers={"encoder": 0.1})
     if synthetic and not smoke and adam:  # random init at 1/4 width: a larger step helps
         optimizer.update(learning_rate=1e-3, part_lr_multipliers={"encoder": 1.0})
-    c.optimizer = dict(optimizer, schedule="step", decay_steps=(int(steps * 0.75),),
+    decay = (int(steps * 0.75),) if steps >= 2 else ()  # a 1-step run has no decay point
+    c.optimizer = dict(optimizer, schedule="step", decay_steps=decay,
                        decay_factor=0.1, warmup_steps=0, grad_clip_norm=10.0)
     c.augment = dict(enabled=True, scales=(1.0,), flip=True)  # flip only (paper)
 
