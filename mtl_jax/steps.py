@@ -1,8 +1,8 @@
 """Pure train and eval steps, and the train state.
 
 ``train_step(state, batch, *, model, tasks, weighting, tx, ...) -> (state, metrics)`` is a
-module-level pure function; :func:`mtl_jax.train.make_steps` binds the keyword-only
-dependencies with ``functools.partial`` and compiles it with ``jax.jit`` and explicit
+module-level pure function; :func:`mtl_jax.experiment.build_experiment` binds the
+keyword-only dependencies with ``functools.partial`` and compiles it with ``jax.jit`` and explicit
 shardings (the batch split over mesh axis ``data``, the state replicated) and donation of the
 state.
 
@@ -71,7 +71,9 @@ def init_state(rng: jax.Array, param_rng: jax.Array, image_shape: tuple[int, ...
     )
 
 
-def _part_norms(tree: PyTree, prefix: str) -> dict[str, jax.Array]:
+def part_norms(tree: PyTree, prefix: str) -> dict[str, jax.Array]:
+    """Global norm of ``tree`` as ``prefix`` and of each of its parts: ``<prefix>/<part>``,
+    and ``<prefix>/decoders/<task>`` for each task's decoder."""
     out = {prefix: optax.global_norm(tree)}
     for part, sub in tree.items():
         if part == "decoders":
@@ -385,7 +387,7 @@ def train_step(state: TrainState, batch: Batch, *, model, tasks: Mapping[str, An
     new_params = optax.apply_updates(state.params, updates)
 
     finite_task = {t: jnp.isfinite(losses[t]) for t in tasks}
-    grad_norms = _part_norms(grads, "grad_norm")
+    grad_norms = part_norms(grads, "grad_norm")
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norms["grad_norm"])
     for f in finite_task.values():
         finite &= f
@@ -406,7 +408,7 @@ def train_step(state: TrainState, batch: Batch, *, model, tasks: Mapping[str, An
         metrics[f"weight/{t}"] = wout.weights[t]
         metrics[f"nonfinite/{t}"] = ~finite_task[t]
     metrics.update(grad_norms)
-    metrics.update(_part_norms(state.params, "param_norm"))
+    metrics.update(part_norms(state.params, "param_norm"))
     metrics.update(alpha_summaries(new_state.params))
     metrics["update_norm"] = optax.global_norm(updates)
     metrics.update({f"bad_labels/{t}": n for t, n in bad_label_counts(tasks, batch).items()})

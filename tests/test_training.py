@@ -7,17 +7,20 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, write_uda_config
 
-from mtl_jax import checkpointing, steps
+from mtl_jax import checkpointing, steps, workdir_lock
 from mtl_jax.data import pipeline
 from mtl_jax.experiment import build_experiment, open_data
+from mtl_jax.predict import load_config, workdir_config
 from mtl_jax.train import NonFiniteLossError, evaluate, train_and_evaluate
+from mtl_jax.uda.run import build_uda_experiment
 
 # First two steps of the smoke model (seed 0, first unaugmented batch), recorded once on CPU.
 GOLDEN = {
@@ -154,61 +157,176 @@ def test_nonfinite_loss_stops_with_named_task(data_dir, tmp_path):
     assert results  # finished, with the non-finite steps skipped
 
 
-def _run_cli(args, env):
-    return subprocess.Popen([sys.executable, "-m", "mtl_jax.main", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+class _Cli:
+    """``mtl-jax ARGS`` in a subprocess whose output (stdout and stderr) is read as it comes."""
+
+    def __init__(self, args, env):
+        self.proc = subprocess.Popen([sys.executable, "-m", "mtl_jax.main", *args], cwd=REPO,
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_until(self, found, timeout: float = 400):
+        """``found()`` once it is true, polled while the process runs (at most ``timeout`` s)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.proc.poll() is None and not found():
+            time.sleep(0.05)
+        return found()
+
+    def finish(self, timeout: float = 400) -> str:
+        self.proc.wait(timeout=timeout)
+        self._reader.join()
+        return "".join(self.lines)
 
 
-def _final_params(config, wd):
-    exp = build_experiment(config)
-    mgr = checkpointing.make_manager(wd, read_only=True, async_save=False)
-    state, data_state, step = checkpointing.restore(mgr, exp.abstract_state)
-    mgr.close()
-    return state, data_state, step
+#: Every kind of run: its command line, and what its uninterrupted run leaves behind.
+RUN_KINDS = {
+    "supervised": dict(
+        config=lambda tmp_path: "configs/quickstart.py:smoke", total=40, args=[
+            "--config.checkpoint_every_steps=4", "--config.eval_every_steps=100",
+            "--config.num_vis_examples=0"],
+        kept=[32, 36, 40],  # 10 saves, the latest keep_checkpoints=3 kept
+        log_every=2, parts=(), data_names=None, lock_check=True,
+        abstract_state=lambda config: build_experiment(config).abstract_state),
+    "uda": dict(  # both players (model, BatchNorm, optimiser; discriminators, their spectral-
+        # norm state and optimiser) and both iterator positions
+        config=lambda tmp_path: write_uda_config(tmp_path / "uda_tiny.py"), total=20, args=[
+            "--config.checkpoint_every_steps=2", "--config.eval_every_steps=1000",
+            "--config.num_vis_examples=0"],
+        kept=[16, 18, 20], log_every=1, parts=("disc_params", "disc_stats", "disc_opt_state"),
+        data_names={"source", "target"}, lock_check=False,
+        abstract_state=lambda config: build_uda_experiment(config).abstract_state),
+}
 
 
-def test_sigkill_resume_is_bit_exact(data_dir, tmp_path):
-    """Kill a run with SIGKILL at a random moment after its first checkpoint, restart it:
-    the final parameters equal those of an uninterrupted run bit for bit."""
-    env = dict(os.environ, TFDS_DATA_DIR=data_dir, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    common = ["--config=configs/quickstart.py:smoke", "--config.num_devices=1",
-              "--config.num_train_steps=40", "--config.checkpoint_every_steps=4",
-              "--config.eval_every_steps=100"]
-    ref_wd, kill_wd = str(tmp_path / "ref"), str(tmp_path / "killed")
-    # The reference first: the victim and its restart then read the compiled steps from the
-    # persistent compilation cache instead of compiling them again.
-    ref = _run_cli(["train", *common, f"--workdir={ref_wd}"], env)
-    out_ref = ref.communicate()[0].decode()
-    assert ref.returncode == 0, out_ref[-3000:]
-    victim = _run_cli(["train", *common, f"--workdir={kill_wd}"], env)
-    ckpt_dir = os.path.join(kill_wd, "checkpoints")
-    deadline = time.time() + 240
-    while time.time() < deadline and victim.poll() is None:
-        if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
-            break
-        time.sleep(0.05)
-    time.sleep(random.Random().uniform(0.0, 0.1))
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+@pytest.mark.parametrize("kind", sorted(RUN_KINDS))
+def test_kill_preempt_and_resume_are_bit_exact(kind, uda_data_dir, tmp_path):
+    """Kill a run with SIGKILL at a random moment after its first checkpoint, restart it,
+    preempt the restarted run with SIGTERM (it saves a checkpoint of the step it is at and
+    exits with code 75, 'preempted, resume me'), restart it again: the final state and data
+    position equal those of an uninterrupted run bit for bit, and metrics.jsonl holds every
+    logged step once. While a run holds its workdir, a second run on it is refused (exit 1,
+    naming the first one's pid): checked once, the lock is taken before the kind of run is
+    chosen."""
+    k = RUN_KINDS[kind]
+    total = k["total"]
+    env = dict(os.environ, TFDS_DATA_DIR=uda_data_dir, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    common = [f"--config={k['config'](tmp_path)}", "--config.num_devices=1",
+              f"--config.num_train_steps={total}", *k["args"]]
+    ref_wd, wd = str(tmp_path / "ref"), str(tmp_path / "killed")
+    # The reference first: the other runs then read the compiled steps from the persistent
+    # compilation cache instead of compiling them again.
+    ref = _Cli(["train", *common, f"--workdir={ref_wd}"], env)
+    out_ref = ref.finish()
+    assert ref.proc.returncode == 0, out_ref[-3000:]
     kept = sorted(int(d) for d in os.listdir(os.path.join(ref_wd, "checkpoints")) if d.isdigit())
-    assert kept == [32, 36, 40]  # 10 saves, the latest keep_checkpoints=3 kept
-    resumed = _run_cli(["train", *common, f"--workdir={kill_wd}"], env)
-    out = resumed.communicate()[0].decode()
-    assert resumed.returncode == 0, out[-3000:]
-    config = smoke_config(data_dir, num_train_steps=40)
-    a, a_data, a_step = _final_params(config, ref_wd)
-    b, b_data, b_step = _final_params(config, kill_wd)
-    assert a_step == b_step == 40 and a_data == b_data
-    for part in ("params", "batch_stats", "opt_state", "weighting_state", "step"):
-        for x, y in zip(_leaves(getattr(a, part)), _leaves(getattr(b, part))):
+    assert kept == k["kept"]
+
+    victim = _Cli(["train", *common, f"--workdir={wd}"], env)
+    if k["lock_check"]:  # the victim is paused meanwhile: it holds the lock throughout
+        assert victim.wait_until(
+            lambda: (workdir_lock.holder(wd) or {}).get("pid") == victim.proc.pid), \
+            "".join(victim.lines)[-3000:]
+        victim.proc.send_signal(signal.SIGSTOP)
+        try:
+            second = _Cli(["train", *common, f"--workdir={wd}"], env)
+            out2 = second.finish(timeout=240)
+        finally:
+            victim.proc.send_signal(signal.SIGCONT)
+        assert second.proc.returncode == 1, out2[-3000:]
+        assert (f"mtl-jax: error: the workdir {wd} is in use by another training run, pid "
+                f"{victim.proc.pid} on host") in out2 and "Traceback" not in out2
+        assert victim.proc.poll() is None  # the first run goes on
+    ckpt_dir = os.path.join(wd, "checkpoints")
+    victim.wait_until(lambda: os.path.isdir(ckpt_dir)
+                      and any(d.isdigit() for d in os.listdir(ckpt_dir)))
+    time.sleep(random.Random().uniform(0.0, 0.1))
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.finish()
+
+    resumed = _Cli(["train", *common, f"--workdir={wd}"], env)
+    resumed_at = re.compile(r"Resumed from the checkpoint of step (\d+)")
+    assert resumed.wait_until(lambda: resumed_at.search("".join(resumed.lines))), \
+        "".join(resumed.lines)[-3000:]
+    resumed.proc.send_signal(signal.SIGTERM)
+    out = resumed.finish()
+    resumed_from = int(resumed_at.search(out).group(1))
+    assert 0 < resumed_from < total, resumed_from  # the kill really interrupted training
+    assert resumed.proc.returncode == 75, out[-3000:]
+    assert "SIGTERM received" in out
+    preempted = int(re.search(r"mtl-jax: preempted \(SIGTERM\) at step (\d+);", out).group(1))
+    assert resumed_from < preempted < total
+    assert (f"mtl-jax: preempted (SIGTERM) at step {preempted}; the checkpoint of step "
+            f"{preempted} is saved in {wd}: run the same command again to resume") in out
+    assert checkpointing.saved_steps(wd)[-1] == preempted
+    assert not os.path.exists(os.path.join(wd, "results.json"))  # not finished
+    assert not os.path.exists(os.path.join(wd, "LOCK"))  # released
+
+    final = _Cli(["train", *common, f"--workdir={wd}"], env)
+    out = final.finish()
+    assert final.proc.returncode == 0, out[-3000:]
+    assert f"Resumed from the checkpoint of step {preempted} in" in out
+
+    abstract = k["abstract_state"](workdir_config(ref_wd))
+    restored = []
+    for d in (ref_wd, wd):
+        mgr = checkpointing.make_manager(d, read_only=True, async_save=False)
+        restored.append(checkpointing.restore(mgr, abstract))
+        mgr.close()
+    (a, a_data, a_step), (b, b_data, b_step) = restored
+    assert a_step == b_step == total and a_data == b_data
+    if k["data_names"]:
+        assert set(a_data) == k["data_names"]  # several iterators, saved side by side
+    for part in ("params", "batch_stats", "opt_state", "weighting_state", "step", *k["parts"]):
+        la, lb = _leaves(getattr(a, part)), _leaves(getattr(b, part))
+        # the weighting strategies of these configs (equal, fixed weights) keep no state
+        assert (la or part == "weighting_state") and len(la) == len(lb), part
+        for x, y in zip(la, lb):
             np.testing.assert_array_equal(x, y, err_msg=part)
     np.testing.assert_array_equal(jax.random.key_data(a.rng), jax.random.key_data(b.rng))
-    resumed_from = int(re.search(r"Resumed from the checkpoint of step (\d+)", out).group(1))
-    assert 0 < resumed_from < 40, resumed_from  # the kill really interrupted training
-    # metrics.jsonl holds every logged step once: the replayed steps' records were dropped.
-    records = [json.loads(x) for x in open(os.path.join(kill_wd, "metrics.jsonl"))]
-    logged = [r["step"] for r in records if "train/loss/total" in r]
-    assert logged == list(range(2, 41, 2)), logged
+    # metrics.jsonl holds every logged step once: the replayed steps' records were dropped;
+    # the label counts are checked, never logged or saved as metrics.
+    for d in (ref_wd, wd):
+        records = [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl"))]
+        logged = [r["step"] for r in records if "train/loss/total" in r]
+        assert logged == list(range(k["log_every"], total + 1, k["log_every"])), (d, logged)
+        assert [r["step"] for r in records if "eval/semseg/miou" in r] == [total], d
+        assert not [key for r in records for key in r if "bad_labels" in key], d
+        results = json.load(open(os.path.join(d, "results.json")))
+        assert "semseg/miou" in results and not [key for key in results if "bad_labels" in key]
+
+
+def test_every_kind_of_run_goes_through_the_one_loop(uda_data_dir, tmp_path, monkeypatch):
+    """``train_and_evaluate`` hands the supervised run and the UDA run, each its own
+    implementation of ``Run``, to the same loop function, ``train.run_loop`` (not run here:
+    test_kill_preempt_and_resume_are_bit_exact runs it for every kind)."""
+    from mtl_jax import train
+    from mtl_jax.uda.steps import UDATrainState
+
+    seen = []
+
+    def spy(run, workdir, stop, changes):
+        seen.append(run)
+        return {"kind": run.kind, "workdir": workdir}
+
+    monkeypatch.setattr(train, "run_loop", spy)
+    uda = load_config(write_uda_config(tmp_path / "uda_tiny.py"))
+    uda.num_devices = 1
+    for ds in (uda.dataset, uda.uda.target_dataset, uda.uda.source_eval_dataset):
+        ds.data_dir = uda_data_dir
+    for config, kind in ((smoke_config(uda_data_dir), "supervised"), (uda, "uda")):
+        wd = str(tmp_path / kind)
+        assert train.train_and_evaluate(config, wd) == {"kind": kind, "workdir": wd}
+    supervised, uda_run = seen
+    assert isinstance(uda_run.abstract_state, UDATrainState)
+    assert not isinstance(supervised.abstract_state, UDATrainState)
+    assert uda_run.train_step is not supervised.train_step
 
 
 def test_state_is_one_pytree(exp_and_batch):
@@ -233,39 +351,6 @@ def test_trivial_baseline_constants_and_scores(data_dir):
     # A constant class: one class has non-zero IoU, so mIoU <= its IoU / #present classes.
     assert 0 < scores["semseg/miou"] < 0.25 and 0.1 < scores["semseg/pixel_acc"] < 0.7
     assert scores["depth/abs_rel"] > 0.2 and scores["normals/mean_angle"] > 30
-
-
-def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):
-    """SIGTERM: checkpoint, then exit code 75 ('preempted, resume me'). While the run holds its
-    workdir, a second run on it is refused (exit 1, naming the first one's pid)."""
-    env = dict(os.environ, TFDS_DATA_DIR=data_dir, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    wd = str(tmp_path / "preempted")
-    args = ["train", "--config=configs/quickstart.py:smoke", "--config.num_devices=1",
-            "--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000",
-            "--config.eval_every_steps=100000", "--config.log_every_steps=100000",
-            f"--workdir={wd}"]
-    proc = _run_cli(args, env)
-    jsonl = os.path.join(wd, "metrics.jsonl")
-    deadline = time.time() + 240
-    while time.time() < deadline and not os.path.exists(jsonl):  # hparams/first write
-        time.sleep(0.1)
-    second = _run_cli(args, env)  # the same workdir: refused at once
-    out2 = second.communicate(timeout=240)[0].decode()
-    assert second.returncode == 1, out2[-3000:]
-    assert (f"mtl-jax: error: the workdir {wd} is in use by another training run, pid "
-            f"{proc.pid} on host") in out2 and "Traceback" not in out2
-    assert proc.poll() is None  # the first run goes on
-    time.sleep(1.0)  # let it train a while
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=240)[0].decode()
-    assert proc.returncode == 75, out[-3000:]
-    steps_saved = [int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()]
-    assert len(steps_saved) == 1 and 0 < steps_saved[0] < 100000
-    assert "SIGTERM received" in out
-    assert (f"mtl-jax: preempted (SIGTERM) at step {steps_saved[0]}; the checkpoint of step "
-            f"{steps_saved[0]} is saved in {wd}: run the same command again to resume") in out
-    assert not os.path.exists(os.path.join(wd, "results.json"))  # not finished
-    assert not os.path.exists(os.path.join(wd, "LOCK"))  # released
 
 
 def test_delta_m_against_stl_results(data_dir, tmp_path):

@@ -1,15 +1,9 @@
-"""MTL-UDA: patch discriminators, spectral norm, discriminator inputs, the two-player step,
-and kill -9 resume of a UDA run (both players bit-identical)."""
+"""MTL-UDA: patch discriminators, spectral norm, discriminator inputs, the two-player step.
+(The kill -9 / SIGTERM resume of a UDA run, both players bit-identical, is one case of
+test_training.test_kill_preempt_and_resume_are_bit_exact.)"""
 
 import importlib.util
-import json
 import os
-import random
-import re
-import signal
-import subprocess
-import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -17,41 +11,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import REPO, TINY_UDA_MODEL
 from test_reliability import _BadLabels
 
-from mtl_jax import checkpointing
-from mtl_jax.data import pipeline, registry
+from mtl_jax.data import pipeline
 from mtl_jax.errors import UserError
 from mtl_jax.models.discriminator import PatchDiscriminator, TaskDiscriminators, random_hflip
+from mtl_jax.run_support import check_label_counts, evaluate_split, label_counts
 from mtl_jax.uda import inputs as uda_inputs
 from mtl_jax.uda import steps as uda_steps
-from mtl_jax.uda.loop import build_uda_experiment, discriminator_parameter_count, open_uda_data
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-#: The test model: the quickstart smoke model (ResNet-18 at width 4 + a small U-Net), which
-#: compiles in a fraction of DenseMTL's time; the UDA code is model-agnostic, and the DenseMTL
-#: smoke config itself is traced in test_densemtl_smoke_config_step_shapes.
-TINY_MODEL = dict(encoder="resnet18", encoder_kwargs=dict(width=4), encoder_init="",
-                  decoder="unet", decoder_kwargs=dict(features=8, convs_per_block=1),
-                  dtype="float32")
-CONFIG_FILE = """
-import importlib.util
-
-import ml_collections
-
-
-def get_config(arg=None):
-    spec = importlib.util.spec_from_file_location("_densemtl_uda", {path!r})
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("smoke")
-    c.model = ml_collections.ConfigDict({model!r})
-    c.uda.scales = (0,)
-    return c
-"""
+from mtl_jax.uda.run import build_uda_experiment, discriminator_parameter_count, open_uda_data
 
 
 def uda_config(arg="smoke", tiny=True):
@@ -61,7 +30,7 @@ def uda_config(arg="smoke", tiny=True):
     spec.loader.exec_module(module)
     c = module.get_config(arg)
     if tiny:
-        c.model = ml_collections.ConfigDict(TINY_MODEL)
+        c.model = ml_collections.ConfigDict(TINY_UDA_MODEL)
         c.uda.scales = (0,)
     c.num_devices = 1
     return c
@@ -176,13 +145,6 @@ def test_task_discriminators_params_per_task_and_scale():
 
 
 @pytest.fixture(scope="module")
-def uda_data_dir(data_dir):
-    """The session's tiny dataset dir with the target domain built next to the source."""
-    registry.build("synthetic", "target", data_dir, **TINY)
-    return data_dir
-
-
-@pytest.fixture(scope="module")
 def uda_setup(uda_data_dir):
     config = uda_config()
     for ds in (config.dataset, config.uda.target_dataset, config.uda.source_eval_dataset):
@@ -272,9 +234,6 @@ def test_out_of_range_labels_are_counted_and_checked(uda_setup, caplog, monkeypa
     """The UDA step counts the labelled half's out-of-range labels (the target half's labels
     are never read: not counted), and the UDA evaluation stops on them (or warns) like the
     train loop's, without reporting the counts as metrics."""
-    from mtl_jax.train import _check_label_counts, label_counts
-    from mtl_jax.uda.loop import evaluate_on
-
     config, uexp, batch = uda_setup
     bad = {}
     for half, n in (("source", 5), ("target", 7)):
@@ -285,7 +244,7 @@ def test_out_of_range_labels_are_counted_and_checked(uda_setup, caplog, monkeypa
     assert int(metrics["bad_labels/semseg"]) == 5 and "bad_labels/depth" not in metrics
     with pytest.raises(UserError, match=r"^the training batch of step 1 has 5 semseg label "
                                         r"pixel\(s\) outside the task's range"):
-        _check_label_counts("the training batch of step 1", label_counts(metrics), "error")
+        check_label_counts("the training batch of step 1", label_counts(metrics), "error")
     _, clean = uexp.train_step(uexp.init_state(), {**bad, "source": batch["source"]})
     assert int(clean["bad_labels/semseg"]) == 0
 
@@ -294,15 +253,15 @@ def test_out_of_range_labels_are_counted_and_checked(uda_setup, caplog, monkeypa
     state = uexp.init_state()
     with pytest.raises(UserError, match=r"^the target's validation split has 3 semseg label "
                                         r"pixel\(s\) outside the task's range"):
-        evaluate_on(exp, state, _BadLabels(val, 7, 3), False,
+        evaluate_split(exp, state, _BadLabels(val, 7, 3), False,
                     where="the target's validation split")
     monkeypatch.setattr(exp, "config", config.copy_and_resolve_references())
     exp.config.label_check = "warn"
     with caplog.at_level("WARNING"):
-        results = evaluate_on(exp, state, _BadLabels(val, 7, 3), False)
+        results = evaluate_split(exp, state, _BadLabels(val, 7, 3), False)
     assert "the validation split has 3 semseg label pixel(s)" in caplog.text
     assert "semseg/miou" in results and not any(k.startswith("bad_labels") for k in results)
-    assert evaluate_on(exp, state, val, False).keys() == results.keys()
+    assert evaluate_split(exp, state, val, False).keys() == results.keys()
 
 
 def test_densemtl_smoke_config_step_shapes(uda_data_dir):
@@ -335,76 +294,3 @@ def test_uda_config_errors():
     assert oracle.dataset.config == "target" and not oracle.uda.adversarial
     assert oracle.uda.source_eval_dataset.config == "source"
     assert not uda_config("smoke,uda=false").uda.adversarial
-
-
-# ---------------------------------------------------------------- kill -9 resume
-
-
-def _run_cli(args, env):
-    return subprocess.Popen([sys.executable, "-m", "mtl_jax.main", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def test_sigkill_resume_of_uda_run_is_bit_exact(uda_data_dir, tmp_path):
-    """Kill a UDA smoke run with SIGKILL after its first checkpoint and restart it: both
-    players (model, BatchNorm, optimiser; discriminators, spectral-norm state, their
-    optimiser) and both iterator positions equal those of an uninterrupted run bit for
-    bit."""
-    env = dict(os.environ, TFDS_DATA_DIR=uda_data_dir, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    config_file = tmp_path / "uda_tiny.py"
-    config_file.write_text(CONFIG_FILE.format(
-        path=os.path.join(REPO, "configs", "densemtl_uda.py"), model=TINY_MODEL))
-    common = [f"--config={config_file}", "--config.num_devices=1",
-              "--config.num_train_steps=20", "--config.checkpoint_every_steps=2",
-              "--config.eval_every_steps=1000", "--config.num_vis_examples=0"]
-    ref_wd, kill_wd = str(tmp_path / "ref"), str(tmp_path / "killed")
-    # The reference first: the victim and its restart then read the compiled steps from the
-    # persistent compilation cache instead of compiling them again.
-    ref = _run_cli(["train", *common, f"--workdir={ref_wd}"], env)
-    out_ref = ref.communicate()[0].decode()
-    assert ref.returncode == 0, out_ref[-3000:]
-    victim = _run_cli(["train", *common, f"--workdir={kill_wd}"], env)
-    ckpt_dir = os.path.join(kill_wd, "checkpoints")
-    deadline = time.time() + 400
-    while time.time() < deadline and victim.poll() is None:
-        if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
-            break
-        time.sleep(0.05)
-    time.sleep(random.Random().uniform(0.0, 0.1))
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    resumed = _run_cli(["train", *common, f"--workdir={kill_wd}"], env)
-    out = resumed.communicate()[0].decode()
-    assert resumed.returncode == 0, out[-3000:]
-
-    config = uda_config()
-    config.num_train_steps = 20
-    uexp = build_uda_experiment(config)
-    final = []
-    for wd in (ref_wd, kill_wd):
-        mgr = checkpointing.make_manager(wd, read_only=True, async_save=False)
-        final.append(checkpointing.restore(mgr, uexp.abstract_state))
-        mgr.close()
-    (a, a_data, a_step), (b, b_data, b_step) = final
-    assert a_step == b_step == 20 and a_data == b_data
-    assert set(a_data) == {"source", "target"}  # two iterators, saved side by side
-    for part in ("params", "batch_stats", "opt_state", "weighting_state", "step",
-                 "disc_params", "disc_stats", "disc_opt_state"):
-        la, lb = _leaves(getattr(a, part)), _leaves(getattr(b, part))
-        # the weighting strategy of this config (fixed weights) keeps no state
-        assert (la or part == "weighting_state") and len(la) == len(lb), part
-        for x, y in zip(la, lb):
-            np.testing.assert_array_equal(x, y, err_msg=part)
-    np.testing.assert_array_equal(jax.random.key_data(a.rng), jax.random.key_data(b.rng))
-    resumed_from = int(re.search(r"Resumed from the checkpoint of step (\d+)", out).group(1))
-    assert 0 < resumed_from < 20, resumed_from
-    # metrics.jsonl holds every logged step once: the replayed steps' records were dropped;
-    # the label counts are checked, never logged or saved as metrics.
-    for wd in (ref_wd, kill_wd):
-        records = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
-        logged = [r["step"] for r in records if "train/loss/total" in r]
-        assert logged == list(range(1, 21)), (wd, logged)
-        assert [r["step"] for r in records if "eval/semseg/miou" in r] == [20], wd
-        assert not [k for r in records for k in r if "bad_labels" in k], wd
-        results = json.load(open(os.path.join(wd, "results.json")))
-        assert "semseg/miou" in results and not [k for k in results if "bad_labels" in k], wd

@@ -6,10 +6,11 @@ discriminator per task and output scale (:mod:`mtl_jax.models.discriminator`) le
 source from target predictions; the model learns its supervised source losses plus
 ``lambda_adv`` times the BCE that makes the discriminators call its target predictions
 "source". Both players are updated in one jitted, sharded step (:mod:`mtl_jax.uda.steps`);
-the loop (:mod:`mtl_jax.uda.loop`) reads the two datasets with independent resumable
-iterators, checkpoints both players and evaluates on the target and the source val splits.
+the run (:mod:`mtl_jax.uda.run`, trained by the one loop of :mod:`mtl_jax.train`) reads the
+two datasets with independent resumable iterators, checkpoints both players and evaluates on
+the target and the source val splits.
 
-``config.uda`` (its presence selects this path in :func:`mtl_jax.train.train_and_evaluate`)::
+``config.uda`` (its presence selects this kind of run in :func:`mtl_jax.train.build_run`)::
 
     adversarial=True       # False: source-only (or, with target labels, the oracle)
     lambda_adv=0.005

@@ -1,6 +1,6 @@
 """The UDA train state and the one step that updates both players.
 
-``uda_train_step(state, batch, ...) -> (state, metrics)`` is pure; :mod:`mtl_jax.uda.loop`
+``uda_train_step(state, batch, ...) -> (state, metrics)`` is pure; :mod:`mtl_jax.uda.run`
 compiles it with ``jax.jit`` (batch halves split over mesh axis ``data``, the state
 replicated and donated), exactly as :func:`mtl_jax.steps.train_step`.
 
@@ -133,12 +133,12 @@ def generator_step(state: UDATrainState, batch: Mapping[str, Mapping[str, jax.Ar
     new_state = state.replace(params=optax.apply_updates(state.params, updates),
                               batch_stats=new_stats, opt_state=new_opt_state,
                               weighting_state=wout.state)
-    grad_norm = optax.global_norm(grads)
+    grad_norms = steps.part_norms(grads, "grad_norm")  # as the supervised step logs them
     finite_task = {t: jnp.isfinite(losses[t]) for t in names}
-    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norms["grad_norm"])
     for f in finite_task.values():
         finite &= f
-    metrics = {"loss/total": total, "loss/supervised": supervised, "grad_norm": grad_norm,
+    metrics = {"loss/total": total, "loss/supervised": supervised, **grad_norms,
                "update_norm": optax.global_norm(updates)}
     for t in names:
         metrics[f"loss/{t}"] = losses[t]

@@ -1,0 +1,140 @@
+"""The import graph of ``mtl_jax``: no import circle.
+
+Read from the source with ``ast`` (nothing is imported): every ``import`` and ``from ...
+import`` of every module, at module level and inside functions alike (a function-level import
+hides a circle, it does not remove it), relative imports resolved. An import names the
+deepest ``mtl_jax`` module it reaches: ``from mtl_jax.uda.run import uda_run`` depends on
+``mtl_jax.uda.run``, ``from mtl_jax.models import layers`` on ``mtl_jax.models.layers``, ``from
+mtl_jax.models import build_model`` on the package ``mtl_jax.models``.
+"""
+
+import ast
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = "mtl_jax"
+
+
+def _modules(root: str) -> dict[str, str]:
+    """``{dotted module name: path}`` of every ``.py`` file under ``root/mtl_jax``."""
+    out = {}
+    for dirpath, _, files in os.walk(os.path.join(root, PACKAGE)):
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            rel = os.path.relpath(os.path.join(dirpath, f), root)[:-3].split(os.sep)
+            if rel[-1] == "__init__":
+                rel = rel[:-1]
+            out[".".join(rel)] = os.path.join(dirpath, f)
+    return out
+
+
+def _target(name: str, modules: dict[str, str]) -> str | None:
+    """The deepest module of ``modules`` that ``name`` (a dotted path) starts with."""
+    parts = name.split(".")
+    for n in range(len(parts), 0, -1):
+        candidate = ".".join(parts[:n])
+        if candidate in modules:
+            return candidate
+    return None
+
+
+def import_graph(root: str = REPO) -> dict[str, set[str]]:
+    """``{module: {mtl_jax modules it imports}}`` (the package root, which imports nothing of
+    its own, is left out: every import passes through it)."""
+    modules = _modules(root)
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        is_package = path.endswith("__init__.py")
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: from the module's package, up level - 1 more
+                    base = module.split(".")
+                    if not is_package:
+                        base = base[:-1]
+                    base = base[:len(base) - (node.level - 1)]
+                    prefix = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    prefix = node.module or ""
+                names = [f"{prefix}.{a.name}" for a in node.names] + [prefix]
+                # "from a import b": b is a module of a, or a name defined in a.
+                names = [n for n in names[:-1] if n in modules] or [prefix]
+            for name in names:
+                if name.split(".")[0] != PACKAGE:
+                    continue
+                target = _target(name, modules)
+                if target and target not in (module, PACKAGE):
+                    graph[module].add(target)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle ``[a, b, ..., a]``, or ``None``."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node):
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_the_cycle_finder_finds_circles_and_imports_at_any_depth(tmp_path):
+    pkg = tmp_path / PACKAGE
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from . import low\n")
+    (pkg / "sub" / "low.py").write_text("import numpy\n")
+    (pkg / "top.py").write_text("from mtl_jax.sub.low import x\nfrom mtl_jax import mid\n")
+    (pkg / "mid.py").write_text("def f():\n    from .sub import low\n")
+    graph = import_graph(str(tmp_path))
+    assert graph == {"mtl_jax": set(), "mtl_jax.sub": {"mtl_jax.sub.low"},
+                     "mtl_jax.sub.low": set(), "mtl_jax.top": {"mtl_jax.sub.low", "mtl_jax.mid"},
+                     "mtl_jax.mid": {"mtl_jax.sub.low"}}
+    assert find_cycle(graph) is None
+    (pkg / "sub" / "low.py").write_text("def g():\n    from ..top import y\n")  # in a function
+    assert find_cycle(import_graph(str(tmp_path))) == ["mtl_jax.mid", "mtl_jax.sub.low",
+                                                       "mtl_jax.top", "mtl_jax.mid"]
+
+
+def test_mtl_jax_has_no_import_circle():
+    graph = import_graph()
+    assert len(graph) > 50 and graph["mtl_jax.train"]  # the whole package was read
+    cycle = find_cycle(graph)
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+@pytest.mark.parametrize("module", ["mtl_jax.run_support", "mtl_jax.uda.run"])
+def test_the_loop_and_its_runs_sit_below_train(module):
+    """The kinds of run and the loop's helpers never import the loop (``mtl_jax.train``) or
+    the command line."""
+    graph = import_graph()
+    reached, todo = set(), [module]
+    while todo:
+        for nxt in graph[todo.pop()] - reached:
+            reached.add(nxt)
+            todo.append(nxt)
+    assert not reached & {"mtl_jax.train", "mtl_jax.main", "mtl_jax.cli_training"}, module
