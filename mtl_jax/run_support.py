@@ -244,7 +244,7 @@ def write_pictures(exp: Experiment, state: PyTree, source, normals_from_depth: b
         batch = multihost_utils.process_allgather(batch, tiled=True)
     host_batch = {k: np.asarray(jax.device_get(v))[:num] for k, v in batch.items()}
     host_preds = {k: np.asarray(jax.device_get(v))[:num] for k, v in preds.items()}
-    picture = prediction_grid(host_batch, host_preds, max_examples=num)
+    picture = prediction_grid(host_batch, host_preds, max_examples=num, tasks=exp.tasks)
     writer.write_images(step, {"predictions": picture[None]})
     if jax.process_index() == 0:
         from mtl_jax.data.visualize import save_png

@@ -33,7 +33,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from mtl_jax import checkpointing, run_config, workdir_lock, writers
+from mtl_jax import checkpointing, config_schema, run_config, workdir_lock, writers
 from mtl_jax.data import pipeline
 from mtl_jax.errors import Preempted, UserError
 from mtl_jax.evaluation import delta_m, load_baseline
@@ -140,6 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     :class:`~mtl_jax.errors.Preempted` (``mtl-jax train`` exits with code 75). The run holds
     ``<workdir>/LOCK`` until it returns: a second run on the same workdir is refused.
     """
+    config_schema.check(config)  # before the workdir, its lock or config.json exist
     with StopFlag() as stop:  # installed first: a SIGTERM during setup is not lost either
         with workdir_lock.WorkdirLock(workdir):
             epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # also gs://bucket/run
