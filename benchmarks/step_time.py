@@ -16,7 +16,6 @@ the device with ``block_until_ready``. It prints one Markdown table row for
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import time
@@ -24,15 +23,13 @@ import time
 import jax
 import numpy as np
 
+from mtl_jax.config_utils import load_config
 from mtl_jax.data import pipeline
 from mtl_jax.experiment import build_experiment
 
 
 def _load_config(path: str, arg: str):
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    return load_config(path, arg)
 
 
 def add_conv_grad_flag(parser) -> None:

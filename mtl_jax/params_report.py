@@ -14,9 +14,11 @@ from mtl_jax.models import build_model, count_params
 def param_counts(config) -> dict[str, int]:
     """``{part: count, ..., 'total': count}`` for ``config.model`` with ``config.tasks``.
 
-    When the weighting strategy learns parameters of its own (e.g. ``uw``'s log-variances),
-    the model's parts are followed by ``'model total'`` (the model alone, the number papers
-    quote), then ``'weighting/<name>'``, and ``'total'`` includes them.
+    When the run trains parameters outside the model -- a weighting strategy's own (e.g.
+    ``uw``'s log-variances), the domain discriminators of an adversarial UDA config -- the
+    model's parts are followed by ``'model total'`` (the model alone, the number papers
+    quote), then ``'weighting/<name>'`` and ``'discriminator/<task>_s<scale>'``, and
+    ``'total'`` includes them.
     """
     tasks = build_tasks(config)
     model = build_model(config.model, {name: task.channels for name, task in tasks.items()})
@@ -25,12 +27,20 @@ def param_counts(config) -> dict[str, int]:
         lambda r: model.init({"params": r, "dropout": r}, np.zeros((1, h, w, 3), np.float32),
                              train=False)["params"], jax.random.key(0))
     counts = count_params(shapes)
+    extra = {}
     learned = weighting_param_count(config, tuple(tasks))
     if learned:  # e.g. uw's log-variances, trained by the weighting's own optimiser
+        extra[f"weighting/{config.weighting.name}"] = learned
+    if config.get("uda", None):  # the domain discriminators of an adversarial UDA run
+        from mtl_jax.uda.run import discriminator_param_counts
+
+        extra.update({f"discriminator/{key}": n
+                      for key, n in discriminator_param_counts(config, tasks).items()})
+    if extra:
         total = counts.pop("total")
         counts["model total"] = total
-        counts[f"weighting/{config.weighting.name}"] = learned
-        counts["total"] = total + learned
+        counts.update(extra)
+        counts["total"] = total + sum(extra.values())
     return counts
 
 

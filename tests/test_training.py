@@ -16,9 +16,10 @@ import pytest
 from conftest import TINY, write_uda_config
 
 from mtl_jax import checkpointing, steps, workdir_lock
+from mtl_jax.config_utils import load_config
 from mtl_jax.data import pipeline
 from mtl_jax.experiment import build_experiment, open_data
-from mtl_jax.predict import load_config, workdir_config
+from mtl_jax.predict import workdir_config
 from mtl_jax.train import NonFiniteLossError, evaluate, train_and_evaluate
 from mtl_jax.uda.run import build_uda_experiment
 

@@ -168,6 +168,13 @@ def test_uda_state_and_discriminators_of_smoke_config(uda_setup):
     # + 16·64+1 per discriminator, C = 10 for semseg and 1 for depth
     per = [16 * c * 8 + 8 + 2064 + 8224 + 32832 + 1025 for c in (10, 1)]
     assert discriminator_parameter_count(uexp) == sum(per)
+    # `mtl-jax params` lists them (shapes only), after the model's total, in the total
+    from mtl_jax.params_report import param_counts
+
+    counts = param_counts(config)
+    assert {k: v for k, v in counts.items() if k.startswith("discriminator/")} == {
+        "discriminator/semseg_s0": per[0], "discriminator/depth_s0": per[1]}
+    assert counts["total"] == counts["model total"] + sum(per)
     assert isinstance(uexp.abstract_state, uda_steps.UDATrainState)
     assert set(batch) == {"source", "target"}
     assert batch["source"]["image"].shape == (2, 32, 48, 3)

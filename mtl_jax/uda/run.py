@@ -87,6 +87,43 @@ def _with_dataset(config: ml_collections.ConfigDict, dataset: Any) -> ml_collect
     return cfg
 
 
+def make_discriminators(config: ml_collections.ConfigDict, tasks: dict[str, Any]
+                        ) -> tuple[TaskDiscriminators, dict[str, tuple[int, ...]]]:
+    """The discriminators of ``config.uda`` for ``tasks`` (one per task and output scale) and
+    their input shapes (batch 1)."""
+    opts = uda_options(config)
+    unsupported = set(tasks) - set(uda_inputs.DISCRIMINATOR_INPUTS)
+    if unsupported:
+        raise UserError(f"UDA: no discriminator input defined for task(s) {sorted(unsupported)};"
+                        f" supported: {sorted(uda_inputs.DISCRIMINATOR_INPUTS)}")
+    scales = opts["scales"]
+    d_cfg = opts["discriminator"]
+    disc = TaskDiscriminators(
+        keys=uda_inputs.discriminator_keys(tuple(tasks), scales),
+        channels=tuple(d_cfg.get("channels", (64, 128, 256, 512))),
+        negative_slope=float(d_cfg.get("negative_slope", 0.2)),
+        power_iterations=int(d_cfg.get("power_iterations", 1)))
+    h, w = (int(x) for x in config.input_size)
+    shapes = {uda_inputs.discriminator_key(t, s):
+              (1, h, w, uda_inputs.input_channels(t, task.channels))
+              for t, task in tasks.items() for s in scales}
+    return disc, shapes
+
+
+def discriminator_param_counts(config: ml_collections.ConfigDict, tasks: dict[str, Any]
+                               ) -> dict[str, int]:
+    """``{'<task>_s<k>': parameters}`` of the discriminators an adversarial UDA config trains
+    (``{}`` without ``config.uda`` or with ``adversarial=False``); shapes only."""
+    if not config.get("uda", None) or not uda_options(config)["adversarial"]:
+        return {}
+    disc, shapes = make_discriminators(config, tasks)
+    params = jax.eval_shape(lambda r: disc.init(
+        {"params": r}, {k: jax.numpy.zeros(v, jax.numpy.float32) for k, v in shapes.items()},
+        update_stats=False)["params"], jax.random.key(0))
+    return {key: int(sum(np.prod(x.shape) for x in jax.tree.leaves(params[key])))
+            for key in disc.keys}
+
+
 def build_uda_experiment(config: ml_collections.ConfigDict,
                          steps_per_epoch: int | None = None) -> UDAExperiment:
     """The model's experiment, discriminators, state shapes and the compiled UDA step."""
@@ -102,22 +139,9 @@ def build_uda_experiment(config: ml_collections.ConfigDict,
                         f"target); it must be even and each half divisible by the {n_dev} "
                         "devices")
     tasks = exp.tasks
-    unsupported = set(tasks) - set(uda_inputs.DISCRIMINATOR_INPUTS)
-    if unsupported:
-        raise UserError(f"UDA: no discriminator input defined for task(s) {sorted(unsupported)};"
-                        f" supported: {sorted(uda_inputs.DISCRIMINATOR_INPUTS)}")
     scales = opts["scales"]
-    keys = uda_inputs.discriminator_keys(tuple(tasks), scales)
-    d_cfg = opts["discriminator"]
-    disc = TaskDiscriminators(
-        keys=keys, channels=tuple(d_cfg.get("channels", (64, 128, 256, 512))),
-        negative_slope=float(d_cfg.get("negative_slope", 0.2)),
-        power_iterations=int(d_cfg.get("power_iterations", 1)))
+    disc, shapes = make_discriminators(config, tasks)
     disc_tx = optim.make_optimizer(opts["optimizer"], int(config.num_train_steps))
-    h, w = (int(x) for x in config.input_size)
-    shapes = {uda_inputs.discriminator_key(t, s):
-              (1, h, w, uda_inputs.input_channels(t, task.channels))
-              for t, task in tasks.items() for s in scales}
     disc_rng = jax.random.key(int(config.seed) + 1, impl="rbg")
     init_disc = functools.partial(uda_steps.init_disc, input_shapes=shapes, disc=disc,
                                   disc_tx=disc_tx)
