@@ -85,3 +85,37 @@ def uda_data_dir(data_dir):
 
     registry.build("synthetic", "target", data_dir, **TINY)
     return data_dir
+
+
+def smoke_config(data_dir, **overrides):
+    """``configs/quickstart.py:smoke`` on the session's tiny dataset, on one device, with
+    ``overrides`` (top-level keys)."""
+    from mtl_jax.config_utils import load_config
+
+    c = load_config(os.path.join(REPO, "configs", "quickstart.py"), "smoke")
+    assert c.dataset.options.to_dict() == {k: TINY[k] for k in c.dataset.options}
+    c.dataset.data_dir = data_dir
+    c.num_devices = 1
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+class BadLabels:
+    """A split whose example ``index`` has ``n`` semseg pixels of class 77."""
+
+    def __init__(self, src, index, n):
+        self.src, self.index, self.n = src, index, n
+
+    def __len__(self):
+        return len(self.src)
+
+    def __getitem__(self, i):
+        import numpy as np
+
+        ex = dict(self.src[i])
+        if i == self.index:
+            semseg = np.array(ex["semseg"])
+            semseg.reshape(-1)[:self.n] = 77
+            ex["semseg"] = semseg
+        return ex

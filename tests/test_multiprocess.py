@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from test_training import smoke_config
+from conftest import smoke_config
 
 from mtl_jax import checkpointing
 from mtl_jax.data import pipeline

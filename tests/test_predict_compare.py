@@ -8,8 +8,8 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from conftest import smoke_config
 from PIL import Image
-from test_training import smoke_config
 
 from mtl_jax import compare, predict, steps
 from mtl_jax.data import visualize

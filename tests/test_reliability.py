@@ -19,7 +19,7 @@ import threading
 import jax
 import numpy as np
 import pytest
-from test_training import REPO, smoke_config
+from conftest import REPO, BadLabels, smoke_config
 
 from mtl_jax import checkpointing, run_config, workdir_lock, writers
 from mtl_jax.errors import EXIT_PREEMPTED, Preempted, UserError
@@ -321,24 +321,6 @@ def test_deleted_array_file_or_missing_metadata_falls_back(base_run, tmp_path, c
         assert checkpointing.saved_steps(wd) == [3], name
 
 
-class _BadLabels:
-    """A split whose example ``index`` has ``n`` semseg pixels of class 77."""
-
-    def __init__(self, src, index, n):
-        self.src, self.index, self.n = src, index, n
-
-    def __len__(self):
-        return len(self.src)
-
-    def __getitem__(self, i):
-        ex = dict(self.src[i])
-        if i == self.index:
-            semseg = np.array(ex["semseg"])
-            semseg.reshape(-1)[:self.n] = 77
-            ex["semseg"] = semseg
-        return ex
-
-
 def test_out_of_range_labels_beyond_the_first_examples(base_run, tmp_path, monkeypatch, caplog):
     import mtl_jax.train as train_mod
     from mtl_jax.experiment import open_data
@@ -348,7 +330,7 @@ def test_out_of_range_labels_beyond_the_first_examples(base_run, tmp_path, monke
     # Train: example 9 of 24 (not among the 4 checked at start-up) has 5 bad pixels. Without
     # augmentation the step whose batch holds it counts exactly 5.
     monkeypatch.setattr(train_mod, "open_data",
-                        lambda c, splits: [_BadLabels(train_src, 9, 5), val_src])
+                        lambda c, splits: [BadLabels(train_src, 9, 5), val_src])
     with pytest.raises(UserError, match=r"the training batch of step \d has 5 semseg label "
                                         r"pixel\(s\) outside the task's range"):
         train_and_evaluate(config, str(tmp_path / "bad_train"))
@@ -356,11 +338,11 @@ def test_out_of_range_labels_beyond_the_first_examples(base_run, tmp_path, monke
     exp = train_mod.build_experiment(config, steps_per_epoch=3)
     state = exp.init_state()
     with pytest.raises(UserError, match=r"the validation split has 3 semseg label pixel\(s\)"):
-        evaluate_state(exp, state, _BadLabels(val_src, 7, 3))
+        evaluate_state(exp, state, BadLabels(val_src, 7, 3))
     monkeypatch.setattr(exp, "config", config.copy_and_resolve_references())
     exp.config.label_check = "warn"
     with caplog.at_level("WARNING"):
-        results = evaluate_state(exp, state, _BadLabels(val_src, 7, 3))
+        results = evaluate_state(exp, state, BadLabels(val_src, 7, 3))
     assert "the validation split has 3 semseg label pixel(s)" in caplog.text
     assert not any(k.startswith("bad_labels") for k in results)
     # A clean split reports no counts.

@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import TINY, write_uda_config
+from conftest import REPO, smoke_config, write_uda_config
 
 from mtl_jax import checkpointing, steps, workdir_lock
 from mtl_jax.config_utils import load_config
@@ -28,24 +28,6 @@ GOLDEN = {
     "step1": {"loss/semseg": 2.297908, "loss/depth": 3.914044, "loss/normals": 0.656034},
     "step2_total": 6.722528,
 }
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def smoke_config(data_dir, **overrides):
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    try:
-        import quickstart
-    finally:
-        sys.path.pop(0)
-    c = quickstart.get_config("smoke")
-    assert c.dataset.options.to_dict() == {k: TINY[k] for k in c.dataset.options}
-    c.dataset.data_dir = data_dir
-    c.num_devices = 1
-    for k, v in overrides.items():
-        c[k] = v
-    return c
-
-
 @pytest.fixture(scope="module")
 def exp_and_batch(data_dir):
     config = smoke_config(data_dir)

@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import REPO, TINY_UDA_MODEL
-from test_reliability import _BadLabels
+from conftest import REPO, TINY_UDA_MODEL, BadLabels
 
 from mtl_jax.data import pipeline
 from mtl_jax.errors import UserError
@@ -260,12 +259,12 @@ def test_out_of_range_labels_are_counted_and_checked(uda_setup, caplog, monkeypa
     state = uexp.init_state()
     with pytest.raises(UserError, match=r"^the target's validation split has 3 semseg label "
                                         r"pixel\(s\) outside the task's range"):
-        evaluate_split(exp, state, _BadLabels(val, 7, 3), False,
+        evaluate_split(exp, state, BadLabels(val, 7, 3), False,
                     where="the target's validation split")
     monkeypatch.setattr(exp, "config", config.copy_and_resolve_references())
     exp.config.label_check = "warn"
     with caplog.at_level("WARNING"):
-        results = evaluate_split(exp, state, _BadLabels(val, 7, 3), False)
+        results = evaluate_split(exp, state, BadLabels(val, 7, 3), False)
     assert "the validation split has 3 semseg label pixel(s)" in caplog.text
     assert "semseg/miou" in results and not any(k.startswith("bad_labels") for k in results)
     assert evaluate_split(exp, state, val, False).keys() == results.keys()
