@@ -1,4 +1,4 @@
-"""The strategies of LibMTL and TorchJD added in issue 18, on hand-made gradients and losses:
+"""The strategies ported from LibMTL and TorchJD, on hand-made gradients and losses:
 GradVac, GradDrop, MoCo, DB-MTL, FairGrad, GLS, STCH, ExcessMTL, IMTL-L, IMTL, DualProj,
 ConFIG, Krum, TrimmedMean. Expected values are worked out by hand in the comments."""
 
