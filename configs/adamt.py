@@ -1,4 +1,4 @@
-r"""AdaMT-Net (seed 000): dense U-Net encoder, attention decoders, gradient-magnitude weights.
+r"""AdaMT-Net: dense U-Net encoder, attention decoders, gradient-magnitude weights.
 
 Commands::
 

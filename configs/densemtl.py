@@ -1,4 +1,4 @@
-r"""DenseMTL (seed 004): xTAM cross-task attention in an mTEB exchange block, and its baselines.
+r"""DenseMTL: xTAM cross-task attention in an mTEB exchange block, and its baselines.
 
 Commands::
 
@@ -94,7 +94,7 @@ DATASETS = {
     "nyud_mt": ("448x576", 40, (448, 576), (2e-4, 3e-4), False),
 }
 MODELS = ("ours", "mtl", "padnet", "3ways_padnet", "3ways", "stl")
-#: The paper's fixed task weights per task set (SPEC §2).
+#: The paper's fixed task weights per task set (docs/models/densemtl.md).
 WEIGHT_GRID = {
     ("semseg", "depth"): dict(semseg=50.0, depth=1.0),
     ("semseg", "depth", "normals"): dict(semseg=100.0, depth=1.0, normals=100.0),

@@ -1,4 +1,4 @@
-r"""DenseMTL MTL-UDA (seed 004 §4.5, Table 6): adversarial multi-task domain adaptation.
+r"""DenseMTL MTL-UDA (the paper's §4.5, Table 6): adversarial multi-task domain adaptation.
 
 A model is trained with labels on a source domain and without labels on a target domain
 (output-level adversarial training, one spectral-normalised patch discriminator per task and

@@ -1,4 +1,4 @@
-r"""The SegNet family of seed 003 (ATI-Net) and MTAN (Liu et al., CVPR 2019): MTAN, ATI-Net and
+r"""The SegNet family of ATI-Net and MTAN (Liu et al., CVPR 2019): MTAN, ATI-Net and
 their baselines on one architecture, with any task set and weighting strategy.
 
 Arguments (comma-separated after the colon):

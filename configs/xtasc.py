@@ -1,4 +1,4 @@
-r"""XTasC-Net (seed 002): task-transfer networks with cross-task consistency, and its baselines.
+r"""XTasC-Net: task-transfer networks with cross-task consistency, and its baselines.
 
 Commands::
 

@@ -1,4 +1,4 @@
-"""AdaMT-Net (seed 000): dense-encoder wiring, attention decoders, ablation switches, parameter
+"""AdaMT-Net: dense-encoder wiring, attention decoders, ablation switches, parameter
 counts, gradient-magnitude weights from the fast path vs per-decoder ``jax.grad``, pictures of
 the attention masks, configs and smoke training of every variant."""
 
@@ -76,7 +76,7 @@ def test_output_and_mask_shapes(variant, letters):
 
 def test_dense_wiring_channel_counts():
     """A block's first conv reads the image plus every earlier block (dense) or the previous
-    block alone (plain); the bottleneck reads the whole concatenation (SPEC §3)."""
+    block alone (plain); the bottleneck reads the whole concatenation (docs/models/adamt.md)."""
     for dense, expected in [(True, [3, 67, 195, 451, 963]), (False, [3, 64, 128, 256, 512])]:
         enc = DenseUNetEncoder(dense=dense)
         assert enc.input_channels() == expected

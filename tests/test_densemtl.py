@@ -1,4 +1,4 @@
-"""DenseMTL (seed 004): parameter counts, xTAM, mTEB, staged decoders, multi-scale loss,
+"""DenseMTL: parameter counts, xTAM, mTEB, staged decoders, multi-scale loss,
 baselines and a smoke training run where the xTAM alphas leave zero."""
 
 import functools

@@ -1,4 +1,4 @@
-"""SegNet family (seed 003): pooling with indices, exact parameter counts, every model's smoke
+"""SegNet family: pooling with indices, exact parameter counts, every model's smoke
 training step, ATI-Net's staged training (switch, reset, resume) and the MTAN converter."""
 
 import importlib.util
@@ -97,8 +97,8 @@ def test_odd_sizes_are_refused_with_a_clear_error():
 # ----------------------------------------------------------------------------- counts
 
 T3 = {"semseg": 13, "depth": 1, "normals": 3}
-#: ``mtl-jax params --config=configs/segnet.py:ARG,dataset=nyuv2`` totals (SPEC §4.3), the
-#: tasks in the config's own order; the reference files count MTAN's 3 ``logsigma`` scalars,
+#: ``mtl-jax params --config=configs/segnet.py:ARG,dataset=nyuv2`` totals (docs/models/segnet.md),
+#: the tasks in the config's own order; the reference files count MTAN's 3 ``logsigma`` scalars,
 #: i.e. our count with ``weighting=uw``.
 CONFIG_COUNTS = [
     ("model=mtan", 44_229_073),

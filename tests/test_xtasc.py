@@ -1,4 +1,4 @@
-"""XTasC-Net (seed 002): parameter counts, TTNet, the decoder options, the two loss groups by
+"""XTasC-Net: parameter counts, TTNet, the decoder options, the two loss groups by
 hand, the train-step hook, the xtask_mt converter and smoke training of the four variants."""
 
 import functools
@@ -40,7 +40,7 @@ def xtasc_config(arg=""):
 # ------------------------------------------------------------------------- parameter counts
 def test_param_counts_cityscapes_7_classes_per_part():
     counts = param_counts(xtasc_config("dataset=cityscapes_mtan"))
-    # The model's parts and their total (SPEC's count), then the two learnable log-variances
+    # The model's parts and their total (the paper's count), then the two learnable log-variances
     # of uw_xtasc (a weighting row, as MTAN's "+3 with uw") and the total with them.
     assert counts == {
         "encoder": 21_284_672,

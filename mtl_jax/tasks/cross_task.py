@@ -1,4 +1,4 @@
-"""XTasC-Net's cross-task loss groups (SPEC §4.2; seed 002).
+"""XTasC-Net's cross-task loss groups (docs/models/xtasc.md).
 
 With ``ŷ_seg``, ``ŷ_depth`` the direct predictions, ``T_s→d`` / ``T_d→s`` the task-transfer
 networks (their outputs are the model's aux ``'depth/from/semseg'`` / ``'semseg/from/depth'``)

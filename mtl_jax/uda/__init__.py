@@ -1,4 +1,4 @@
-"""Multi-task unsupervised domain adaptation (DenseMTL's MTL-UDA, SPEC §4.4).
+"""Multi-task unsupervised domain adaptation (DenseMTL's MTL-UDA, docs/models/densemtl.md).
 
 A model is trained with labels on a source domain and without labels on a target domain, and
 evaluated on the target. Output-level adversarial training: one spectral-normalised patch
