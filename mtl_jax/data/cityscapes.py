@@ -53,7 +53,6 @@ from mtl_jax.data.manual import (
     ManualBuilder,
     check_shape,
     normals_for,
-    ordered_map,
     read_image,
     read_png,
     resize_image,
@@ -213,7 +212,22 @@ def make_configs(resolutions, class_counts, what: str) -> list[CityscapesConfig]
         for h, w in resolutions for n in sorted(class_counts)]
 
 
-class MtlCityscapes(ManualBuilder):
+class LabelSetsMixin:
+    """``num_classes`` and ``class_names`` of a builder whose configs choose a label set
+    (``builder_config.num_classes``; ``CLASS_NAMES`` keyed by the number of classes)."""
+
+    CLASS_NAMES: dict[int, tuple[str, ...]]
+
+    @property
+    def num_classes(self) -> int:
+        return self.builder_config.num_classes
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.CLASS_NAMES[self.builder_config.num_classes]
+
+
+class MtlCityscapes(LabelSetsMixin, ManualBuilder):
     """Official Cityscapes: semseg (7 categories / DenseMTL's 16 / 19 train ids), depth in
     metres from disparity and camera, normals from depth, intrinsics.
 
@@ -239,14 +253,6 @@ class MtlCityscapes(ManualBuilder):
     NUM_CLASSES = {c.name: c.num_classes for c in BUILDER_CONFIGS}
     #: Class names of each label set (keyed by the number of classes).
     CLASS_NAMES = CLASS_NAMES
-
-    @property
-    def num_classes(self) -> int:
-        return self.builder_config.num_classes
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return CLASS_NAMES[self.builder_config.num_classes]
 
     FEATURES = dict()
     TASK_DEFAULTS = {"depth": DEPTH_RANGE_KITTI}
@@ -281,10 +287,7 @@ class MtlCityscapes(ManualBuilder):
         def load(item: tuple[str, str]) -> dict[str, np.ndarray]:
             return self._load_example(root, split, *item)
 
-        examples = ordered_map(load, items, self.NUM_WORKERS, 2 * self.NUM_WORKERS)
-        for i, example in enumerate(examples):
-            example["index"] = np.int32(i)
-            yield i, example
+        yield from self.indexed_examples(load, items)
 
     def _load_example(self, root: str, split: str, city: str,
                       name: str) -> dict[str, np.ndarray]:

@@ -26,7 +26,13 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mtl_jax.data.cityscapes import CATEGORIES_7, CLASSES_19, config_name, make_configs
+from mtl_jax.data.cityscapes import (
+    CATEGORIES_7,
+    CLASSES_19,
+    LabelSetsMixin,
+    config_name,
+    make_configs,
+)
 from mtl_jax.data.manual import (
     BadFileError,
     ManualBuilder,
@@ -112,7 +118,7 @@ def load_depth(path: str, height: int, width: int) -> np.ndarray:
     return x
 
 
-class MtlCityscapesMtan(ManualBuilder):
+class MtlCityscapesMtan(LabelSetsMixin, ManualBuilder):
     """MTAN's pre-processed Cityscapes: semseg (7 or 19 classes) and *inverse* depth.
 
     ``depth`` holds MTAN's disparity-derived inverse depth in ``[0, 0.4922]`` (``0`` invalid),
@@ -135,14 +141,6 @@ class MtlCityscapesMtan(ManualBuilder):
     NUM_CLASSES = {c.name: c.num_classes for c in BUILDER_CONFIGS}
     #: Class names of each label set (keyed by the number of classes).
     CLASS_NAMES = CLASS_NAMES
-
-    @property
-    def num_classes(self) -> int:
-        return self.builder_config.num_classes
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return CLASS_NAMES[self.builder_config.num_classes]
 
     FEATURES = dict(normals=False, intrinsics=False)
 

@@ -134,6 +134,15 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder):
             raise self.missing(f"the folder {root}")
         return root
 
+    def indexed_examples(self, load: Callable[[Any], dict[str, Any]],
+                         items: Iterable[Any]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """``(i, example)`` of ``load(item)`` for every item in order, decoded by
+        :data:`NUM_WORKERS` threads (:func:`ordered_map`), each with its ``index`` ``i``."""
+        examples = ordered_map(load, items, self.NUM_WORKERS, 2 * self.NUM_WORKERS)
+        for i, example in enumerate(examples):
+            example["index"] = np.int32(i)
+            yield i, example
+
     def check_files(self, root: str, relative_paths: Iterable[str]) -> None:
         """Raise :class:`ManualDataError` for the first of ``relative_paths`` not in ``root``
         (files or folders)."""
@@ -222,6 +231,18 @@ def check_labels(path: str, labels: np.ndarray, num_classes: int, ignore: int = 
                            f"the ignore value {ignore}")
 
 
+def check_normals(path: str, normals: np.ndarray, bound: float) -> None:
+    """BadFileError unless ``normals`` are floats, finite, with every component within
+    ``±bound`` (``[-1, 1]`` plus a tolerance)."""
+    if normals.dtype.kind != "f":
+        raise BadFileError(f"{path}: expected float normals in [-1, 1], got {normals.dtype}")
+    if not np.all(np.isfinite(normals)):
+        raise BadFileError(f"{path}: normals have NaN or infinite values")
+    if np.any(np.abs(normals) > bound):
+        raise BadFileError(f"{path}: normal components up to {float(np.abs(normals).max()):g}, "
+                           "expected values in [-1, 1]")
+
+
 def check_depth(path: str, depth: np.ndarray, max_depth: float) -> None:
     """BadFileError if depth has NaN/inf, negative values or values above ``max_depth``
     (a unit error, e.g. millimetres read as metres)."""
@@ -240,6 +261,19 @@ def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     if image.shape[:2] == (height, width):
         return image
     return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR), np.uint8)
+
+
+def resize_example(height: int, width: int, *, image: np.ndarray, semseg: np.ndarray,
+                   depth: np.ndarray, normals: np.ndarray) -> dict[str, np.ndarray]:
+    """The fields of an example read at the files' resolution, resized to ``height × width``:
+    the image bilinearly (:func:`resize_image`), semseg (as int16), depth (as ``[H, W, 1]``)
+    and normals by nearest neighbour."""
+    return {
+        "image": resize_image(image, height, width),
+        "semseg": resize_nearest(semseg, height, width).astype(np.int16),
+        "depth": resize_nearest(depth, height, width)[..., None],
+        "normals": resize_nearest(normals, height, width),
+    }
 
 
 def normals_for(depth_HxW: np.ndarray, intrinsics: Sequence[float]) -> np.ndarray:

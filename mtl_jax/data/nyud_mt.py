@@ -45,12 +45,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from mtl_jax.data import nyuv2
 from mtl_jax.data.manual import (
     DEPTH_RANGE_NYU,
     BadFileError,
     ManualBuilder,
-    check_depth,
     check_labels,
+    check_normals,
     check_shape,
     read_image,
     read_npy,
@@ -59,7 +60,7 @@ from mtl_jax.data.manual import (
     resize_nearest,
     scale_intrinsics,
 )
-from mtl_jax.data.nyuv2 import KINECT_HW, KINECT_INTRINSICS, MAX_DEPTH, NORMALS_BOUND
+from mtl_jax.data.nyuv2 import KINECT_HW, KINECT_INTRINSICS, NORMALS_BOUND
 
 SPLITS = ("train", "val")
 #: Field -> (folder, accepted file extensions, the first one preferred).
@@ -107,14 +108,7 @@ def load_semseg(path: str, hw: tuple[int, int], num_classes: int) -> np.ndarray:
 
 
 def load_depth(path: str, hw: tuple[int, int]) -> np.ndarray:
-    x = read_npy(path)
-    if x.ndim == 2:
-        x = x[..., None]
-    check_shape(path, x, (*KINECT_HW, 1))
-    if x.dtype.kind not in "fiu":
-        raise BadFileError(f"{path}: expected a numeric depth map, got {x.dtype}")
-    check_depth(path, x, MAX_DEPTH)
-    return resize_nearest(x.astype(np.float32), *hw)
+    return resize_nearest(nyuv2.load_depth(path, KINECT_HW), *hw)
 
 
 def decode_normals_png(x: np.ndarray) -> np.ndarray:
@@ -149,13 +143,7 @@ def load_normals(path: str, hw: tuple[int, int]) -> np.ndarray:
     if path.endswith(".npy"):
         x = read_npy(path)
         check_shape(path, x, (*KINECT_HW, 3))
-        if x.dtype.kind != "f":
-            raise BadFileError(f"{path}: expected float normals in [-1, 1], got {x.dtype}")
-        if not np.all(np.isfinite(x)):
-            raise BadFileError(f"{path}: normals have NaN or infinite values")
-        if np.any(np.abs(x) > NORMALS_BOUND):
-            raise BadFileError(f"{path}: normal components up to {float(np.abs(x).max()):g}, "
-                               "expected values in [-1, 1]")
+        check_normals(path, x, NORMALS_BOUND)
         n = x.astype(np.float32)
     else:
         x = read_png(path, bits=8)

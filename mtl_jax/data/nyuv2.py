@@ -38,6 +38,7 @@ from mtl_jax.data.manual import (
     ManualBuilder,
     check_depth,
     check_labels,
+    check_normals,
     check_shape,
     read_npy,
     scale_intrinsics,
@@ -96,12 +97,13 @@ def load_label(path: str, num_classes: int) -> np.ndarray:
     return x.astype(np.int16)
 
 
-def load_depth(path: str) -> np.ndarray:
-    """MTAN depth file (``[288,384,1]`` or ``[288,384]``, metres) -> float32 ``[288,384,1]``."""
+def load_depth(path: str, hw: tuple[int, int] = (HEIGHT, WIDTH)) -> np.ndarray:
+    """Depth ``.npy`` file (``[H,W,1]`` or ``[H,W]``, metres, ``hw`` = (288, 384) for MTAN's
+    files) -> float32 ``[H,W,1]``, checked to be finite and within [0, MAX_DEPTH]."""
     x = read_npy(path)
     if x.ndim == 2:
         x = x[..., None]
-    check_shape(path, x, (HEIGHT, WIDTH, 1))
+    check_shape(path, x, (*hw, 1))
     if x.dtype.kind not in "fiu":
         raise BadFileError(f"{path}: expected a numeric depth map, got {x.dtype}")
     check_depth(path, x, MAX_DEPTH)
@@ -112,13 +114,7 @@ def load_normals(path: str) -> np.ndarray:
     """MTAN normal file (``[288,384,3]`` in [-1, 1]) -> float16, stored as given."""
     x = read_npy(path)
     check_shape(path, x, (HEIGHT, WIDTH, 3))
-    if x.dtype.kind != "f":
-        raise BadFileError(f"{path}: expected float normals in [-1, 1], got {x.dtype}")
-    if not np.all(np.isfinite(x)):
-        raise BadFileError(f"{path}: normals have NaN or infinite values")
-    if np.any(np.abs(x) > NORMALS_BOUND):
-        raise BadFileError(f"{path}: normal components up to {float(np.abs(x).max()):g}, "
-                           f"expected values in [-1, 1]")
+    check_normals(path, x, NORMALS_BOUND)
     return x.astype(np.float16)
 
 

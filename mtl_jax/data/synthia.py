@@ -60,16 +60,13 @@ from mtl_jax.data.manual import (
     BadFileError,
     ManualBuilder,
     check_shape,
-    normals_for,
-    ordered_map,
     read_image,
     read_png,
-    resize_image,
-    resize_nearest,
+    resize_example,
     scale_intrinsics,
     seeded_split,
 )
-from mtl_jax.data.vkitti2 import centimetres_to_metres
+from mtl_jax.data.vkitti2 import depth_and_normals
 from mtl_jax.errors import UserError
 
 #: SYNTHIA class ids 0..22 (the dataset's README).
@@ -90,8 +87,6 @@ SYNTHIA_TO_CLASS = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 9
 FULL_HW = (760, 1280)
 #: ``(fx, fy, cx, cy)`` of the SYNTHIA RAND camera at 760×1280.
 INTRINSICS_760x1280 = (532.740352, 532.740352, 640.0, 380.0)
-#: Stored depth value treated as the far plane (no surface normal).
-FAR_PLANE_CM = 65535
 VAL_FRACTION = 0.2
 SPLIT_SEED = 0
 NUM_FRAMES = 9400
@@ -231,11 +226,7 @@ class MtlSynthia(ManualBuilder):
         return frames
 
     def _generate_examples(self, root: str, frames: list[str]):
-        examples = ordered_map(lambda f: self._load_example(root, f), frames,
-                               self.NUM_WORKERS, 2 * self.NUM_WORKERS)
-        for i, example in enumerate(examples):
-            example["index"] = np.int32(i)
-            yield i, example
+        yield from self.indexed_examples(lambda f: self._load_example(root, f), frames)
 
     def _load_example(self, root: str, frame: str) -> dict[str, np.ndarray]:
         c = self.builder_config
@@ -253,13 +244,10 @@ class MtlSynthia(ManualBuilder):
         stored = first_channel(paths["depth"], bits=16)
         check_shape(paths["depth"], stored, hw)
 
-        depth = centimetres_to_metres(stored)
-        k_native = scale_intrinsics(INTRINSICS_760x1280, FULL_HW, hw)
-        normals = normals_for(np.where(stored == FAR_PLANE_CM, 0.0, depth), k_native)
-        return {
-            "image": resize_image(image, c.height, c.width),
-            "semseg": resize_nearest(semseg, c.height, c.width).astype(np.int16),
-            "depth": resize_nearest(depth, c.height, c.width)[..., None],
-            "normals": resize_nearest(normals, c.height, c.width),
-            "intrinsics": scale_intrinsics(INTRINSICS_760x1280, FULL_HW, (c.height, c.width)),
-        }
+        depth, normals = depth_and_normals(
+            stored, scale_intrinsics(INTRINSICS_760x1280, FULL_HW, hw))
+        example = resize_example(c.height, c.width, image=image, semseg=semseg, depth=depth,
+                                 normals=normals)
+        example["intrinsics"] = scale_intrinsics(INTRINSICS_760x1280, FULL_HW,
+                                                 (c.height, c.width))
+        return example

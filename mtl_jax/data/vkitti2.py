@@ -77,11 +77,9 @@ from mtl_jax.data.manual import (
     ManualBuilder,
     check_shape,
     normals_for,
-    ordered_map,
     read_image,
     read_png,
-    resize_image,
-    resize_nearest,
+    resize_example,
     scale_intrinsics,
     scene_split,
     seeded_split,
@@ -236,6 +234,14 @@ def centimetres_to_metres(stored: np.ndarray) -> np.ndarray:
     return (np.asarray(stored, np.float64) / 100.0).astype(np.float32)
 
 
+def depth_and_normals(stored: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(depth in metres, normals)`` of a stored centimetre depth map at its own resolution
+    with the intrinsics ``k`` of that resolution; the far plane (:data:`FAR_PLANE_CM`) keeps
+    its depth but gets no normal (all-zero). Also used by :mod:`.synthia`."""
+    depth = centimetres_to_metres(stored)
+    return depth, normals_for(np.where(stored == FAR_PLANE_CM, 0.0, depth), k)
+
+
 def read_intrinsics(path: str) -> dict[tuple[int, int], np.ndarray]:
     """``{(frame, camera): (fx, fy, cx, cy)}`` of an ``intrinsic.txt`` (a header line
     ``frame cameraID K[0,0] K[1,1] K[0,2] K[1,2]``, then one row per frame and camera)."""
@@ -386,10 +392,7 @@ class MtlVkitti2(ManualBuilder):
             k = intrinsics[frame.scene, frame.variation][frame.frame, frame.camera]
             return self._load_example(root, frame, k)
 
-        examples = ordered_map(load, frames, self.NUM_WORKERS, 2 * self.NUM_WORKERS)
-        for i, example in enumerate(examples):
-            example["index"] = np.int32(i)
-            yield i, example
+        yield from self.indexed_examples(load, frames)
 
     def _load_example(self, root: str, frame: Frame,
                       k_native: np.ndarray) -> dict[str, np.ndarray]:
@@ -405,12 +408,8 @@ class MtlVkitti2(ManualBuilder):
         stored = read_png(paths["depth"], bits=16)
         check_shape(paths["depth"], stored, hw)
 
-        depth = centimetres_to_metres(stored)
-        normals = normals_for(np.where(stored == FAR_PLANE_CM, 0.0, depth), k_native)
-        return {
-            "image": resize_image(image, c.height, c.width),
-            "semseg": resize_nearest(semseg, c.height, c.width).astype(np.int16),
-            "depth": resize_nearest(depth, c.height, c.width)[..., None],
-            "normals": resize_nearest(normals, c.height, c.width),
-            "intrinsics": scale_intrinsics(k_native, hw, (c.height, c.width)),
-        }
+        depth, normals = depth_and_normals(stored, k_native)
+        example = resize_example(c.height, c.width, image=image, semseg=semseg, depth=depth,
+                                 normals=normals)
+        example["intrinsics"] = scale_intrinsics(k_native, hw, (c.height, c.width))
+        return example

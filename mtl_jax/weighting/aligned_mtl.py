@@ -9,7 +9,14 @@ from typing import ClassVar
 import jax.numpy as jnp
 
 from mtl_jax.errors import UserError
-from mtl_jax.weighting.base import Weighting, WeightingOutput, gram_matrix, unstack
+from mtl_jax.weighting.base import (
+    GradientWeighting,
+    WeightingOutput,
+    check_choice,
+    gram_matrix,
+    gram_scale,
+    unstack,
+)
 
 _TINY = 1e-30
 _FLOAT32_EPS = float(jnp.finfo(jnp.float32).eps)
@@ -17,7 +24,7 @@ SCALE_MODES = ("min", "median", "rmse")
 
 
 @dataclasses.dataclass(frozen=True)
-class AlignedMTL(Weighting):
+class AlignedMTL(GradientWeighting):
     """"Independent Component Alignment for Multi-Task Learning", Senushkin et al., CVPR 2023
     (Aligned-MTL, Algorithm 1).
 
@@ -58,18 +65,13 @@ class AlignedMTL(Weighting):
     """
 
     name: ClassVar[str] = "aligned_mtl"
-    requires: ClassVar[str] = "task_grads"
-    decoder_weighting: ClassVar[str] = "ones"
 
-    rep_grad: bool = False
     task_weights: tuple[tuple[str, float], ...] = ()
     rank_tol: float | None = None
     scale_mode: str = "min"
 
     def __post_init__(self):
-        if self.scale_mode not in SCALE_MODES:
-            raise UserError(f"aligned_mtl: scale_mode must be one of {SCALE_MODES}; got "
-                            f"{self.scale_mode!r}")
+        check_choice(self.name, "scale_mode", self.scale_mode, SCALE_MODES)
         if isinstance(self.task_weights, dict) or hasattr(self.task_weights, "items"):
             object.__setattr__(self, "task_weights", tuple(sorted(
                 (str(k), float(v)) for k, v in self.task_weights.items())))
@@ -93,8 +95,7 @@ class AlignedMTL(Weighting):
 
         grads = self.task_grads(grads)
         gram = gram_matrix(grads)
-        scale = jnp.trace(gram) / num_tasks
-        gram = gram / jnp.where(scale > _TINY, scale, 1.0)
+        gram = gram / gram_scale(gram, _TINY)
         eigvals, eigvecs = jnp.linalg.eigh(gram)
 
         rel_tol = num_tasks * _FLOAT32_EPS if self.rank_tol is None else self.rank_tol

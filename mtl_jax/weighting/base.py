@@ -67,6 +67,9 @@ from typing import Any, ClassVar
 import flax
 import jax
 import jax.numpy as jnp
+import optax
+
+from mtl_jax.errors import UserError
 
 PyTree = Any
 
@@ -112,6 +115,52 @@ class Weighting:
         return jnp.asarray(grads, jnp.float32)
 
 
+def check_choice(weighting: str, option: str, value: Any, choices: Sequence[Any]) -> None:
+    """UserError naming the option, its choices and the value when ``value`` is not one of
+    ``choices``."""
+    if value not in choices:
+        raise UserError(f"weighting {weighting!r}: {option} must be one of {tuple(choices)}, "
+                        f"got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientWeighting(Weighting):
+    """Base of the ``'task_grads'`` strategies (gradient surgery and the like).
+
+    ``rep_grad`` (field) is read by the train step: the rows of ``grads`` are then gradients
+    w.r.t. the shared representation instead of the shared parameters. Decoders get their
+    plain gradients unless a subclass says ``decoder_weighting = 'weights'``.
+    """
+
+    requires: ClassVar[str] = "task_grads"
+    decoder_weighting: ClassVar[str] = "ones"
+
+    rep_grad: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class OwnOptimizerWeighting(Weighting):
+    """Base of the strategies that train their own per-task parameters with ``optax.adam`` or
+    ``optax.sgd`` (one step per call from an analytic gradient): the subclass declares the
+    fields ``learning_rate`` and ``optimizer`` (``'adam'`` or ``'sgd'``)."""
+
+    OPTIMIZERS: ClassVar[tuple[str, ...]] = ("adam", "sgd")
+
+    def __post_init__(self):
+        check_choice(self.name, "optimizer", self.optimizer, self.OPTIMIZERS)
+
+    def _tx(self) -> optax.GradientTransformation:
+        if self.optimizer == "adam":
+            return optax.adam(self.learning_rate)
+        return optax.sgd(self.learning_rate)
+
+    def step_params(self, params: jax.Array, grad: jax.Array,
+                    opt_state: PyTree) -> tuple[jax.Array, PyTree]:
+        """``(params after one optimiser step on grad, new optimiser state)``."""
+        updates, opt_state = self._tx().update(grad, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+
 def stack_losses(losses: Mapping[str, jax.Array]) -> jax.Array:
     """``{task: scalar}`` -> float32 ``[T]`` in task order."""
     return jnp.stack([jnp.asarray(v, jnp.float32) for v in losses.values()])
@@ -129,3 +178,36 @@ def gram_matrix(grads: jax.Array) -> jax.Array:
     """
     g = jnp.asarray(grads, jnp.float32)
     return jnp.dot(g, g.T, precision=jax.lax.Precision.HIGHEST)
+
+
+def gram_scale(gram: jax.Array, floor: float = 0.0) -> jax.Array:
+    """``trace(gram) / T`` (the mean squared gradient norm) where it is above ``floor``, else
+    1: the factor that normalises a Gram matrix to O(1) entries."""
+    scale = jnp.trace(gram) / gram.shape[0]
+    return jnp.where(scale > floor, scale, 1.0)
+
+
+def gram_norms(gram: jax.Array) -> jax.Array:
+    """``[T]`` norms of the gradients whose Gram matrix is ``gram``."""
+    return jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+
+
+def combination_norm(gram: jax.Array, coeffs: jax.Array) -> jax.Array:
+    """``||sum_t coeffs_t g_t||`` from the Gram matrix of the ``g_t``."""
+    return jnp.sqrt(jnp.maximum(coeffs @ gram @ coeffs, 0.0))
+
+
+def off_diagonal_mean(matrix: jax.Array) -> jax.Array:
+    """Mean of the ``T (T - 1)`` off-diagonal entries of a ``[T, T]`` matrix (0 for T = 1)."""
+    num = matrix.shape[0]
+    off_diagonal = ~jnp.eye(num, dtype=bool)
+    return jnp.sum(jnp.where(off_diagonal, matrix, 0)) / max(num * (num - 1), 1)
+
+
+def task_permutations(rng: jax.Array | None, step: jax.Array, num_tasks: int) -> jax.Array:
+    """int ``[T, T]``: row i is a random order of the T tasks for task i (PCGrad's and
+    GradVac's visiting orders), drawn from ``rng`` (a key derived from ``step`` when None)."""
+    if rng is None:
+        rng = jax.random.fold_in(jax.random.key(0), step)
+    return jax.vmap(lambda k: jax.random.permutation(k, num_tasks))(
+        jax.random.split(rng, num_tasks))

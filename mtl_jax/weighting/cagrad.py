@@ -9,7 +9,14 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.errors import UserError
-from mtl_jax.weighting.base import Weighting, WeightingOutput, gram_matrix, unstack
+from mtl_jax.weighting.base import (
+    GradientWeighting,
+    WeightingOutput,
+    combination_norm,
+    gram_matrix,
+    gram_scale,
+    unstack,
+)
 
 
 def project_to_simplex(v: jax.Array) -> jax.Array:
@@ -34,8 +41,7 @@ def solve_cagrad_dual(gram: jax.Array, c: float, iterations: int) -> jax.Array:
     Momentum ``k / (k + 3)`` (Nesterov/FISTA), extrapolated points projected back.
     """
     num_tasks = gram.shape[0]
-    scale = jnp.trace(gram) / num_tasks
-    unit_gram = gram / jnp.where(scale > 0, scale, 1.0)
+    unit_gram = gram / gram_scale(gram)
     mean = jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32)
     g_mean = unit_gram @ mean
     radius = c * jnp.sqrt(jnp.maximum(mean @ g_mean, 0.0))
@@ -57,7 +63,7 @@ def solve_cagrad_dual(gram: jax.Array, c: float, iterations: int) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class CAGrad(Weighting):
+class CAGrad(GradientWeighting):
     """"Conflict-Averse Gradient Descent for Multi-task Learning", Liu et al., NeurIPS 2021.
 
     With ``g0`` the mean task gradient, CAGrad picks ``d`` maximising the worst task
@@ -76,10 +82,7 @@ class CAGrad(Weighting):
     """
 
     name: ClassVar[str] = "cagrad"
-    requires: ClassVar[str] = "task_grads"
-    decoder_weighting: ClassVar[str] = "ones"
 
-    rep_grad: bool = False
     c: float = 0.4
     iterations: int = 50
     rescale: int = 1
@@ -100,8 +103,8 @@ class CAGrad(Weighting):
         w = solve_cagrad_dual(gram, self.c, self.iterations)
 
         mean = jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32)
-        g0_norm = jnp.sqrt(jnp.maximum(mean @ gram @ mean, 0.0))
-        gw_norm = jnp.sqrt(jnp.maximum(w @ gram @ w, 0.0))
+        g0_norm = combination_norm(gram, mean)
+        gw_norm = combination_norm(gram, w)
         # g_w is 0 only when 0 is in the hull; then d = g0 (lambda would be undefined).
         tiny = 1e-6 * jnp.sqrt(jnp.maximum(jnp.trace(gram) / num_tasks, 0.0)) + 1e-30
         lam = jnp.where(gw_norm > tiny, self.c * g0_norm / jnp.maximum(gw_norm, tiny), 0.0)

@@ -7,11 +7,11 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 
-from mtl_jax.weighting.base import Weighting, WeightingOutput, unstack
+from mtl_jax.weighting.base import GradientWeighting, WeightingOutput, unstack
 
 
 @dataclasses.dataclass(frozen=True)
-class ConFIG(Weighting):
+class ConFIG(GradientWeighting):
     """"ConFIG: Towards Conflict-free Training of Physics Informed Neural Networks", Liu,
     Chu, Thuerey et al., eq. 2, as TorchJD's ``ConFIG`` (config name ``conflict_free``).
 
@@ -38,10 +38,7 @@ class ConFIG(Weighting):
     """
 
     name: ClassVar[str] = "conflict_free"
-    requires: ClassVar[str] = "task_grads"
-    decoder_weighting: ClassVar[str] = "ones"
 
-    rep_grad: bool = False
     rcond: float | None = 1e-6
 
     def __call__(self, losses, state, step, *, rng=None, grads=None,

@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.weighting import history
-from mtl_jax.weighting.base import Weighting, WeightingOutput, stack_losses, unstack
+from mtl_jax.weighting.base import WeightingOutput, stack_losses, unstack
 
 
 @dataclasses.dataclass(frozen=True)
-class DBMTL(Weighting):
+class DBMTL(history.GradientHistory):
     """"Dual-Balancing for Multi-Task Learning", Lin, Ye, Zhang, Kwok et al., 2023
     (DB-MTL), in LibMTL's form.
 
@@ -34,18 +34,11 @@ class DBMTL(Weighting):
     """
 
     name: ClassVar[str] = "db_mtl"
-    requires: ClassVar[str] = "task_grads"
     decoder_weighting: ClassVar[str] = "weights"
-    needs_grad_dim: ClassVar[bool] = True
-    supports_rep_grad: ClassVar[bool] = False
 
-    rep_grad: bool = False
     beta: float = 0.9
     beta_sigma: float = 0.0
     eps: float = 1e-8
-
-    def __post_init__(self):
-        history.check_no_rep_grad(self.name, self.rep_grad)
 
     def init(self, tasks: Sequence[str], grad_dim: int = 0):
         return {"buffer": history.history_zeros(self.name, len(tasks), grad_dim),
@@ -55,10 +48,8 @@ class DBMTL(Weighting):
                  decoder_grads=None) -> WeightingOutput:
         del step, rng, decoder_grads
         tasks = list(losses)
-        grads = self.task_grads(grads)
-        buffer = jnp.asarray(state["buffer"], jnp.float32)
-        history.check_width(self.name, buffer, grads)
-        count = jnp.asarray(state["count"], jnp.int32) + 1
+        grads, buffer = self.read_history(state, "buffer", grads)
+        count = history.next_count(state)
         inv_loss = 1.0 / (stack_losses(losses) + self.eps)
         log_grads = grads * inv_loss[:, None]
         decay = self.beta / count.astype(jnp.float32) ** self.beta_sigma

@@ -9,12 +9,12 @@ from typing import ClassVar
 import jax.numpy as jnp
 
 from mtl_jax.errors import UserError
-from mtl_jax.weighting.base import Weighting, WeightingOutput, gram_matrix, unstack
+from mtl_jax.weighting.base import GradientWeighting, WeightingOutput, gram_matrix, unstack
 from mtl_jax.weighting.upgrad import project_weights
 
 
 @dataclasses.dataclass(frozen=True)
-class DualProj(Weighting):
+class DualProj(GradientWeighting):
     """TorchJD's ``DualProj``: the mean of the task gradients ``J^T u`` (``u = 1/T``)
     projected onto the dual cone ``{x : J x >= 0}`` (the directions that conflict with no
     task), the problem of GEM's eq. 11.
@@ -29,10 +29,7 @@ class DualProj(Weighting):
     """
 
     name: ClassVar[str] = "dualproj"
-    requires: ClassVar[str] = "task_grads"
-    decoder_weighting: ClassVar[str] = "ones"
 
-    rep_grad: bool = False
     iterations: int = 32
     reg_eps: float = 1e-4
 

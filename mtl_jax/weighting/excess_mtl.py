@@ -10,11 +10,11 @@ import jax.numpy as jnp
 
 from mtl_jax.errors import UserError
 from mtl_jax.weighting import history
-from mtl_jax.weighting.base import Weighting, WeightingOutput, unstack
+from mtl_jax.weighting.base import WeightingOutput, unstack
 
 
 @dataclasses.dataclass(frozen=True)
-class ExcessMTL(Weighting):
+class ExcessMTL(history.GradientHistory):
     """"Robust Multi-Task Learning with Excess Risks", He, Zhou, Zhao & Bacon, ICML 2024,
     in LibMTL's (the authors') form.
 
@@ -35,16 +35,12 @@ class ExcessMTL(Weighting):
     """
 
     name: ClassVar[str] = "excess_mtl"
-    requires: ClassVar[str] = "task_grads"
     decoder_weighting: ClassVar[str] = "weights"
-    needs_grad_dim: ClassVar[bool] = True
-    supports_rep_grad: ClassVar[bool] = False
 
-    rep_grad: bool = False
     robust_step_size: float = 1e-2
 
     def __post_init__(self):
-        history.check_no_rep_grad(self.name, self.rep_grad)
+        super().__post_init__()
         if self.robust_step_size < 0:
             raise UserError("weighting 'excess_mtl': robust_step_size must be >= 0")
 
@@ -60,9 +56,7 @@ class ExcessMTL(Weighting):
         del step, rng, decoder_grads
         tasks = list(losses)
         num_tasks = len(tasks)
-        grads = self.task_grads(grads)
-        sq_sum = jnp.asarray(state["grad_sq_sum"], jnp.float32)
-        history.check_width(self.name, sq_sum, grads)
+        grads, sq_sum = self.read_history(state, "grad_sq_sum", grads)
         sq_sum = sq_sum + jnp.square(grads)
         excess = jnp.sum(jnp.square(grads) / jnp.sqrt(sq_sum + 1e-7), axis=1)
         has_initial = jnp.asarray(state["has_initial"], jnp.bool_)

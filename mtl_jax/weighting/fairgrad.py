@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.errors import UserError
-from mtl_jax.weighting.base import Weighting, WeightingOutput, gram_matrix, unstack
+from mtl_jax.weighting.base import GradientWeighting, WeightingOutput, gram_matrix, unstack
 
 #: Backtracking step lengths tried by every Newton iteration (largest first).
 _HALVINGS = 12
@@ -76,7 +76,7 @@ def solve_fairgrad(gram: jax.Array, alpha: float, iterations: int,
 
 
 @dataclasses.dataclass(frozen=True)
-class FairGrad(Weighting):
+class FairGrad(GradientWeighting):
     """"Fair Resource Allocation in Multi-Task Learning", Ban & Ji, ICML 2024 (FairGrad).
 
     The update ``d = G^T w`` gives task t the improvement ``g_t . d``; FairGrad asks for
@@ -92,10 +92,8 @@ class FairGrad(Weighting):
     """
 
     name: ClassVar[str] = "fairgrad"
-    requires: ClassVar[str] = "task_grads"
     decoder_weighting: ClassVar[str] = "weights"
 
-    rep_grad: bool = False
     alpha: float = 1.0
     iterations: int = 20
     ridge: float = 1e-8

@@ -11,8 +11,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.errors import UserError
-from mtl_jax.weighting.base import Weighting, WeightingOutput, unstack
+from mtl_jax.weighting.base import Weighting, WeightingOutput, check_choice, unstack
 
 _NORMS = ("mean_abs", "l2")
 
@@ -48,9 +47,7 @@ class GradMagnitude(Weighting):
     scale: float = 1.0
 
     def __post_init__(self):
-        if self.norm not in _NORMS:
-            raise UserError(f"weighting 'grad_magnitude': norm must be one of {_NORMS}, "
-                            f"got {self.norm!r}")
+        check_choice(self.name, "norm", self.norm, _NORMS)
 
     def init(self, tasks: Sequence[str]):
         return {}

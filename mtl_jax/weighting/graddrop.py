@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.errors import UserError
-from mtl_jax.weighting.base import Weighting, WeightingOutput, unstack
+from mtl_jax.weighting.base import GradientWeighting, WeightingOutput, unstack
 
 
 @dataclasses.dataclass(frozen=True)
-class GradDrop(Weighting):
+class GradDrop(GradientWeighting):
     """"Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout", Chen
     et al., NeurIPS 2020.
 
@@ -39,8 +39,6 @@ class GradDrop(Weighting):
     """
 
     name: ClassVar[str] = "graddrop"
-    requires: ClassVar[str] = "task_grads"
-    decoder_weighting: ClassVar[str] = "ones"
 
     rep_grad: bool = True
     leak: float = 0.0

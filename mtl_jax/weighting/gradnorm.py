@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import optax
 
 from mtl_jax.errors import UserError
-from mtl_jax.weighting.base import Weighting, WeightingOutput, stack_losses, unstack
+from mtl_jax.weighting.base import GradientWeighting, WeightingOutput, stack_losses, unstack
 
 
 @dataclasses.dataclass(frozen=True)
-class GradNorm(Weighting):
+class GradNorm(GradientWeighting):
     """"GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep Multitask
     Networks", Chen et al., ICML 2018, Algorithm 1.
 
@@ -42,10 +42,8 @@ class GradNorm(Weighting):
     """
 
     name: ClassVar[str] = "gradnorm"
-    requires: ClassVar[str] = "task_grads"
     decoder_weighting: ClassVar[str] = "weights"
 
-    rep_grad: bool = False
     alpha: float = 1.5
     learning_rate: float = 0.025
     min_weight: float = 1e-3

@@ -10,13 +10,23 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.errors import UserError
-from mtl_jax.weighting.base import Weighting, WeightingOutput, gram_matrix, unstack
+from mtl_jax.weighting.base import (
+    GradientWeighting,
+    WeightingOutput,
+    check_choice,
+    combination_norm,
+    gram_matrix,
+    gram_norms,
+    off_diagonal_mean,
+    task_permutations,
+    unstack,
+)
 
 _EMA_UPDATES = ("always", "on_adjust")
 
 
 @dataclasses.dataclass(frozen=True)
-class GradVac(Weighting):
+class GradVac(GradientWeighting):
     """"Gradient Vaccine: Investigating and Improving Multi-task Optimization in Massively
     Multilingual Models", Wang et al., ICLR 2021, Algorithm 1 (whole-model granularity, as
     LibMTL's default ``GradVac_group_type=0``).
@@ -47,17 +57,12 @@ class GradVac(Weighting):
     """
 
     name: ClassVar[str] = "gradvac"
-    requires: ClassVar[str] = "task_grads"
-    decoder_weighting: ClassVar[str] = "ones"
 
-    rep_grad: bool = False
     beta: float = 0.5
     ema_update: str = "always"
 
     def __post_init__(self):
-        if self.ema_update not in _EMA_UPDATES:
-            raise UserError(f"weighting 'gradvac': ema_update must be one of {_EMA_UPDATES}, "
-                            f"got {self.ema_update!r}")
+        check_choice(self.name, "ema_update", self.ema_update, _EMA_UPDATES)
         if not 0.0 <= self.beta <= 1.0:
             raise UserError(f"weighting 'gradvac': beta must be in [0, 1], got {self.beta!r}")
 
@@ -70,20 +75,17 @@ class GradVac(Weighting):
         tasks = list(losses)
         grads = self.task_grads(grads)
         num_tasks = grads.shape[0]
-        if rng is None:
-            rng = jax.random.fold_in(jax.random.key(0), step)
         gram = gram_matrix(grads)
-        norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+        norms = gram_norms(gram)
         rho = jnp.asarray(state["rho"], jnp.float32)
-        orders = jax.vmap(lambda k: jax.random.permutation(k, num_tasks))(
-            jax.random.split(rng, num_tasks))
+        orders = task_permutations(rng, step, num_tasks)
 
         def vaccinate(i, order_i, targets):
             coeffs = jax.nn.one_hot(i, num_tasks, dtype=jnp.float32)
             for pos in range(num_tasks):  # T is static and small: unrolled.
                 j = order_i[pos]
                 other = j != i
-                norm_i = jnp.sqrt(jnp.maximum(coeffs @ gram @ coeffs, 0.0))
+                norm_i = combination_norm(gram, coeffs)
                 phi = (coeffs @ gram[:, j]) / (norm_i * norms[j] + 1e-8)
                 target = targets[j]
                 adjust = other & (phi < target)
@@ -100,8 +102,5 @@ class GradVac(Weighting):
 
         coeffs, new_rho = jax.vmap(vaccinate)(jnp.arange(num_tasks), orders, rho)
         weights = coeffs.sum(axis=0)
-        off_diagonal = ~jnp.eye(num_tasks, dtype=bool)
-        mean_target = jnp.sum(jnp.where(off_diagonal, new_rho, 0.0)) / max(
-            num_tasks * (num_tasks - 1), 1)
         return WeightingOutput(unstack(tasks, weights), {"rho": new_rho},
-                               {"mean_target": mean_target})
+                               {"mean_target": off_diagonal_mean(new_rho)})

@@ -8,11 +8,18 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.weighting.base import Weighting, WeightingOutput, gram_matrix, unstack
+from mtl_jax.weighting.base import (
+    GradientWeighting,
+    WeightingOutput,
+    gram_matrix,
+    gram_norms,
+    gram_scale,
+    unstack,
+)
 
 
 @dataclasses.dataclass(frozen=True)
-class IMTL(Weighting):
+class IMTL(GradientWeighting):
     """"Towards Impartial Multi-task Learning", Liu et al., ICLR 2021 -- IMTL-G only.
 
     Finds the combination ``g = sum_t alpha_t g_t`` with ``sum_t alpha_t = 1`` whose
@@ -43,10 +50,6 @@ class IMTL(Weighting):
     """
 
     name: ClassVar[str] = "imtl"
-    requires: ClassVar[str] = "task_grads"
-    decoder_weighting: ClassVar[str] = "ones"
-
-    rep_grad: bool = False
 
     def __call__(self, losses, state, step, *, rng=None, grads=None,
                  decoder_grads=None) -> WeightingOutput:
@@ -56,10 +59,9 @@ class IMTL(Weighting):
         grads = self.task_grads(grads)
         gram = gram_matrix(grads)
         # alpha does not depend on the gradients' scale: normalise it away (float32 range).
-        scale = jnp.trace(gram) / num_tasks
-        scale = jnp.where(scale > 0, scale, 1.0)
+        scale = gram_scale(gram)
         gram = gram / scale
-        norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+        norms = gram_norms(gram)
         inv_norms = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
 
         if num_tasks == 1:

@@ -8,16 +8,12 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from mtl_jax.errors import UserError
-from mtl_jax.weighting.base import Weighting, WeightingOutput, stack_losses, unstack
-
-_OPTIMIZERS = ("adam", "sgd")
+from mtl_jax.weighting.base import OwnOptimizerWeighting, WeightingOutput, stack_losses, unstack
 
 
 @dataclasses.dataclass(frozen=True)
-class IMTLL(Weighting):
+class IMTLL(OwnOptimizerWeighting):
     """"Towards Impartial Multi-task Learning", Liu et al., ICLR 2021 -- IMTL-L.
 
     Every task loss is scaled as ``e^{s_t} L_t - s_t`` with a learnable ``s_t`` (0 at the
@@ -38,16 +34,6 @@ class IMTLL(Weighting):
     learning_rate: float = 1e-4
     optimizer: str = "adam"
 
-    def __post_init__(self):
-        if self.optimizer not in _OPTIMIZERS:
-            raise UserError(f"weighting {self.name!r}: optimizer must be one of {_OPTIMIZERS}, "
-                            f"got {self.optimizer!r}")
-
-    def _tx(self) -> optax.GradientTransformation:
-        if self.optimizer == "adam":
-            return optax.adam(self.learning_rate)
-        return optax.sgd(self.learning_rate)
-
     def init(self, tasks: Sequence[str]):
         scale = jnp.zeros((len(tasks),), jnp.float32)
         return {"scale": scale, "opt_state": self._tx().init(scale)}
@@ -57,8 +43,8 @@ class IMTLL(Weighting):
         step on ``e^s L - 1``."""
         scale = jnp.asarray(state["scale"], jnp.float32)
         grad = jnp.exp(scale) * stack_losses(losses) - 1.0
-        updates, opt_state = self._tx().update(grad, state["opt_state"], scale)
-        return scale, {"scale": optax.apply_updates(scale, updates), "opt_state": opt_state}
+        new_scale, opt_state = self.step_params(scale, grad, state["opt_state"])
+        return scale, {"scale": new_scale, "opt_state": opt_state}
 
     def __call__(self, losses, state, step, **inputs) -> WeightingOutput:
         tasks = list(losses)

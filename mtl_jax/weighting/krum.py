@@ -10,11 +10,11 @@ from typing import ClassVar
 import jax.numpy as jnp
 
 from mtl_jax.errors import UserError
-from mtl_jax.weighting.base import Weighting, WeightingOutput, gram_matrix, unstack
+from mtl_jax.weighting.base import GradientWeighting, WeightingOutput, gram_matrix, unstack
 
 
 @dataclasses.dataclass(frozen=True)
-class Krum(Weighting):
+class Krum(GradientWeighting):
     """"Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent", Blanchard et
     al., NeurIPS 2017 (Krum / Multi-Krum), in TorchJD's form.
 
@@ -30,10 +30,7 @@ class Krum(Weighting):
     """
 
     name: ClassVar[str] = "krum"
-    requires: ClassVar[str] = "task_grads"
-    decoder_weighting: ClassVar[str] = "ones"
 
-    rep_grad: bool = False
     n_byzantine: int = 0
     n_selected: int = 1
 

@@ -9,8 +9,16 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.errors import UserError
-from mtl_jax.weighting.base import Weighting, WeightingOutput, gram_matrix, stack_losses, unstack
+from mtl_jax.weighting.base import (
+    GradientWeighting,
+    WeightingOutput,
+    check_choice,
+    combination_norm,
+    gram_matrix,
+    gram_norms,
+    stack_losses,
+    unstack,
+)
 
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -60,7 +68,7 @@ def min_norm_coefficients(gram: jax.Array, iterations: int) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class MGDA(Weighting):
+class MGDA(GradientWeighting):
     """"Multi-Task Learning as Multi-Objective Optimization", Sener & Koltun, NeurIPS 2018.
 
     The update direction is the minimum-norm element of the convex hull of the (normalised)
@@ -84,18 +92,14 @@ class MGDA(Weighting):
     """
 
     name: ClassVar[str] = "mgda"
-    requires: ClassVar[str] = "task_grads"
     decoder_weighting: ClassVar[str] = "weights"
 
-    rep_grad: bool = False
     normalization: str = "none"
     iterations: int = 50
     scale_to_tasks: bool = False
 
     def __post_init__(self):
-        if self.normalization not in _NORMALIZATIONS:
-            raise UserError(f"weighting 'mgda': normalization must be one of {_NORMALIZATIONS}, "
-                            f"got {self.normalization!r}")
+        check_choice(self.name, "normalization", self.normalization, _NORMALIZATIONS)
 
     def __call__(self, losses, state, step, *, rng=None, grads=None,
                  decoder_grads=None) -> WeightingOutput:
@@ -103,7 +107,7 @@ class MGDA(Weighting):
         tasks = list(losses)
         grads = self.task_grads(grads)
         gram = gram_matrix(grads)
-        grad_norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+        grad_norms = gram_norms(gram)
         loss_values = stack_losses(losses)
         normalizer = {
             "none": jnp.ones_like(grad_norms),
@@ -118,5 +122,5 @@ class MGDA(Weighting):
         weights = alpha / normalizer
         if self.scale_to_tasks:
             weights = weights * len(tasks)
-        min_norm = jnp.sqrt(jnp.maximum(alpha @ scaled_gram @ alpha, 0.0))
+        min_norm = combination_norm(scaled_gram, alpha)
         return WeightingOutput(unstack(tasks, weights), state, {"min_norm": min_norm})

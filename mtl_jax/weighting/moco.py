@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.weighting import history
-from mtl_jax.weighting.base import Weighting, WeightingOutput, stack_losses, unstack
+from mtl_jax.weighting.base import WeightingOutput, stack_losses, unstack
 
 
 @dataclasses.dataclass(frozen=True)
-class MoCo(Weighting):
+class MoCo(history.GradientHistory):
     """"Mitigating Gradient Bias in Multi-objective Learning: A Provably Convergent Approach",
     Fernando et al., ICLR 2023 (MoCo), in LibMTL's form.
 
@@ -35,20 +35,12 @@ class MoCo(Weighting):
     """
 
     name: ClassVar[str] = "moco"
-    requires: ClassVar[str] = "task_grads"
-    decoder_weighting: ClassVar[str] = "ones"
-    needs_grad_dim: ClassVar[bool] = True
-    supports_rep_grad: ClassVar[bool] = False
 
-    rep_grad: bool = False
     beta: float = 0.5
     beta_sigma: float = 0.5
     gamma: float = 0.1
     gamma_sigma: float = 0.5
     rho: float = 0.0
-
-    def __post_init__(self):
-        history.check_no_rep_grad(self.name, self.rep_grad)
 
     def init(self, tasks: Sequence[str], grad_dim: int = 0):
         num = len(tasks)
@@ -61,10 +53,8 @@ class MoCo(Weighting):
         del step, rng, decoder_grads
         tasks = list(losses)
         num_tasks = len(tasks)
-        grads = self.task_grads(grads)
-        y = jnp.asarray(state["y"], jnp.float32)
-        history.check_width(self.name, y, grads)
-        count = jnp.asarray(state["count"], jnp.int32) + 1
+        grads, y = self.read_history(state, "y", grads)
+        count = history.next_count(state)
         k = count.astype(jnp.float32)
         values = stack_losses(losses)
         scaled = grads / (history.row_norms(grads) + 1e-8)[:, None] * values[:, None]

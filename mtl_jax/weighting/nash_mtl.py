@@ -9,7 +9,14 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.errors import UserError
-from mtl_jax.weighting.base import Weighting, WeightingOutput, gram_matrix, unstack
+from mtl_jax.weighting.base import (
+    GradientWeighting,
+    WeightingOutput,
+    combination_norm,
+    gram_matrix,
+    gram_scale,
+    unstack,
+)
 
 #: Below this mean squared gradient norm the gradients count as all zero (no bargaining
 #: solution exists); the previous weights are kept.
@@ -63,8 +70,7 @@ def solve_nash(gram: jax.Array, warm: jax.Array, *, iterations: int = 20,
     gram = jnp.asarray(gram, jnp.float32)
     num_tasks = gram.shape[0]
     eye = jnp.eye(num_tasks, dtype=jnp.float32)
-    c = jnp.trace(gram) / num_tasks
-    c = jnp.where(c > _TINY, c, 1.0)
+    c = gram_scale(gram, _TINY)
     m = gram / c
     m = m + reg_eps * jnp.diag(jnp.diagonal(m)) + reg_eps**2 * eye
 
@@ -95,7 +101,7 @@ def solve_nash(gram: jax.Array, warm: jax.Array, *, iterations: int = 20,
 
 
 @dataclasses.dataclass(frozen=True)
-class NashMTL(Weighting):
+class NashMTL(GradientWeighting):
     """"Multi-Task Learning as a Bargaining Game", Navon et al., ICML 2022 (Nash-MTL).
 
     With ``G`` the ``[T, T]`` Gram matrix of the task gradients (``G_ij = g_i . g_j``;
@@ -140,10 +146,8 @@ class NashMTL(Weighting):
     """
 
     name: ClassVar[str] = "nash_mtl"
-    requires: ClassVar[str] = "task_grads"
     decoder_weighting: ClassVar[str] = "weights"
 
-    rep_grad: bool = False
     update_every: int = 1
     max_norm: float = 0.0
     iterations: int = 20
@@ -183,7 +187,7 @@ class NashMTL(Weighting):
 
         residual = jnp.sqrt(jnp.mean(jnp.square(alpha * (solved @ alpha) - 1.0)))
         weights = alpha
-        norm = jnp.sqrt(jnp.maximum(weights @ gram @ weights, 0.0))
+        norm = combination_norm(gram, weights)
         if self.max_norm > 0:
             weights = weights * jnp.minimum(1.0, self.max_norm / jnp.maximum(norm, _TINY))
             norm = jnp.minimum(norm, self.max_norm)

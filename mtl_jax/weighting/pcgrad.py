@@ -9,11 +9,18 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.errors import UserError
-from mtl_jax.weighting.base import Weighting, WeightingOutput, gram_matrix, unstack
+from mtl_jax.weighting.base import (
+    GradientWeighting,
+    WeightingOutput,
+    gram_matrix,
+    off_diagonal_mean,
+    task_permutations,
+    unstack,
+)
 
 
 @dataclasses.dataclass(frozen=True)
-class PCGrad(Weighting):
+class PCGrad(GradientWeighting):
     """"Gradient Surgery for Multi-Task Learning", Yu et al., NeurIPS 2020, Algorithm 1.
 
     For every task i, start from ``g_i' = g_i`` and visit the other tasks j in a random order
@@ -41,10 +48,7 @@ class PCGrad(Weighting):
     """
 
     name: ClassVar[str] = "pcgrad"
-    requires: ClassVar[str] = "task_grads"
-    decoder_weighting: ClassVar[str] = "ones"
 
-    rep_grad: bool = False
     task_order: tuple[str, ...] | str = ()
 
     def __post_init__(self):
@@ -72,16 +76,13 @@ class PCGrad(Weighting):
         tasks = list(losses)
         grads = self.task_grads(grads)
         num_tasks = grads.shape[0]
-        if rng is None:
-            rng = jax.random.fold_in(jax.random.key(0), step)
         gram = gram_matrix(grads)
         sq_norms = jnp.diagonal(gram)
         safe_sq_norms = jnp.where(sq_norms > 0, sq_norms, 1.0)
 
         fixed = self._fixed_order(tasks)
         if fixed is None:
-            orders = jax.vmap(lambda k: jax.random.permutation(k, num_tasks))(
-                jax.random.split(rng, num_tasks))
+            orders = task_permutations(rng, step, num_tasks)
         else:
             orders = jnp.tile(jnp.asarray(fixed, jnp.int32)[None, :], (num_tasks, 1))
 
@@ -98,8 +99,5 @@ class PCGrad(Weighting):
         coeffs = jax.vmap(project_one)(jnp.arange(num_tasks), orders)  # [T(i), T(k)]
         weights = coeffs.sum(axis=0)
 
-        off_diagonal = ~jnp.eye(num_tasks, dtype=bool)
-        conflicts = jnp.sum((gram < 0) & off_diagonal)
-        fraction = conflicts / max(num_tasks * (num_tasks - 1), 1)
-        return WeightingOutput(unstack(tasks, weights), state,
-                               {"conflict_fraction": fraction.astype(jnp.float32)})
+        fraction = off_diagonal_mean(gram < 0).astype(jnp.float32)
+        return WeightingOutput(unstack(tasks, weights), state, {"conflict_fraction": fraction})

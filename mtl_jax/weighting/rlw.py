@@ -10,8 +10,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.errors import UserError
-from mtl_jax.weighting.base import Weighting, WeightingOutput, unstack
+from mtl_jax.weighting.base import Weighting, WeightingOutput, check_choice, unstack
 
 _DISTRIBUTIONS = ("normal", "uniform")
 
@@ -31,9 +30,7 @@ class RandomLossWeighting(Weighting):
     distribution: str = "normal"
 
     def __post_init__(self):
-        if self.distribution not in _DISTRIBUTIONS:
-            raise UserError(f"weighting 'rlw': distribution must be one of {_DISTRIBUTIONS}, "
-                            f"got {self.distribution!r}")
+        check_choice(self.name, "distribution", self.distribution, _DISTRIBUTIONS)
 
     def init(self, tasks: Sequence[str]):
         return {}

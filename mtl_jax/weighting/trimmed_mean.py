@@ -10,11 +10,11 @@ from typing import ClassVar
 import jax.numpy as jnp
 
 from mtl_jax.errors import UserError
-from mtl_jax.weighting.base import Weighting, WeightingOutput, unstack
+from mtl_jax.weighting.base import GradientWeighting, WeightingOutput, unstack
 
 
 @dataclasses.dataclass(frozen=True)
-class TrimmedMean(Weighting):
+class TrimmedMean(GradientWeighting):
     """"Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates", Yin et
     al., ICML 2018, in TorchJD's form: per coordinate, drop the ``trim_number`` largest and
     ``trim_number`` smallest of the T task-gradient entries and average the remaining
@@ -30,10 +30,7 @@ class TrimmedMean(Weighting):
     """
 
     name: ClassVar[str] = "trimmed_mean"
-    requires: ClassVar[str] = "task_grads"
-    decoder_weighting: ClassVar[str] = "ones"
 
-    rep_grad: bool = False
     trim_number: int = 1
 
     def init(self, tasks: Sequence[str]):

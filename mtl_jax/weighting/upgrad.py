@@ -9,7 +9,14 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.errors import UserError
-from mtl_jax.weighting.base import Weighting, WeightingOutput, gram_matrix, unstack
+from mtl_jax.weighting.base import (
+    GradientWeighting,
+    WeightingOutput,
+    check_choice,
+    gram_matrix,
+    off_diagonal_mean,
+    unstack,
+)
 
 _TINY = 1e-30
 #: A bound is released only when its multiplier is below -_KKT_TOL (units of the
@@ -95,7 +102,7 @@ def project_weights(gram: jax.Array, lower: jax.Array, *, iterations: int = 32,
 
 
 @dataclasses.dataclass(frozen=True)
-class UPGrad(Weighting):
+class UPGrad(GradientWeighting):
     """"Jacobian Descent for Multi-Objective Optimization", Quinton & Rey, 2024 (UPGrad, the
     aggregator of TorchJD).
 
@@ -131,18 +138,13 @@ class UPGrad(Weighting):
     """
 
     name: ClassVar[str] = "upgrad"
-    requires: ClassVar[str] = "task_grads"
-    decoder_weighting: ClassVar[str] = "ones"
 
-    rep_grad: bool = False
     iterations: int = 32
     reg_eps: float = 1e-4
     reduction: str = "mean"
 
     def __post_init__(self):
-        if self.reduction not in ("mean", "sum"):
-            raise UserError(f"upgrad: reduction must be 'mean' or 'sum'; got "
-                            f"{self.reduction!r}")
+        check_choice(self.name, "reduction", self.reduction, ("mean", "sum"))
         if int(self.iterations) < 1 or self.reg_eps < 0:
             raise UserError(f"upgrad: need iterations >= 1 (got {self.iterations}) and "
                             f"reg_eps >= 0 (got {self.reg_eps})")
@@ -158,7 +160,6 @@ class UPGrad(Weighting):
                                       iterations=self.iterations, reg_eps=self.reg_eps)
         weights = coeffs.sum(0) if self.reduction == "sum" else coeffs.mean(0)
 
-        off_diagonal = ~jnp.eye(num_tasks, dtype=bool)
-        conflicts = jnp.sum((gram < 0) & off_diagonal) / max(num_tasks * (num_tasks - 1), 1)
-        diagnostics = {"kkt_residual": kkt, "conflict_fraction": conflicts.astype(jnp.float32)}
+        conflicts = off_diagonal_mean(gram < 0).astype(jnp.float32)
+        diagnostics = {"kkt_residual": kkt, "conflict_fraction": conflicts}
         return WeightingOutput(unstack(tasks, weights), state, diagnostics)

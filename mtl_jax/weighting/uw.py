@@ -21,16 +21,12 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from mtl_jax.errors import UserError
-from mtl_jax.weighting.base import Weighting, WeightingOutput, stack_losses, unstack
-
-_OPTIMIZERS = ("adam", "sgd")
+from mtl_jax.weighting.base import OwnOptimizerWeighting, WeightingOutput, stack_losses, unstack
 
 
 @dataclasses.dataclass(frozen=True)
-class UncertaintyWeighting(Weighting):
+class UncertaintyWeighting(OwnOptimizerWeighting):
     """Kendall et al. 2018 in MTAN's form: objective ``sum_t exp(-s_t) L_t / 2 + s_t / 2``.
 
     Each call, with ``s`` the log-variances in the state and ``L`` this step's losses:
@@ -56,16 +52,6 @@ class UncertaintyWeighting(Weighting):
     learning_rate: float = 1e-4
     optimizer: str = "adam"
 
-    def __post_init__(self):
-        if self.optimizer not in _OPTIMIZERS:
-            raise UserError(f"weighting {self.name!r}: optimizer must be one of {_OPTIMIZERS}, "
-                            f"got {self.optimizer!r}")
-
-    def _tx(self) -> optax.GradientTransformation:
-        if self.optimizer == "adam":
-            return optax.adam(self.learning_rate)
-        return optax.sgd(self.learning_rate)
-
     def init(self, tasks: Sequence[str]):
         log_var = jnp.full((len(tasks),), self.init_log_var, jnp.float32)
         return {"log_var": log_var, "opt_state": self._tx().init(log_var)}
@@ -80,8 +66,8 @@ class UncertaintyWeighting(Weighting):
         log_var = jnp.asarray(state["log_var"], jnp.float32)
         weights = 0.5 * jnp.exp(-log_var)
         grad = self.objective_grad(log_var, values)
-        updates, opt_state = self._tx().update(grad, state["opt_state"], log_var)
-        new_state = {"log_var": optax.apply_updates(log_var, updates), "opt_state": opt_state}
+        new_log_var, opt_state = self.step_params(log_var, grad, state["opt_state"])
+        new_state = {"log_var": new_log_var, "opt_state": opt_state}
         diagnostics = {f"log_var/{t}": log_var[i] for i, t in enumerate(tasks)}
         return WeightingOutput(unstack(tasks, weights), new_state, diagnostics)
 
