@@ -1,12 +1,12 @@
 """``mtl-jax data build NAME --manual_dir`` and ``mtl-jax data show NAME`` for every real
-dataset builder, on the fake folders the builders' own tests write."""
+dataset builder, on the fake folders of ``tests/fake_datasets`` (the builders' own tests build
+the same ones)."""
 
 import numpy as np
 import pytest
-import test_data_cityscapes as cs
-import test_data_nyu as nyu
-import test_data_potsdam as potsdam
-import test_data_vkitti2_synthia as vs
+from fake_datasets import cityscapes as cs
+from fake_datasets import nyu, potsdam
+from fake_datasets import vkitti2_synthia as vs
 from PIL import Image
 
 from mtl_jax.data import DATASETS
@@ -16,11 +16,11 @@ from mtl_jax.main import main
 CASES = {
     "nyuv2": (nyu.write_nyuv2, None),
     "nyud_mt": (nyu.write_nyud, "60x80"),
-    "cityscapes_mtan": (cs._write_mtan, "128x256_7cls"),
-    "cityscapes": (cs._write_raw, "128x256_19cls"),
+    "cityscapes_mtan": (cs.write_mtan, "128x256_7cls"),
+    "cityscapes": (cs.write_raw, "128x256_19cls"),
     "vkitti2": (vs.write_vkitti2, "48x160_clone_random"),
     "synthia": (vs.write_synthia, "38x64"),
-    "isprs_potsdam": (potsdam._write_tree, "tile32"),
+    "isprs_potsdam": (potsdam.write_tree, "tile32"),
 }
 
 
@@ -56,7 +56,7 @@ def test_data_build_and_show(name, tmp_path, capsys):
 
 # configs/densemtl.py names these builder configs; a fake folder built under the same name
 # must feed the config's pipeline (labels checked, batches of the config's input size).
-DENSEMTL_DATASETS = {"nyud_mt": nyu.write_nyud, "cityscapes": cs._write_raw,
+DENSEMTL_DATASETS = {"nyud_mt": nyu.write_nyud, "cityscapes": cs.write_raw,
                      "vkitti2": vs.write_vkitti2, "synthia": vs.write_synthia}
 
 

@@ -1,52 +1,19 @@
-"""The ISPRS Potsdam builder on a tiny fake download (70x100 images, 32x32 tiles)."""
+"""The ISPRS Potsdam builder on the tiny fake download of ``fake_datasets.potsdam`` (70x100
+images, 32x32 tiles)."""
 
 import os
 
 import numpy as np
 import pytest
+from fake_datasets.potsdam import TRAIN, VAL, H, W, write_tree
 from PIL import Image
 
 from mtl_jax.data import augment, registry
 from mtl_jax.data import isprs_potsdam as P
 from mtl_jax.data.manual import BadFileError, ManualDataError
 
-H, W, T = 70, 100, 32
+T = 32
 PER_IMAGE = (H // T) * (W // T)  # 2 * 3 = 6
-TRAIN = ("2_10", "6_7")  # nDSM names zero-padded ("02_10", "06_07")
-VAL = ("7_13",)  # nDSM name unpadded ("7_13"), also accepted
-
-
-def _fake_tile(tile: str) -> dict[str, np.ndarray]:
-    """Deterministic photo, class map (every class in every 32x32 tile) and nDSM grey."""
-    a, b = P._parse_tile(tile)
-    rng = np.random.default_rng(100 * a + b)
-    image = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
-    yy, xx = np.mgrid[:H, :W]
-    classes = ((yy // 4 + xx // 5 + a + b) % P.NUM_CLASSES).astype(np.int16)
-    # A smooth height field (JPEG-friendly) with ground (0) and the top of the range (255).
-    grey = np.clip(np.round(300 * np.sin(xx / 15.0 + a) * np.cos(yy / 11.0 + b)), 0, 255)
-    return {"image": image, "classes": classes, "grey": grey.astype(np.uint8)}
-
-
-def _write_tree(root, *, label_dir: str = "5_Labels_all", tiles=TRAIN + VAL) -> dict:
-    for d in ("2_Ortho_RGB", label_dir, "1_DSM_normalisation"):
-        os.makedirs(os.path.join(root, d), exist_ok=True)
-    palette = np.array(P.CLASS_COLOURS, np.uint8)
-    data = {}
-    for tile in tiles:
-        a, b = P._parse_tile(tile)
-        d = _fake_tile(tile)
-        Image.fromarray(d["image"]).save(os.path.join(root, P.rgb_name(tile)))
-        Image.fromarray(palette[d["classes"]]).save(
-            os.path.join(root, P.label_name(tile, label_dir)))
-        padded, unpadded = P.dsm_names(tile)
-        dsm = padded if tile in TRAIN else unpadded
-        Image.fromarray(d["grey"]).save(os.path.join(root, dsm), quality=95)
-        # What the builder reads back from the (lossy) JPEG.
-        with Image.open(os.path.join(root, dsm)) as im:
-            d["grey_read"] = np.asarray(im)
-        data[tile] = d
-    return data
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +22,7 @@ def built(tmp_path_factory):
 
     tfds.disable_progress_bar()
     manual = str(tmp_path_factory.mktemp("potsdam_manual"))
-    data = _write_tree(manual)
+    data = write_tree(manual)
     data_dir = str(tmp_path_factory.mktemp("potsdam_tfds"))
     registry.build("isprs_potsdam", config="tile32", data_dir=data_dir, manual_dir=manual)
     src = {s: registry.open_split("isprs_potsdam", s, config="tile32", data_dir=data_dir)
@@ -143,7 +110,7 @@ def test_decode_dtypes(built):
 
 def test_labels_for_participants_folder_name(tmp_path):
     manual = tmp_path / "manual"
-    _write_tree(str(manual), label_dir="5_Labels_for_participants", tiles=("2_10", "2_13"))
+    write_tree(str(manual), label_dir="5_Labels_for_participants", tiles=("2_10", "2_13"))
     d = str(tmp_path / "tfds")
     registry.build("isprs_potsdam", config="tile32", data_dir=d, manual_dir=str(manual))
     assert len(registry.open_split("isprs_potsdam", "train", config="tile32", data_dir=d)) == 6
@@ -169,7 +136,7 @@ def test_missing_manual_folder(tmp_path, manual):
 
 def test_missing_label_file(tmp_path):
     manual = tmp_path / "manual"
-    _write_tree(str(manual))
+    write_tree(str(manual))
     os.remove(manual / P.label_name("6_7"))
     with pytest.raises(ManualDataError, match="5_Labels_all/top_potsdam_6_7_label.tif"):
         _build(manual, tmp_path)
@@ -177,7 +144,7 @@ def test_missing_label_file(tmp_path):
 
 def test_missing_dsm_file(tmp_path):
     manual = tmp_path / "manual"
-    _write_tree(str(manual), tiles=("2_10", "7_13"))
+    write_tree(str(manual), tiles=("2_10", "7_13"))
     os.remove(manual / P.dsm_names("2_10")[0])
     with pytest.raises(ManualDataError, match="dsm_potsdam_02_10_normalized_lastools.jpg"):
         _build(manual, tmp_path)
@@ -185,7 +152,7 @@ def test_missing_dsm_file(tmp_path):
 
 def test_missing_label_folder(tmp_path):
     manual = tmp_path / "manual"
-    _write_tree(str(manual), tiles=("2_10", "7_13"))
+    write_tree(str(manual), tiles=("2_10", "7_13"))
     os.rename(manual / "5_Labels_all", manual / "labels")
     with pytest.raises(ManualDataError, match="5_Labels_all"):
         _build(manual, tmp_path)
@@ -193,7 +160,7 @@ def test_missing_label_folder(tmp_path):
 
 def test_split_without_any_tile(tmp_path):
     manual = tmp_path / "manual"
-    _write_tree(str(manual), tiles=("2_10",))  # no val tile at all
+    write_tree(str(manual), tiles=("2_10",))  # no val tile at all
     with pytest.raises(ManualDataError) as e:
         _build(manual, tmp_path)
     assert "val tile" in str(e.value) and "2_13" in str(e.value) and "7_13" in str(e.value)
@@ -201,7 +168,7 @@ def test_split_without_any_tile(tmp_path):
 
 def test_wrong_label_colour(tmp_path):
     manual = tmp_path / "manual"
-    _write_tree(str(manual), tiles=("2_10", "7_13"))
+    write_tree(str(manual), tiles=("2_10", "7_13"))
     path = manual / P.label_name("7_13")
     with Image.open(path) as im:
         labels = np.asarray(im).copy()
@@ -217,7 +184,7 @@ def test_wrong_label_colour(tmp_path):
 
 def test_dsm_of_wrong_size(tmp_path):
     manual = tmp_path / "manual"
-    _write_tree(str(manual), tiles=("2_10", "7_13"))
+    write_tree(str(manual), tiles=("2_10", "7_13"))
     path = manual / P.dsm_names("2_10")[0]
     Image.fromarray(np.zeros((H, W + 1), np.uint8)).save(path)
     with pytest.raises(BadFileError, match="dsm_potsdam_02_10"):

@@ -1,4 +1,5 @@
-"""The import graph of ``mtl_jax``: no import circle.
+"""The import graph of ``mtl_jax``: no import circle; and of ``tests``: no file imports a test
+module.
 
 Read from the source with ``ast`` (nothing is imported): every ``import`` and ``from ...
 import`` of every module, at module level and inside functions alike (a function-level import
@@ -138,3 +139,72 @@ def test_the_loop_and_its_runs_sit_below_train(module):
             reached.add(nxt)
             todo.append(nxt)
     assert not reached & {"mtl_jax.train", "mtl_jax.main", "mtl_jax.cli_training"}, module
+
+
+# ---------------------------------------------------------------- the tests' own imports
+def imports_of_test_modules(tests_dir: str) -> dict[str, list[str]]:
+    """``{file: [test modules it imports]}`` for every ``.py`` file under ``tests_dir`` (test
+    modules, ``conftest.py`` and helper modules alike) that imports a test module
+    (``test_*.py``, named from ``tests_dir``, which pytest puts on ``sys.path``): ``import``,
+    ``from ... import`` (relative ones resolved) and ``importlib.import_module("...")``, at any
+    depth."""
+    files = {}  # dotted name -> path
+    for dirpath, _, names in os.walk(tests_dir):
+        for f in names:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(dirpath, f), tests_dir)[:-3].split(os.sep)
+                files[".".join(rel)] = os.path.join(dirpath, f)
+    test_modules = {m for m in files if m.split(".")[-1].startswith("test_")}
+    found = {}
+    for module, path in sorted(files.items()):
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        package = module.split(".")[:-1]
+        reached = set()
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package[:len(package) - (node.level - 1)] if node.level else []
+                prefix = ".".join(base + ([node.module] if node.module else []))
+                names = [prefix] + [f"{prefix}.{a.name}".lstrip(".") for a in node.names]
+            elif (isinstance(node, ast.Call) and node.args
+                  and isinstance(node.args[0], ast.Constant)
+                  and isinstance(node.args[0].value, str)
+                  and getattr(node.func, "attr", getattr(node.func, "id", None))
+                  in ("import_module", "__import__")):
+                names = [node.args[0].value]
+            for name in names:
+                parts = name.split(".")
+                reached |= {".".join(parts[:n]) for n in range(1, len(parts) + 1)}
+        hits = sorted((reached & test_modules) - {module})
+        if hits:
+            found[os.path.relpath(path, tests_dir)] = hits
+    return found
+
+
+def test_the_test_import_finder_finds_every_form(tmp_path):
+    (tmp_path / "helpers").mkdir()
+    (tmp_path / "helpers" / "__init__.py").write_text("")
+    (tmp_path / "helpers" / "fakes.py").write_text("def f():\n    from test_a import x\n")
+    (tmp_path / "helpers" / "test_inner.py").write_text("")
+    (tmp_path / "helpers" / "other.py").write_text("from . import test_inner\n")
+    (tmp_path / "conftest.py").write_text("import importlib\nimportlib.import_module('test_b')\n")
+    (tmp_path / "test_a.py").write_text("import numpy\nfrom helpers import fakes\n")
+    (tmp_path / "test_b.py").write_text("import test_a as a\nfrom helpers.fakes import f\n")
+    (tmp_path / "test_c.py").write_text("from helpers import test_inner, fakes\n")
+    assert imports_of_test_modules(str(tmp_path)) == {
+        os.path.join("helpers", "fakes.py"): ["test_a"],
+        os.path.join("helpers", "other.py"): ["helpers.test_inner"],
+        "conftest.py": ["test_b"], "test_b.py": ["test_a"], "test_c.py": ["helpers.test_inner"]}
+
+
+def test_no_test_module_imports_another():
+    """Shared test helpers live in ``conftest.py`` or helper modules (``tests/fake_datasets``),
+    never in a test module that others import."""
+    tests_dir = os.path.join(REPO, "tests")
+    assert len(os.listdir(tests_dir)) > 30  # the whole folder was read
+    found = imports_of_test_modules(tests_dir)
+    assert not found, "test modules imported (move the helpers out of them): " + "; ".join(
+        f"{f} imports {', '.join(m)}" for f, m in sorted(found.items()))
