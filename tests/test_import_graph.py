@@ -141,6 +141,40 @@ def test_the_loop_and_its_runs_sit_below_train(module):
     assert not reached & {"mtl_jax.train", "mtl_jax.main", "mtl_jax.cli_training"}, module
 
 
+#: The layers of mtl_jax (docs/architecture.md), lowest first: a module may import modules of
+#: its own layer or of a lower one. Every top-level module and package has a layer, so a new
+#: one must be placed here.
+LAYERS = [
+    {"errors", "__init__"},
+    {"optim", "run_config", "workdir_lock", "checkpointing", "distributed", "compile_cache",
+     "writers", "data", "weighting"},
+    {"tasks"},
+    {"models", "evaluation", "config_utils", "config_schema"},
+    {"steps", "staging"},
+    {"experiment"},
+    {"run_support", "predict", "compare"},
+    {"uda", "params_report"},
+    {"train"},
+    {"cli_training"},
+    {"main"},
+]
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[1] if "." in module else "__init__"
+    for rank, names in enumerate(LAYERS):
+        if top in names:
+            return rank
+    raise AssertionError(f"{module} has no layer in LAYERS (tests/test_import_graph.py)")
+
+
+def test_imports_point_down_the_layers():
+    graph = import_graph()
+    upward = sorted(f"{a} (layer {_layer(a)}) imports {b} (layer {_layer(b)})"
+                    for a, targets in graph.items() for b in targets if _layer(b) > _layer(a))
+    assert not upward, "\n".join(upward)
+
+
 # ---------------------------------------------------------------- the tests' own imports
 def imports_of_test_modules(tests_dir: str) -> dict[str, list[str]]:
     """``{file: [test modules it imports]}`` for every ``.py`` file under ``tests_dir`` (test
