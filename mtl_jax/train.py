@@ -110,7 +110,7 @@ def supervised_run(config: ml_collections.ConfigDict, *, training: bool = True) 
         writer.write_scalars(0, {f"trivial/{k}": v for k, v in trivial.items()})
         if jax.process_index() == 0:
             paths.write_text(paths.join(workdir, "trivial_baseline.json"),
-                                             json.dumps(trivial, indent=2, sort_keys=True))
+                             json.dumps(trivial, indent=2, sort_keys=True))
 
     return Run(
         kind="supervised", config=config, tasks=exp.tasks, abstract_state=exp.abstract_state,
