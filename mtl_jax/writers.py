@@ -84,7 +84,8 @@ class TensorBoardWriter(MetricWriter):
 
     A ``logdir`` on an object store (``gs://...``) cannot be appended to (gcsfs silently
     *replaces* an object opened for appending): the event file is written to a local temporary
-    folder and uploaded whole to ``logdir`` on each ``flush`` and on ``close``.
+    folder and uploaded whole to ``logdir`` on each ``flush``, on ``close`` and, when an event
+    is added, if ``flush_secs`` have passed since the last upload.
     """
 
     def __init__(self, logdir: str | os.PathLike, *, flush_secs: float = 120.0):
@@ -92,10 +93,12 @@ class TensorBoardWriter(MetricWriter):
         self._remote = logdir if paths.is_url(logdir) else None
         self._spool = tempfile.mkdtemp(prefix="mtl_jax_tensorboard_") if self._remote else None
         self._writer = EventFileWriter(self._spool or logdir, flush_secs=flush_secs)
+        self._flush_secs, self._uploaded = flush_secs, time.monotonic()
 
     def _upload(self) -> None:
         if self._remote is None:
             return
+        self._uploaded = time.monotonic()
         for name in sorted(os.listdir(self._spool)):
             with open(os.path.join(self._spool, name), "rb") as f:
                 paths.write_bytes(paths.join(self._remote, name), f.read())
@@ -104,6 +107,8 @@ class TensorBoardWriter(MetricWriter):
         event = event_pb2.Event(wall_time=time.time(), step=int(step),
                                 summary=summary_pb2.Summary(value=list(values)))
         self._writer.add_event(event)
+        if self._remote is not None and time.monotonic() - self._uploaded >= self._flush_secs:
+            self.flush()
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         self._add(step, [summary_pb2.Summary.Value(tag=tag, simple_value=_to_float(value))
