@@ -32,11 +32,11 @@ ROOT_VARIABLE = "MTL_TEST_STORE_ROOT"
 
 
 def local(url: str) -> str:
-    """The local file behind ``teststore://...`` (a path already local is returned as is)."""
+    """The local file behind ``teststore://...`` (or another ``proto://`` served by a subclass
+    of :class:`StandInStore`); a path already local is returned as is."""
     url = os.fspath(url)
-    root = os.environ[ROOT_VARIABLE]
-    if url.startswith(f"{PROTOCOL}://"):
-        return os.path.join(root, url[len(PROTOCOL) + 3:].strip("/"))
+    if "://" in url:
+        return os.path.join(os.environ[ROOT_VARIABLE], url.split("://", 1)[1].strip("/"))
     return url
 
 
@@ -51,9 +51,7 @@ class StandInStore(LocalFileSystem):
 
     @classmethod
     def _strip_protocol(cls, path):
-        path = fsspec.utils.stringify_path(path)
-        if path.startswith(f"{PROTOCOL}://"):
-            path = local(path)
+        path = local(fsspec.utils.stringify_path(path))
         return super()._strip_protocol(path)
 
     def _open(self, path, mode="rb", **kwargs):
