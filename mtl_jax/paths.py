@@ -158,10 +158,14 @@ def create_exclusive(path: str | os.PathLike, data: bytes) -> None:
         fs.pipe_file(p, data, mode="create")
         return
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # e.g. a full disk: leave no empty file behind
+        os.remove(path)
+        raise
 
 
 def remove(path: str | os.PathLike) -> None:
