@@ -171,3 +171,22 @@ def test_train_kill_resume_evaluate_and_compare_on_an_object_store(data_dir, tmp
     assert compared.returncode == 0, out[-3000:]
     assert "semseg/miou" in out
     assert not os.listdir(cwd)
+
+
+def test_tensorboard_events_on_an_object_store_are_all_kept(store):
+    """The event file is uploaded whole: nothing written before a flush is lost (gcsfs would
+    replace an object opened for appending; the stand-in refuses that)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    writer = writers.TensorBoardWriter("teststore://bucket/run/tensorboard")
+    writer.write_scalars(1, {"a": 1.0})
+    writer.flush()
+    writer.write_scalars(2, {"a": 2.0})
+    writer.write_resume(2)
+    writer.flush()
+    writer.write_scalars(3, {"a": 3.0})
+    writer.close()
+    (name,) = os.listdir(store / "bucket" / "run" / "tensorboard")
+    events = list(EventFileLoader(str(store / "bucket" / "run" / "tensorboard" / name)).Load())
+    assert [e.step for e in events if e.summary.value] == [1, 2, 3]
+    assert [e.step for e in events if e.HasField("session_log")] == [2]
