@@ -190,3 +190,16 @@ def test_tensorboard_events_on_an_object_store_are_all_kept(store):
     events = list(EventFileLoader(str(store / "bucket" / "run" / "tensorboard" / name)).Load())
     assert [e.step for e in events if e.summary.value] == [1, 2, 3]
     assert [e.step for e in events if e.HasField("session_log")] == [2]
+
+
+def test_saver_sees_committed_checkpoints_under_a_url(store):
+    """The Saver's 'was this step committed' check goes through epath, as orbax does, so a
+    save to gs://... is not taken for a failed one (os.path cannot see a URL's folders)."""
+    from types import SimpleNamespace
+
+    from mtl_jax import checkpointing
+
+    (store / "bucket" / "run" / "checkpoints" / "4").mkdir(parents=True)
+    manager = SimpleNamespace(directory="teststore://bucket/run/checkpoints")
+    saver = checkpointing.Saver(manager, keep=1)
+    assert saver._committed(4) and not saver._committed(8)
