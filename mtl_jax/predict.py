@@ -139,7 +139,7 @@ def _restore(exp, workdir: str, step: int | None):
     manager = checkpointing.make_manager(workdir, read_only=True, async_save=False)
     try:
         if manager.latest_step() is None:
-            raise UserError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train "
+            raise UserError(f"no checkpoint in {workdir_paths.join(workdir, 'checkpoints')}; train "
                             "first with: mtl-jax train --config=... --workdir=" + workdir)
         if step is not None and step not in manager.all_steps():
             raise UserError(f"no checkpoint for step {step} in {workdir}; available: "
