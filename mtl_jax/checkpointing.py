@@ -238,8 +238,8 @@ class Saver:
         self.keep = max(1, int(keep))
         self._pending: int | None = None
 
-    def _committed(self, step: int) -> bool:
-        return os.path.isdir(os.path.join(os.fspath(self.manager.directory), str(step)))
+    def _committed(self, step: int) -> bool:  # epath: the directory may be gs://...
+        return (epath.Path(self.manager.directory) / str(step)).is_dir()
 
     def check(self, *, wait: bool = False) -> None:
         """Raise if the last save failed; ``wait`` blocks until it has finished."""

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import ml_collections
 
+from mtl_jax import paths
 from mtl_jax.errors import UserError
 from mtl_jax.evaluation import delta_m, directions_for, load_baseline
 
@@ -37,17 +38,16 @@ def run_name(workdir: str) -> str:
 def load_results(workdir: str) -> dict[str, float]:
     """Final metrics of a run (``results.json`` without ``step``/``delta_m``), or of a
     ``results.json`` path given directly."""
-    path = workdir if workdir.endswith(".json") else os.path.join(workdir, "results.json")
-    if not os.path.exists(workdir):
+    path = workdir if workdir.endswith(".json") else paths.join(workdir, "results.json")
+    if not paths.exists(workdir):
         raise UserError(f"{workdir} does not exist (give a run's --workdir or its "
                         "results.json)")
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise UserError(f"{path} not found: {workdir} is not a finished run (results.json "
                         "is written at the last step; for an unfinished one run "
                         "'mtl-jax eval --config=... --workdir=...')")
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = json.loads(paths.read_text(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
@@ -63,18 +63,17 @@ def run_tasks(workdir: str, results: Mapping[str, float]) -> list[str]:
     metrics name (``<task>/<metric>``)."""
     from mtl_jax.experiment import build_tasks
 
-    folder = os.path.dirname(workdir) if workdir.endswith(".json") else workdir
-    path = os.path.join(folder, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            config = ml_collections.ConfigDict(json.load(f))
+    folder = paths.parent(workdir) if workdir.endswith(".json") else workdir
+    path = paths.join(folder, "config.json")
+    if paths.exists(path):
+        config = ml_collections.ConfigDict(json.loads(paths.read_text(path)))
         return list(build_tasks(config))
     return sorted({k.split("/")[0] for k in results})
 
 
 def _load_baselines(baselines: Sequence[str]) -> tuple[dict[str, float], dict[str, str]]:
     """Merged baseline metrics and ``{task: baseline}``; refuses multi-task baselines."""
-    files = [b if b.endswith(".json") else os.path.join(b, "results.json") for b in baselines]
+    files = [b if b.endswith(".json") else paths.join(b, "results.json") for b in baselines]
     covers: dict[str, str] = {}
     for b in baselines:
         tasks = run_tasks(b, load_results(b))  # the same clear error for a missing one
@@ -93,17 +92,16 @@ def _load_baselines(baselines: Sequence[str]) -> tuple[dict[str, float], dict[st
 
 def load_curves(workdir: str) -> dict[str, list[tuple[int, float]]]:
     """``{'<task>/<metric>': [(step, value), ...]}`` of the ``eval/`` lines of metrics.jsonl."""
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = paths.join(workdir, "metrics.jsonl")
     curves: dict[str, list[tuple[int, float]]] = {}
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return curves
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            for key, value in row.items():
-                if key.startswith("eval/"):
-                    curves.setdefault(key[len("eval/"):], []).append((int(row["step"]),
-                                                                       float(value)))
+    for line in paths.read_text(path).splitlines():
+        row = json.loads(line)
+        for key, value in row.items():
+            if key.startswith("eval/"):
+                curves.setdefault(key[len("eval/"):], []).append((int(row["step"]),
+                                                                   float(value)))
     return {k: sorted(dict(v).items()) for k, v in curves.items()}
 
 
@@ -111,11 +109,10 @@ def load_directions(workdir: str) -> dict[str, bool]:
     """``{'<task>/<metric>': higher_is_better}`` of the run's tasks (from config.json)."""
     from mtl_jax.experiment import build_tasks
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = paths.join(workdir, "config.json")
+    if not paths.exists(path):
         return {}
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.loads(paths.read_text(path)))
     return directions_for(build_tasks(config))
 
 

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mtl_jax import checkpointing
+from mtl_jax import paths as workdir_paths
 from mtl_jax.data import visualize
 from mtl_jax.errors import UserError
 from mtl_jax.tasks import TASKS, Task
@@ -56,12 +57,11 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 def workdir_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run was trained with (``<workdir>/config.json``, written by ``train``)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = workdir_paths.join(workdir, "config.json")
+    if not workdir_paths.exists(path):
         raise UserError(f"{workdir} has no config.json: is it the --workdir of a "
                         "'mtl-jax train' run? (or pass --config=configs/x.py:args)")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(workdir_paths.read_text(path)))
 
 
 def find_images(images: str) -> list[str]:
@@ -139,7 +139,7 @@ def _restore(exp, workdir: str, step: int | None):
     manager = checkpointing.make_manager(workdir, read_only=True, async_save=False)
     try:
         if manager.latest_step() is None:
-            raise UserError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train "
+            raise UserError(f"no checkpoint in {workdir_paths.join(workdir, 'checkpoints')}; train "
                             "first with: mtl-jax train --config=... --workdir=" + workdir)
         if step is not None and step not in manager.all_steps():
             raise UserError(f"no checkpoint for step {step} in {workdir}; available: "

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from typing import Any
 
 import ml_collections
 
+from mtl_jax import paths
 from mtl_jax.errors import UserError
 
 CONFIG_NAME = "config.json"
@@ -109,12 +109,11 @@ def check_dataset_classes(dataset: str, builder: Any, tasks: dict[str, Any]) -> 
 
 def saved_config(workdir: str) -> dict | None:
     """The flat config stored in ``<workdir>/config.json``, or ``None`` when there is none."""
-    path = os.path.join(workdir, CONFIG_NAME)
-    if not os.path.exists(path):
+    path = paths.join(workdir, CONFIG_NAME)
+    if not paths.exists(path):
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            return as_flat_dict(json.load(f))
+        return as_flat_dict(json.loads(paths.read_text(path)))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path} ({e}); it describes the run of this workdir's "
                         "checkpoints: restore it or use a new --workdir") from e
@@ -137,7 +136,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str
         listed = ", ".join(f"{k} ({_short(a)} -> {_short(b)})" for k, (a, b) in unsafe.items())
         raise UserError(
             f"the config differs from the one the checkpoints in {workdir} were trained with "
-            f"({os.path.join(workdir, CONFIG_NAME)}) in: {listed}; a resume may only change "
+            f"({paths.join(workdir, CONFIG_NAME)}) in: {listed}; a resume may only change "
             f"{', '.join(SAFE_KEYS)} (docs/reliability.md): use a new --workdir for this "
             "config, or restore those values to resume")
     return diff
@@ -152,9 +151,5 @@ def record(config: ml_collections.ConfigDict, workdir: str, step: int,
                  "time": datetime.datetime.now(datetime.timezone.utc).isoformat(
                      timespec="seconds"),
                  "changes": {k: [a, b] for k, (a, b) in changes.items()}}
-        with open(os.path.join(workdir, CHANGES_NAME), "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
-    path = os.path.join(workdir, CONFIG_NAME)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + ".tmp", path)
+        paths.append_text(paths.join(workdir, CHANGES_NAME), json.dumps(entry) + "\n")
+    paths.write_text(paths.join(workdir, CONFIG_NAME), config.to_json_best_effort(indent=2))

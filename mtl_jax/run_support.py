@@ -20,7 +20,6 @@ pictures (:func:`write_pictures`). This module sits below :mod:`mtl_jax.train` a
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import threading
 import time
@@ -247,7 +246,8 @@ def write_pictures(exp: Experiment, state: PyTree, source, normals_from_depth: b
     picture = prediction_grid(host_batch, host_preds, max_examples=num, tasks=exp.tasks)
     writer.write_images(step, {"predictions": picture[None]})
     if jax.process_index() == 0:
+        from mtl_jax import paths
         from mtl_jax.data.visualize import save_png
 
-        save_png(os.path.join(workdir, f"predictions_step{step:07d}.png"), picture)
-        save_png(os.path.join(workdir, "predictions.png"), picture)
+        save_png(paths.join(workdir, f"predictions_step{step:07d}.png"), picture)
+        save_png(paths.join(workdir, "predictions.png"), picture)

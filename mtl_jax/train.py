@@ -23,7 +23,6 @@ when SIGTERM arrives.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -31,9 +30,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import logging
-from etils import epath
 
-from mtl_jax import checkpointing, config_schema, run_config, workdir_lock, writers
+from mtl_jax import checkpointing, config_schema, paths, run_config, workdir_lock, writers
 from mtl_jax.data import pipeline
 from mtl_jax.errors import Preempted, UserError
 from mtl_jax.evaluation import delta_m, load_baseline
@@ -72,17 +70,17 @@ def evaluate_state(exp: Experiment, state, val_source, *, baseline: dict | None 
 
 
 def _baseline(config) -> dict | None:
-    paths = config.get("baseline_results", "") or ()
-    if isinstance(paths, str):  # comma-separated, as given on the command line
-        paths = [p.strip() for p in paths.split(",") if p.strip()]
-    paths = list(paths)
-    if not paths:
+    files = config.get("baseline_results", "") or ()
+    if isinstance(files, str):  # comma-separated, as given on the command line
+        files = [p.strip() for p in files.split(",") if p.strip()]
+    files = list(files)
+    if not files:
         return None
-    missing = [p for p in paths if not os.path.exists(p)]
+    missing = [p for p in files if not paths.exists(p)]
     if missing:
         raise UserError(f"baseline_results files not found: {missing}. They are the "
                         "results.json of single-task runs (configs/stl.py).")
-    return load_baseline(paths)
+    return load_baseline(files)
 
 
 def supervised_run(config: ml_collections.ConfigDict, *, training: bool = True) -> Run:
@@ -111,8 +109,8 @@ def supervised_run(config: ml_collections.ConfigDict, *, training: bool = True) 
                                    normals_from_depth=from_depth)
         writer.write_scalars(0, {f"trivial/{k}": v for k, v in trivial.items()})
         if jax.process_index() == 0:
-            (epath.Path(workdir) / "trivial_baseline.json").write_text(
-                json.dumps(trivial, indent=2, sort_keys=True))
+            paths.write_text(paths.join(workdir, "trivial_baseline.json"),
+                             json.dumps(trivial, indent=2, sort_keys=True))
 
     return Run(
         kind="supervised", config=config, tasks=exp.tasks, abstract_state=exp.abstract_state,
@@ -143,7 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config_schema.check(config)  # before the workdir, its lock or config.json exist
     with StopFlag() as stop:  # installed first: a SIGTERM during setup is not lost either
         with workdir_lock.WorkdirLock(workdir):
-            epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # also gs://bucket/run
+            paths.makedirs(workdir)  # also gs://bucket/run
             # Before anything is restored or written: refuse a resume with another
             # model/tasks/data.
             changes = (run_config.check_resume(config, workdir)
@@ -168,7 +166,7 @@ def run_loop(run: Run, workdir: str, stop: StopFlag, changes: dict) -> dict[str,
     if is_primary:  # the config and the logs now describe the run that resumes
         start_step = restored[2] if restored is not None else 0
         run_config.record(config, workdir, start_step, changes)
-        writers.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start_step)
+        writers.truncate_jsonl(paths.join(workdir, "metrics.jsonl"), start_step)
     writer = writers.create_default_writer(workdir, just_logging=not is_primary)
     if restored is not None:
         state, data_state, start = restored
@@ -250,8 +248,8 @@ def run_loop(run: Run, workdir: str, stop: StopFlag, changes: dict) -> dict[str,
         writer.close()
         raise Preempted(step, workdir)
     if results and is_primary and step == total:
-        (epath.Path(workdir) / "results.json").write_text(
-            json.dumps({"step": step, **results}, indent=2, sort_keys=True))
+        paths.write_text(paths.join(workdir, "results.json"),
+                         json.dumps({"step": step, **results}, indent=2, sort_keys=True))
     writer.flush()
     writer.close()
     return results
@@ -276,7 +274,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
                      workdir, config.model.init_from)
         restored = (run.init_state(), None, 0)
     if restored is None:
-        raise UserError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train first "
+        raise UserError(f"no checkpoint in {paths.join(workdir, 'checkpoints')}; train first "
                         "with: mtl-jax train --config=... --workdir=" + workdir)
     state, _, step = restored
     return {"step": step, **run.evaluate(state)}

@@ -15,6 +15,14 @@ checked from here: the message says to delete the file if that run is gone. The 
 released (the file removed, if it is still ours) when the run ends, also on errors and on
 SIGTERM; after a ``kill -9`` the next run finds it stale. ``mtl-jax eval`` takes no lock: it may
 read a workdir in use.
+
+A workdir on an object store (``gs://bucket/run``) holds the same ``LOCK`` object, created
+through :func:`mtl_jax.paths.create_exclusive` (on Cloud Storage an upload with the generation
+precondition ``ifGenerationMatch=0``: atomic, and the object holds the JSON from the start). An
+object cannot be renamed atomically, so a stale lock there is taken over by reading it again
+and deleting it only if it still holds the judged owner's token; between that read and the
+delete (milliseconds) a third run could replace it, which only matters when two runs take over
+the same stale lock at the same moment.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import uuid
 import jax
 from absl import logging
 
+from mtl_jax import paths
 from mtl_jax.errors import UserError
 
 LOCK_NAME = "LOCK"
@@ -65,8 +74,7 @@ def _owner_info() -> dict:
 def _read(path: str) -> dict | None:
     """The lock's JSON, or ``None`` when it is empty or not (yet) valid JSON."""
     try:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
+        info = json.loads(paths.read_text(path))
     except (OSError, ValueError):
         return None
     return info if isinstance(info, dict) and "pid" in info else None
@@ -108,7 +116,7 @@ class WorkdirLock:
 
     def __init__(self, workdir: str, *, enabled: bool | None = None):
         self.workdir = os.fspath(workdir)
-        self.path = os.path.join(self.workdir, LOCK_NAME)
+        self.path = paths.join(self.workdir, LOCK_NAME)
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.info: dict | None = None
 
@@ -136,14 +144,14 @@ class WorkdirLock:
 
     def acquire(self) -> None:
         try:
-            os.makedirs(self.workdir, exist_ok=True)
+            paths.makedirs(self.workdir)
         except OSError as e:
             raise UserError(f"cannot create the workdir {self.workdir}: {e.strerror or e}; "
                             "choose a writable --workdir") from e
         info = _owner_info()
         for _ in range(50):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                paths.create_exclusive(self.path, json.dumps(info).encode("utf-8"))
             except FileExistsError:
                 if self._take_over_stale():
                     continue
@@ -152,10 +160,6 @@ class WorkdirLock:
             except OSError as e:
                 raise UserError(f"the workdir {self.workdir} is not writable ({e.strerror or e}"
                                 "); choose a writable --workdir") from e
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(info, f)
-                f.flush()
-                os.fsync(f.fileno())
             self.info = info
             return
         raise UserError(f"could not lock the workdir {self.workdir}: {self.path} keeps changing "
@@ -167,7 +171,7 @@ class WorkdirLock:
         held = _read(self.path)
         if held is None:
             try:
-                age = time.time() - os.path.getmtime(self.path)
+                age = time.time() - paths.mtime(self.path)
             except OSError:
                 return True  # gone meanwhile
             if age < 5.0:
@@ -181,6 +185,9 @@ class WorkdirLock:
                 raise UserError(f"the workdir {self.workdir} is in use by another training run, "
                                 f"{describe(held)}{where}; wait for it to end, stop it, or use "
                                 "another --workdir (mtl-jax eval may read it meanwhile)")
+        if paths.is_url(self.path):
+            self._remove_stale_object(held, reason)
+            return True
         # Move the stale file aside atomically, then check that what we moved is what we
         # judged (another run may have replaced it in between); if not, put it back.
         aside = f"{self.path}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -209,6 +216,23 @@ class WorkdirLock:
                         describe(held) if held else "an unknown run", self.workdir, reason)
         return True
 
+    def _remove_stale_object(self, held: dict | None, reason: str) -> None:
+        """The object-store takeover: no atomic rename there, so read the lock again and delete
+        it only if it is still the one judged stale (module docstring)."""
+        if _read(self.path) != held:
+            return  # replaced (or removed) meanwhile: judge the new one
+        try:
+            paths.remove(self.path)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise UserError(f"the workdir {self.workdir} holds a stale lock of "
+                            f"{describe(held) if held else 'an unknown run'} ({reason}) that "
+                            f"cannot be removed ({e.strerror or e}): delete {self.path} yourself "
+                            "if no run uses this workdir, or choose a writable --workdir") from e
+        logging.warning("Took over the stale lock of %s in %s: %s.",
+                        describe(held) if held else "an unknown run", self.workdir, reason)
+
     def release(self) -> None:
         """Remove the lock file if it is still ours."""
         if self.info is None:
@@ -216,7 +240,7 @@ class WorkdirLock:
         held = _read(self.path)
         if held is not None and held.get("token") == self.info["token"]:
             try:
-                os.remove(self.path)
+                paths.remove(self.path)
             except OSError as e:
                 logging.warning("Could not remove the lock %s: %s", self.path, e)
         self.info = None
@@ -224,5 +248,5 @@ class WorkdirLock:
 
 def holder(workdir: str) -> dict | None:
     """The live owner of ``workdir``'s lock, or ``None`` (no lock, or a stale one)."""
-    info = _read(os.path.join(workdir, LOCK_NAME))
+    info = _read(paths.join(workdir, LOCK_NAME))
     return info if info is not None and stale_reason(info) is None else None

@@ -9,17 +9,20 @@ import contextlib
 import io
 import json
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from absl import logging
-from etils import epath
 from PIL import Image
 from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, types_pb2
 from tensorboard.plugins.text import metadata as text_metadata
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from mtl_jax import paths
 
 
 def _to_float(value: Any) -> float:
@@ -78,15 +81,34 @@ class TensorBoardWriter(MetricWriter):
 
     Scalars are ``simple_value``s; images PNG ``Summary.Image``s (N > 1 images: tags ``<tag>/i``);
     texts string tensors for the text plugin (markdown); hparams JSON, text ``hparams``, step 0.
+
+    A ``logdir`` on an object store (``gs://...``) cannot be appended to (gcsfs silently
+    *replaces* an object opened for appending): the event file is written to a local temporary
+    folder and uploaded whole to ``logdir`` on each ``flush``, on ``close`` and, when an event
+    is added, if ``flush_secs`` have passed since the last upload.
     """
 
     def __init__(self, logdir: str | os.PathLike, *, flush_secs: float = 120.0):
-        self._writer = EventFileWriter(os.fspath(logdir), flush_secs=flush_secs)
+        logdir = os.fspath(logdir)
+        self._remote = logdir if paths.is_url(logdir) else None
+        self._spool = tempfile.mkdtemp(prefix="mtl_jax_tensorboard_") if self._remote else None
+        self._writer = EventFileWriter(self._spool or logdir, flush_secs=flush_secs)
+        self._flush_secs, self._uploaded = flush_secs, time.monotonic()
+
+    def _upload(self) -> None:
+        if self._remote is None:
+            return
+        self._uploaded = time.monotonic()
+        for name in sorted(os.listdir(self._spool)):
+            with open(os.path.join(self._spool, name), "rb") as f:
+                paths.write_bytes(paths.join(self._remote, name), f.read())
 
     def _add(self, step: int, values: Sequence[summary_pb2.Summary.Value]) -> None:
         event = event_pb2.Event(wall_time=time.time(), step=int(step),
                                 summary=summary_pb2.Summary(value=list(values)))
         self._writer.add_event(event)
+        if self._remote is not None and time.monotonic() - self._uploaded >= self._flush_secs:
+            self.flush()
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         self._add(step, [summary_pb2.Summary.Value(tag=tag, simple_value=_to_float(value))
@@ -118,28 +140,36 @@ class TensorBoardWriter(MetricWriter):
 
     def flush(self) -> None:
         self._writer.flush()
+        self._upload()
 
     def close(self) -> None:
         self._writer.close()
+        try:
+            self._upload()
+        finally:
+            if self._spool is not None:
+                shutil.rmtree(self._spool, ignore_errors=True)
+                self._spool = None
 
 
 class JsonlWriter(MetricWriter):
-    """Appends ``{"step": N, "<key>": float, ...}`` to local file ``path`` per ``write_scalars``.
+    """Appends ``{"step": N, "<key>": float, ...}`` to file ``path`` per ``write_scalars``.
 
     Each line is flushed at once, so a killed run keeps all it wrote. NaN and infinities are the
     bare literals ``NaN``/``Infinity``/``-Infinity`` (Python's ``json`` default: ``json.loads``
     and pandas read them, strict parsers do not). Images and texts are ignored; ``write_hparams``
-    (over)writes ``hparams.json`` next to ``path``."""
+    (over)writes ``hparams.json`` next to ``path``. On an object store (``gs://...``, see
+    :mod:`mtl_jax.paths`) each call rewrites the whole object: objects cannot be appended to."""
 
     def __init__(self, path: str | os.PathLike):
-        self._url = "://" in os.fspath(path)
-        if self._url:  # Cloud Storage objects cannot be appended to: rewrite the whole file
-            self._path = epath.Path(path)
-            self._dir = self._path.parent
-            self._lines = self._path.read_text() if self._path.exists() else ""
+        path = os.fspath(path)
+        self._url = paths.is_url(path)
+        self._dir = paths.parent(path)
+        if self._url:  # an object cannot be appended to: rewrite the whole file
+            self._path = path
+            self._lines = paths.read_text(path) if paths.exists(path) else ""
             self._file = None
             return
-        self._dir = os.path.dirname(os.path.abspath(path))
         os.makedirs(self._dir, exist_ok=True)
         self._file = open(path, "a", encoding="utf-8")  # closed in close()
 
@@ -147,13 +177,13 @@ class JsonlWriter(MetricWriter):
         record = {"step": int(step), **{k: _to_float(v) for k, v in scalars.items()}}
         if self._url:
             self._lines += json.dumps(record) + "\n"
-            self._path.write_text(self._lines)
+            paths.write_text(self._path, self._lines)
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        (epath.Path(self._dir) / "hparams.json").write_text(_hparams_json(hparams) + "\n")
+        paths.write_text(paths.join(self._dir, "hparams.json"), _hparams_json(hparams) + "\n")
 
     def close(self) -> None:  # every line is already flushed, so ``flush`` has nothing to do
         if self._file is not None:
@@ -213,26 +243,23 @@ def truncate_jsonl(path: str | os.PathLike, step: int) -> int:
 
     A run resuming from the checkpoint of ``step`` calls it before writing: the steps after
     that checkpoint are replayed, so their records from the interrupted run would repeat.
-    The file is rewritten atomically (a new file renamed over it)."""
+    The file is rewritten atomically (a new file renamed over it; an object written whole)."""
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return 0
     kept, dropped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record_step = int(json.loads(line)["step"])
-            except (ValueError, KeyError, TypeError):
-                dropped += 1  # a line cut by a kill
-                continue
-            if 0 < step and record_step <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-            else:
-                dropped += 1
+    for line in paths.read_text(path).splitlines(keepends=True):
+        try:
+            record_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            dropped += 1  # a line cut by a kill
+            continue
+        if 0 < step and record_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+        else:
+            dropped += 1
     if dropped:
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        paths.write_text(path, "".join(kept))
         logging.info("Dropped %d records of steps after %d from %s (they are replayed).",
                      dropped, step, path)
     return dropped
@@ -243,8 +270,8 @@ def create_default_writer(workdir: str | os.PathLike, *, just_logging: bool = Fa
     with ``just_logging`` (every process but the first in a multi-host run)."""
     if just_logging:
         return MultiWriter([LoggingWriter()])
-    return MultiWriter([TensorBoardWriter(os.path.join(workdir, "tensorboard")),
-                        JsonlWriter(os.path.join(workdir, "metrics.jsonl")), LoggingWriter()])
+    return MultiWriter([TensorBoardWriter(paths.join(workdir, "tensorboard")),
+                        JsonlWriter(paths.join(workdir, "metrics.jsonl")), LoggingWriter()])
 
 
 def _format_duration(seconds: float) -> str:

@@ -1,6 +1,6 @@
 """Units of the multi-process support that need no second process: URL workdirs, the
-coordinator flags, and workdir files written through etils.epath (mocked Cloud Storage). The
-two-process runs are in ``tests/test_multiprocess.py``."""
+coordinator flags, and workdir files written through mtl_jax.paths (a stand-in for Cloud
+Storage). The two-process runs are in ``tests/test_multiprocess.py``."""
 
 import json
 import os
@@ -26,31 +26,29 @@ def test_partial_coordinator_flags_are_a_user_error():
         distributed.initialize("127.0.0.1:1234", 2, 2)
 
 
-def test_gs_workdir_files_go_through_epath(tmp_path):
-    """metrics.jsonl, hparams and pictures of a gs:// workdir are written with etils.epath
-    (Cloud Storage mocked by a local folder: objects are rewritten, never appended to)."""
-    from etils.epath import testing as epath_testing
+def test_gs_workdir_files_go_through_the_path_layer(tmp_path, monkeypatch):
+    """metrics.jsonl, hparams and pictures of a gs:// workdir are written through
+    mtl_jax.paths, i.e. fsspec's filesystem for gs:// (gcsfs), here the stand-in of
+    tests/object_store.py (objects are rewritten, never appended to)."""
+    from fsspec.registry import _registry
+    from object_store import ROOT_VARIABLE, StandInStore
 
     from mtl_jax import writers
     from mtl_jax.data import visualize
 
-    def local(path):
-        return str(path).replace("gs://", str(tmp_path / "gcs") + "/")
+    class GsStandIn(StandInStore):
+        protocol = ("gs",)
 
-    def redirect(original, path, *args, **kwargs):
-        return original(local(path), *args, **kwargs)
-
-    with epath_testing.mock_epath(open=redirect, exists=redirect, mkdir=redirect,
-                                  makedirs=redirect, isdir=redirect):
-        os.makedirs(local("gs://bucket/run"), exist_ok=True)
-        w = writers.JsonlWriter("gs://bucket/run/metrics.jsonl")
-        w.write_scalars(1, {"a": 1.0})
-        w.write_hparams({"lr": 0.1})
-        w.close()
-        w = writers.JsonlWriter("gs://bucket/run/metrics.jsonl")  # a resumed run
-        w.write_scalars(2, {"a": 2.0})
-        w.close()
-        visualize.save_png("gs://bucket/run/p.png", np.zeros((4, 6, 3), np.uint8))
+    monkeypatch.setenv(ROOT_VARIABLE, str(tmp_path / "gcs"))
+    monkeypatch.setitem(_registry, "gs", GsStandIn)
+    w = writers.JsonlWriter("gs://bucket/run/metrics.jsonl")
+    w.write_scalars(1, {"a": 1.0})
+    w.write_hparams({"lr": 0.1})
+    w.close()
+    w = writers.JsonlWriter("gs://bucket/run/metrics.jsonl")  # a resumed run
+    w.write_scalars(2, {"a": 2.0})
+    w.close()
+    visualize.save_png("gs://bucket/run/p.png", np.zeros((4, 6, 3), np.uint8))
     run = tmp_path / "gcs" / "bucket" / "run"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows == [{"step": 1, "a": 1.0}, {"step": 2, "a": 2.0}]

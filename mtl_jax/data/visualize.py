@@ -119,14 +119,12 @@ def example_grid(examples: Sequence[Mapping[str, np.ndarray]],
 
 
 def save_png(path, rgb: np.ndarray) -> None:
-    """Write a uint8 RGB picture as PNG to a local path or a URL (``gs://...``)."""
-    if "://" not in str(path):
-        Image.fromarray(np.asarray(rgb, np.uint8)).save(path)
-        return
+    """Write a uint8 RGB picture as PNG to a local path or a URL (``gs://...``), through
+    :mod:`mtl_jax.paths` (replaced atomically)."""
     import io
 
-    from etils import epath
+    from mtl_jax import paths
 
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(rgb, np.uint8)).save(buffer, "PNG")
-    epath.Path(path).write_bytes(buffer.getvalue())
+    paths.write_bytes(path, buffer.getvalue())

@@ -99,9 +99,10 @@ def load_baseline(paths: PathLike | Iterable[PathLike]) -> dict[str, float]:
         paths = [paths]
     merged: dict[str, float] = {}
     origin: dict[str, str] = {}
+    from mtl_jax import paths as path_layer  # local files or gs://... (mtl_jax.paths)
+
     for path in paths:
-        with open(path) as f:
-            data = json.load(f)
+        data = json.loads(path_layer.read_text(path))
         if not isinstance(data, Mapping):
             raise ValueError(
                 f"{path}: expected a JSON object of metrics, got {type(data).__name__}"
