@@ -208,13 +208,20 @@ class WorkdirLock:
                 return True
             os.remove(aside)
         except OSError as e:  # e.g. a read-only workdir: no run can take this lock over
-            raise UserError(f"the workdir {self.workdir} holds a stale lock of "
-                            f"{describe(held) if held else 'an unknown run'} ({reason}) that "
-                            f"cannot be removed ({e.strerror or e}): delete {current} yourself "
-                            "if no run uses this workdir, or choose a writable --workdir") from e
+            raise self._cannot_remove(held, reason, current, e) from e
+        self._took_over(held, reason)
+        return True
+
+    def _cannot_remove(self, held: dict | None, reason: str, where: str,
+                       error: OSError) -> UserError:
+        return UserError(f"the workdir {self.workdir} holds a stale lock of "
+                         f"{describe(held) if held else 'an unknown run'} ({reason}) that "
+                         f"cannot be removed ({error.strerror or error}): delete {where} "
+                         "yourself if no run uses this workdir, or choose a writable --workdir")
+
+    def _took_over(self, held: dict | None, reason: str) -> None:
         logging.warning("Took over the stale lock of %s in %s: %s.",
                         describe(held) if held else "an unknown run", self.workdir, reason)
-        return True
 
     def _remove_stale_object(self, held: dict | None, reason: str) -> None:
         """The object-store takeover: no atomic rename there, so read the lock again and delete
@@ -226,12 +233,8 @@ class WorkdirLock:
         except FileNotFoundError:
             return
         except OSError as e:
-            raise UserError(f"the workdir {self.workdir} holds a stale lock of "
-                            f"{describe(held) if held else 'an unknown run'} ({reason}) that "
-                            f"cannot be removed ({e.strerror or e}): delete {self.path} yourself "
-                            "if no run uses this workdir, or choose a writable --workdir") from e
-        logging.warning("Took over the stale lock of %s in %s: %s.",
-                        describe(held) if held else "an unknown run", self.workdir, reason)
+            raise self._cannot_remove(held, reason, self.path, e) from e
+        self._took_over(held, reason)
 
     def release(self) -> None:
         """Remove the lock file if it is still ours."""
