@@ -73,6 +73,7 @@ def _data_build(args: argparse.Namespace) -> int:
 def _data_show(args: argparse.Namespace) -> int:
     from mtl_jax.data import augment, registry, visualize
     from mtl_jax.errors import UserError
+    from mtl_jax.evaluation import pictures
 
     src = registry.open_split(args.name, args.split, args.config, args.data_dir,
                               **_builder_options(args))
@@ -82,7 +83,7 @@ def _data_show(args: argparse.Namespace) -> int:
                     for i in range(n)]
     except ValueError as e:
         raise UserError(str(e)) from e
-    visualize.save_png(args.out, visualize.example_grid(examples))
+    visualize.save_png(args.out, pictures.example_grid(examples))
     print(f"wrote {args.out}: {n} examples of {args.name}/{args.split}")
     return 0
 

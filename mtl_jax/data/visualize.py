@@ -7,7 +7,7 @@ edges white on black.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -73,21 +73,6 @@ def to_uint8_image(image_HxWx3: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(img) * 255.0, 0, 255).round().astype(np.uint8)
 
 
-def colorize(field: str, value: np.ndarray) -> np.ndarray:
-    """Colour-code one field of an example by its name (``image``, ``semseg``, ...)."""
-    if field in ("image", "reconstruction"):
-        return to_uint8_image(value)
-    if field == "semseg":
-        return colorize_semseg(value)
-    if field == "depth":
-        return colorize_depth(value)
-    if field == "normals":
-        return colorize_normals(value)
-    if field == "edges":
-        return colorize_edges(value)
-    raise ValueError(f"don't know how to draw field {field!r}")
-
-
 def grid(rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str] | None = None,
          pad: int = 2, title_height: int = 12) -> np.ndarray:
     """Tile equally sized uint8 RGB pictures into a grid; optional column titles on top."""
@@ -107,15 +92,6 @@ def grid(rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str] | None = No
             draw.text((pad + c * (w + pad) + 2, 0), title, fill=(0, 0, 0))
         out = np.asarray(img)
     return out
-
-
-def example_grid(examples: Sequence[Mapping[str, np.ndarray]],
-                 fields: Sequence[str] = ("image", "semseg", "depth", "normals", "edges")
-                 ) -> np.ndarray:
-    """One row per example, one column per field present."""
-    fields = [f for f in fields if f in examples[0]]
-    rows = [[colorize(f, ex[f]) for f in fields] for ex in examples]
-    return grid(rows, titles=list(fields))
 
 
 def save_png(path, rgb: np.ndarray) -> None:

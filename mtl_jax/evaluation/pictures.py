@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -60,3 +60,15 @@ def prediction_grid(batch: Mapping[str, np.ndarray], preds: Mapping[str, np.ndar
         row += [mask_picture(mask[i]) for mask in masks.values()]
         rows.append(row)
     return visualize.grid(rows, titles=titles)
+
+
+def example_grid(examples: Sequence[Mapping[str, np.ndarray]],
+                 fields: Sequence[str] = ("image", "semseg", "depth", "normals", "edges")
+                 ) -> np.ndarray:
+    """One row per dataset example, one column per field present: the image, and each label
+    drawn by the task whose label it is (``Task.label_picture``)."""
+    by_label = {cls.label_key: cls for cls in TASKS.values() if cls.label_key != "image"}
+    fields = [f for f in fields if f in examples[0] and (f == "image" or f in by_label)]
+    rows = [[visualize.to_uint8_image(ex[f]) if f == "image" else by_label[f].label_picture(ex[f])
+             for f in fields] for ex in examples]
+    return visualize.grid(rows, titles=list(fields))
