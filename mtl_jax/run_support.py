@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 
 from mtl_jax.data import pipeline
-from mtl_jax.errors import UserError
+from mtl_jax.errors import UserError, writing
 from mtl_jax.evaluation.metrics import compute_metrics, merge_metrics
 from mtl_jax.evaluation.pictures import prediction_grid
 from mtl_jax.experiment import Experiment
@@ -249,5 +249,7 @@ def write_pictures(exp: Experiment, state: PyTree, source, normals_from_depth: b
     if jax.process_index() == 0:
         from mtl_jax.data.visualize import save_png
 
-        save_png(os.path.join(workdir, f"predictions_step{step:07d}.png"), picture)
-        save_png(os.path.join(workdir, "predictions.png"), picture)
+        for name in (f"predictions_step{step:07d}.png", "predictions.png"):
+            path = os.path.join(workdir, name)
+            with writing(f"the prediction pictures {path}"):
+                save_png(path, picture)

@@ -21,6 +21,8 @@ from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, types_p
 from tensorboard.plugins.text import metadata as text_metadata
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from mtl_jax.errors import writing
+
 
 def _to_float(value: Any) -> float:
     return float(np.asarray(value).item())
@@ -49,7 +51,13 @@ def _png_images(images: Any) -> list[summary_pb2.Summary.Image]:
 
 
 class MetricWriter:
-    """The writer interface (clu's); each method does nothing unless a subclass overrides it."""
+    """The writer interface (clu's); each method does nothing unless a subclass overrides it.
+
+    ``what`` names what a writer writes (``'the metrics log W/metrics.jsonl'``): an
+    ``OSError`` of a writer in a :class:`MultiWriter` (disk full) becomes a
+    :class:`~mtl_jax.errors.WriteError` naming it."""
+
+    what = "the log"
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         """``{tag: number or size-1 array}``."""
@@ -81,7 +89,9 @@ class TensorBoardWriter(MetricWriter):
     """
 
     def __init__(self, logdir: str | os.PathLike, *, flush_secs: float = 120.0):
-        self._writer = EventFileWriter(os.fspath(logdir), flush_secs=flush_secs)
+        self.what = f"the TensorBoard log in {os.fspath(logdir)}"
+        with writing(self.what):
+            self._writer = EventFileWriter(os.fspath(logdir), flush_secs=flush_secs)
 
     def _add(self, step: int, values: Sequence[summary_pb2.Summary.Value]) -> None:
         event = event_pb2.Event(wall_time=time.time(), step=int(step),
@@ -133,6 +143,7 @@ class JsonlWriter(MetricWriter):
 
     def __init__(self, path: str | os.PathLike):
         self._url = "://" in os.fspath(path)
+        self.what = f"the metrics log {os.fspath(path)}"
         if self._url:  # Cloud Storage objects cannot be appended to: rewrite the whole file
             self._path = epath.Path(path)
             self._dir = self._path.parent
@@ -140,8 +151,9 @@ class JsonlWriter(MetricWriter):
             self._file = None
             return
         self._dir = os.path.dirname(os.path.abspath(path))
-        os.makedirs(self._dir, exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")  # closed in close()
+        with writing(self.what):
+            os.makedirs(self._dir, exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8")  # closed in close()
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         record = {"step": int(step), **{k: _to_float(v) for k, v in scalars.items()}}
@@ -153,7 +165,9 @@ class JsonlWriter(MetricWriter):
         self._file.flush()
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        (epath.Path(self._dir) / "hparams.json").write_text(_hparams_json(hparams) + "\n")
+        path = epath.Path(self._dir) / "hparams.json"
+        with writing(f"the hyperparameters {path}"):
+            path.write_text(_hparams_json(hparams) + "\n")
 
     def close(self) -> None:  # every line is already flushed, so ``flush`` has nothing to do
         if self._file is not None:
@@ -183,7 +197,8 @@ class MultiWriter(MetricWriter):
 
     def _each(self, method: str, *args: Any) -> None:
         for writer in self._writers:
-            getattr(writer, method)(*args)
+            with writing(writer.what):
+                getattr(writer, method)(*args)
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         self._each("write_scalars", step, scalars)
