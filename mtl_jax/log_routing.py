@@ -5,10 +5,10 @@ threads log their exceptions with tracebacks, TensorBoard's event-writer thread 
 prints ``Exception in thread ...``), and coroutines of an unfinished save are destroyed at
 exit (``Exception ignored in ...``). The run itself stops with one line
 (docs/reliability.md); :func:`background_tracebacks_to_file` keeps those hundreds of lines
-off the terminal: each logged record keeps its one line there, ending with
-``[traceback in <file>]``, and the tracebacks are appended to that file,
-``<temp dir>/mtl-jax-<pid>.log`` (the system's temporary directory: the workdir's disk may be
-the full one). ``mtl-jax --verbose`` shows them on the terminal as before.
+off the terminal: they are appended to ``<temp dir>/mtl-jax-<pid>.log`` (the system's
+temporary directory: the workdir's disk may be the full one), and the first of them leaves one
+log line on the terminal, ending with ``[traceback in <file>] (further errors with tracebacks
+go there too)``. ``mtl-jax --verbose`` shows them all on the terminal as before.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import traceback
+import warnings
 from collections.abc import Iterator
 
 from absl import logging
@@ -53,11 +54,14 @@ class TracebackFile:
 
 
 class _TracebacksToFile(pylogging.Filter):
-    """Moves the traceback of a log record (``exc_info``/``stack_info``) to the file."""
+    """Log records with a traceback (``exc_info``/``stack_info``) go to the file; the first
+    one leaves its first line on the terminal, saying where they are (a failed save makes
+    hundreds: one per array being written)."""
 
     def __init__(self, file: TracebackFile):
         super().__init__()
         self.file = file
+        self.count = 0
         self._formatter = pylogging.Formatter(
             "%(levelname)s %(asctime)s %(threadName)s %(pathname)s:%(lineno)d] %(message)s")
 
@@ -65,8 +69,12 @@ class _TracebacksToFile(pylogging.Filter):
         if not (record.exc_info or record.exc_text or record.stack_info):
             return True
         written = self.file.write(self._formatter.format(record))
+        self.count += 1
+        if self.count > 1:
+            return False
         lines = record.getMessage().splitlines()
-        record.msg = (lines[0] if lines else "") + self.file.where(written)
+        record.msg = ((lines[0] if lines else "") + self.file.where(written)
+                      + " (further errors with tracebacks go there too)")
         record.args = None
         record.exc_info = record.exc_text = record.stack_info = None
         return True
@@ -89,18 +97,15 @@ def background_tracebacks_to_file(*, keep: bool = False,
     file = file or TracebackFile()
     log_filter = _TracebacksToFile(file)
     handler = logging.get_absl_handler()
-    previous_thread_hook = threading.excepthook
 
     def thread_hook(args: threading.ExceptHookArgs) -> None:
         if args.exc_type is SystemExit:
             return
         name = args.thread.name if args.thread is not None else "?"
-        text = "".join(traceback.format_exception(args.exc_type, args.exc_value,
-                                                  args.exc_traceback))
-        written = file.write(f"Exception in thread {name}:\n{text}")
-        logging.error("The background thread %s failed: %s%s", name,
-                      os_error_text(args.exc_value) if args.exc_value is not None
-                      else args.exc_type.__name__, file.where(written))
+        cause = (os_error_text(args.exc_value) if args.exc_value is not None
+                 else args.exc_type.__name__)
+        logging.error("The background thread %s failed: %s", name, cause,
+                      exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
     def unraisable_hook(unraisable) -> None:
         try:
@@ -128,19 +133,26 @@ def background_tracebacks_to_file(*, keep: bool = False,
             text = f"{exc_type}: {exc_value}"
         file.write(f"Exception in a background thread:\n{text}")
 
-    hooks = {"excepthook": excepthook, "unraisablehook": unraisable_hook}
-    previous = {name: getattr(sys, name) for name in hooks}
+    previous_showwarning = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file_=None, line=None) -> None:
+        """``coroutine ... was never awaited``: the writes of a failed save, at exit."""
+        if issubclass(category, RuntimeWarning) and "was never awaited" in str(message):
+            file.write(f"{filename}:{lineno}: {category.__name__}: {message}")
+            return
+        previous_showwarning(message, category, filename, lineno, file_, line)
+
+    hooks = {(sys, "excepthook"): excepthook, (sys, "unraisablehook"): unraisable_hook,
+             (threading, "excepthook"): thread_hook, (warnings, "showwarning"): showwarning}
+    previous = {where: getattr(*where) for where in hooks}
     handler.addFilter(log_filter)
-    threading.excepthook = thread_hook
-    for name, hook in hooks.items():
-        setattr(sys, name, hook)
+    for (module, name), hook in hooks.items():
+        setattr(module, name, hook)
     try:
         yield file
     finally:
         if not keep:
             handler.removeFilter(log_filter)
-            if threading.excepthook is thread_hook:
-                threading.excepthook = previous_thread_hook
-            for name, hook in hooks.items():
-                if getattr(sys, name) is hook:
-                    setattr(sys, name, previous[name])
+            for (module, name), hook in hooks.items():
+                if getattr(module, name) is hook:
+                    setattr(module, name, previous[module, name])
