@@ -166,6 +166,7 @@ def test_background_tracebacks_go_to_the_log_file(tmp_path, capfd, monkeypatch):
     added = handler not in root.handlers
     if added:
         root.addHandler(handler)
+    stream = handler.python_handler.setStream(sys.stderr)  # (not pytest's, from a run)
     file = log_routing.TracebackFile(str(tmp_path / "t.log"))
     try:
         with log_routing.background_tracebacks_to_file(file=file):
@@ -180,6 +181,7 @@ def test_background_tracebacks_go_to_the_log_file(tmp_path, capfd, monkeypatch):
             except ValueError:
                 logging.getLogger("orbax").exception("a save thread failed")
     finally:
+        handler.python_handler.setStream(stream)
         if added:
             root.removeHandler(handler)
     err = capfd.readouterr().err
