@@ -14,7 +14,8 @@ kind's implementation of :class:`~mtl_jax.run_support.Run` -- the supervised run
 
 Reliability (docs/reliability.md): a run holds ``<workdir>/LOCK`` (:mod:`mtl_jax.workdir_lock`),
 refuses to resume with a config that changes more than :data:`mtl_jax.run_config.SAFE_KEYS`,
-falls back from unreadable checkpoints, stops on a failed background save, drops the
+falls back from unreadable checkpoints, stops on a failed background save or any failed write
+(one line naming the file and the intact checkpoints: :func:`run_loop`), drops the
 ``metrics.jsonl`` lines of steps replayed after a resume, stops on labels outside the tasks'
 range (``config.label_check``), and raises :class:`~mtl_jax.errors.Preempted` after saving
 when SIGTERM arrives.
