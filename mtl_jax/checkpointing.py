@@ -22,8 +22,10 @@ Reliability (docs/reliability.md):
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -31,7 +33,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from mtl_jax.errors import UserError
+from mtl_jax.errors import UserError, os_error_text
 
 UNREADABLE_DIR = "checkpoints_unreadable"
 
@@ -133,6 +135,23 @@ def _cause(e: BaseException, limit: int = 300) -> str:
     lines = [x.strip() for x in str(e).splitlines() if x.strip()]
     text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _save_cause(e: BaseException) -> str:
+    """What made a save fail: the OS error first (``No space left on device (ENOSPC)``, from
+    an ``OSError`` in the chain or tensorstore's ``[os_error_code='28']``), then the error."""
+    chain, seen = e, set()
+    while chain is not None and id(chain) not in seen:
+        if isinstance(chain, OSError) and chain.strerror:
+            return os_error_text(chain)
+        seen.add(id(chain))
+        chain = chain.__cause__ or chain.__context__
+    match = re.search(r"os_error_code='?(\d+)", str(e))
+    if match:
+        code = int(match.group(1))
+        name = errno.errorcode.get(code, str(code))
+        return f"{os.strerror(code)} ({name}): {_cause(e, 200)}"
+    return _cause(e)
 
 
 def _check_data_files(step_dir: epath.Path) -> None:
@@ -260,7 +279,7 @@ class Saver:
                        if s != step)
         return CheckpointSaveError(
             f"saving the checkpoint of step {step} failed: "
-            f"{_cause(cause) if cause else 'it was not committed (see the log above)'}; "
+            f"{_save_cause(cause) if cause else 'it was not committed (see the log)'}; "
             f"the checkpoints saved before are intact (steps {saved or 'none'} in "
             f"{self.manager.directory}): fix the cause (e.g. free disk space) and run the same "
             "command again to resume")

@@ -9,9 +9,12 @@ multi-process one (:func:`mtl_jax.distributed.exit_after_failure`).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import sys
 import traceback
+from collections.abc import Iterator
 
 #: Exit codes of ``mtl-jax`` (docs/reliability.md).
 EXIT_OK = 0
@@ -38,6 +41,47 @@ class UsageError(UserError):
 
 class DatasetNotFoundError(UserError, FileNotFoundError):
     """A dataset was asked for that has not been prepared in the data dir."""
+
+
+class WriteError(UserError):
+    """Writing one of a run's outputs failed (disk full, quota, a lost mount, a read-only file
+    system): ``what`` names the output and its file, ``cause`` the OS error. The training loop
+    adds which checkpoints are intact (:meth:`with_intact_checkpoints`)."""
+
+    def __init__(self, what: str, cause: BaseException | str):
+        self.what = what
+        self.cause = cause if isinstance(cause, str) else os_error_text(cause)
+        super().__init__(f"writing {what} failed: {self.cause}")
+
+    def with_intact_checkpoints(self, steps: list[int], directory: str) -> WriteError:
+        """The same failure, its message ending with the checkpoints that are intact."""
+        error = WriteError(self.what, self.cause)
+        error.args = (f"{self}; the checkpoints saved before are intact (steps "
+                      f"{steps or 'none'} in {directory}): fix the cause (e.g. free disk space) "
+                      "and run the same command again to resume",)
+        return error
+
+
+def os_error_text(e: BaseException) -> str:
+    """``No space left on device (ENOSPC)`` for an ``OSError``, else ``Type: message`` (the
+    first line)."""
+    if isinstance(e, OSError) and e.strerror:
+        code = errno.errorcode.get(e.errno, "") if e.errno else ""
+        return f"{e.strerror} ({code})" if code else e.strerror
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+@contextlib.contextmanager
+def writing(what: str) -> Iterator[None]:
+    """Turn an ``OSError`` raised in the block into a :class:`WriteError` naming ``what`` (e.g.
+    ``'the prediction pictures W/predictions.png'``)."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, UserError):  # already a message for the user
+            raise
+        raise WriteError(what, e) from e
 
 
 class Preempted(Exception):  # noqa: N818 (not an error: the run is to be resumed)

@@ -232,16 +232,19 @@ def _top_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mtl-jax`` console script; returns the exit code."""
-    from mtl_jax import errors
+    from mtl_jax import errors, log_routing
 
+    own_process = argv is None  # the console script: this process ends with the command
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--verbose" in argv:  # for every error path, also the multi-process exit
         os.environ["MTL_JAX_VERBOSE"] = "1"
     argv = [a for a in argv if a != "--verbose"]
-    try:
-        return _dispatch(argv)
-    except (errors.Preempted, errors.UserError, KeyboardInterrupt) as e:
-        return errors.report(e)
+    # Background threads' tracebacks (a failed save's) go to a file, the error is one line.
+    with log_routing.background_tracebacks_to_file(keep=own_process):
+        try:
+            return _dispatch(argv)
+        except (errors.Preempted, errors.UserError, KeyboardInterrupt) as e:
+            return errors.report(e)
 
 
 def _dispatch(argv: list[str] | None) -> int:

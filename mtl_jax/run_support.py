@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 
 from mtl_jax.data import pipeline
-from mtl_jax.errors import UserError
+from mtl_jax.errors import UserError, writing
 from mtl_jax.evaluation.metrics import compute_metrics, merge_metrics
 from mtl_jax.evaluation.pictures import prediction_grid
 from mtl_jax.experiment import Experiment
@@ -249,5 +249,7 @@ def write_pictures(exp: Experiment, state: PyTree, source, normals_from_depth: b
         from mtl_jax import paths
         from mtl_jax.data.visualize import save_png
 
-        save_png(paths.join(workdir, f"predictions_step{step:07d}.png"), picture)
-        save_png(paths.join(workdir, "predictions.png"), picture)
+        for name in (f"predictions_step{step:07d}.png", "predictions.png"):
+            path = paths.join(workdir, name)
+            with writing(f"the prediction pictures {path}"):
+                save_png(path, picture)

@@ -14,7 +14,8 @@ kind's implementation of :class:`~mtl_jax.run_support.Run` -- the supervised run
 
 Reliability (docs/reliability.md): a run holds ``<workdir>/LOCK`` (:mod:`mtl_jax.workdir_lock`),
 refuses to resume with a config that changes more than :data:`mtl_jax.run_config.SAFE_KEYS`,
-falls back from unreadable checkpoints, stops on a failed background save, drops the
+falls back from unreadable checkpoints, stops on a failed background save or any failed write
+(one line naming the file and the intact checkpoints: :func:`run_loop`), drops the
 ``metrics.jsonl`` lines of steps replayed after a resume, stops on labels outside the tasks'
 range (``config.label_check``), and raises :class:`~mtl_jax.errors.Preempted` after saving
 when SIGTERM arrives.
@@ -33,7 +34,7 @@ from absl import logging
 
 from mtl_jax import checkpointing, config_schema, paths, run_config, workdir_lock, writers
 from mtl_jax.data import pipeline
-from mtl_jax.errors import Preempted, UserError
+from mtl_jax.errors import Preempted, UserError, WriteError, writing
 from mtl_jax.evaluation import delta_m, load_baseline
 from mtl_jax.evaluation.metrics import directions_for
 from mtl_jax.evaluation.trivial import trivial_baseline
@@ -109,8 +110,9 @@ def supervised_run(config: ml_collections.ConfigDict, *, training: bool = True) 
                                    normals_from_depth=from_depth)
         writer.write_scalars(0, {f"trivial/{k}": v for k, v in trivial.items()})
         if jax.process_index() == 0:
-            paths.write_text(paths.join(workdir, "trivial_baseline.json"),
-                             json.dumps(trivial, indent=2, sort_keys=True))
+            path = paths.join(workdir, "trivial_baseline.json")
+            with writing(f"the trivial baseline {path}"):
+                paths.write_text(path, json.dumps(trivial, indent=2, sort_keys=True))
 
     return Run(
         kind="supervised", config=config, tasks=exp.tasks, abstract_state=exp.abstract_state,
@@ -151,41 +153,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def run_loop(run: Run, workdir: str, stop: StopFlag, changes: dict) -> dict[str, float]:
     """The training loop of every kind of run (module docstring); ``changes`` are the config
-    changes of a resume (:func:`mtl_jax.run_config.check_resume`), recorded once restored."""
+    changes of a resume (:func:`mtl_jax.run_config.check_resume`), recorded once restored.
+
+    A failed write of any output (checkpoint, pictures, TensorBoard, ``metrics.jsonl``,
+    ``results.json``: disk full, quota, a lost mount) stops the run with one
+    :class:`~mtl_jax.errors.WriteError` line naming the output, the OS error and the
+    checkpoints that are intact (those committed once the saves in flight have finished)."""
+    try:
+        return _run_loop(run, workdir, stop, changes)
+    except WriteError as e:  # the checkpoint manager is closed: its saves have finished
+        raise e.with_intact_checkpoints(checkpointing.saved_steps(workdir),
+                                        checkpointing.checkpoint_dir(workdir)) from e
+
+
+def _run_loop(run: Run, workdir: str, stop: StopFlag, changes: dict) -> dict[str, float]:
     config = run.config
     is_primary = jax.process_index() == 0
     manager = checkpointing.make_manager(workdir,
                                          async_save=config.get("async_checkpoints", True))
+    saver = checkpointing.Saver(manager, config.keep_checkpoints)
     train_it = run.train_data()
     try:
         restored = checkpointing.restore(manager, run.abstract_state, set_aside=True)
+        if is_primary:  # the config and the logs now describe the run that resumes
+            start_step = restored[2] if restored is not None else 0
+            with writing(f"the run's config {paths.join(workdir, 'config.json')}"):
+                run_config.record(config, workdir, start_step, changes)
+            metrics_log = paths.join(workdir, "metrics.jsonl")
+            with writing(f"the metrics log {metrics_log}"):
+                writers.truncate_jsonl(metrics_log, start_step)
+        writer = writers.create_default_writer(workdir, just_logging=not is_primary)
     except BaseException:
         train_it.close()
-        manager.close()
+        saver.close(check=False)
         raise
-    if is_primary:  # the config and the logs now describe the run that resumes
-        start_step = restored[2] if restored is not None else 0
-        run_config.record(config, workdir, start_step, changes)
-        writers.truncate_jsonl(paths.join(workdir, "metrics.jsonl"), start_step)
-    writer = writers.create_default_writer(workdir, just_logging=not is_primary)
-    if restored is not None:
-        state, data_state, start = restored
-        train_it.set_state(data_state)
-        logging.info("Resumed from the checkpoint of step %d in %s.", start, workdir)
-        writer.write_resume(start)
-    else:
-        state, start = run.init_state(), 0
-        writer.write_hparams(config.to_dict())
-        if run.on_fresh_start is not None:
-            run.on_fresh_start(writer, workdir)
+    try:
+        return _train(run, workdir, stop, restored, writer, saver, train_it)
+    finally:  # stop the prefetch threads
+        train_it.close()
 
+
+def _train(run: Run, workdir: str, stop: StopFlag, restored, writer, saver, train_it
+           ) -> dict[str, float]:
+    config = run.config
+    is_primary = jax.process_index() == 0
     total = int(config.num_train_steps)
     reporter = writers.ProgressReporter(total, writer=writer,
                                         every_steps=config.get("log_every_steps", 50))
     results: dict[str, float] = {}
     pending: tuple[int, dict] | None = None  # metrics are fetched one step late
     acc, acc_n = None, 0
-    saver = checkpointing.Saver(manager, config.keep_checkpoints)
     label_check = config.get("label_check", "error")
 
     def flush_pending():
@@ -206,9 +223,19 @@ def run_loop(run: Run, workdir: str, stop: StopFlag, changes: dict) -> dict[str,
             writer.write_scalars(p_step, scalars)
             acc, acc_n = None, 0
 
-    step = start
-    stopping = False
+    step, stopping = 0, False
     try:
+        if restored is not None:
+            state, data_state, start = restored
+            train_it.set_state(data_state)
+            logging.info("Resumed from the checkpoint of step %d in %s.", start, workdir)
+            writer.write_resume(start)
+        else:
+            state, start = run.init_state(), 0
+            writer.write_hparams(config.to_dict())
+            if run.on_fresh_start is not None:
+                run.on_fresh_start(writer, workdir)
+        step = start
         while step < total:
             batch = next(train_it)
             t_call = time.perf_counter()
@@ -242,14 +269,14 @@ def run_loop(run: Run, workdir: str, stop: StopFlag, changes: dict) -> dict[str,
     except BaseException:  # finish in-flight async saves; the first error is the one reported
         saver.close(check=False)
         raise
-    finally:  # stop the prefetch threads
-        train_it.close()
     if stopping and step < total:  # SIGTERM here or on another process: saved, resume me
         writer.close()
         raise Preempted(step, workdir)
     if results and is_primary and step == total:
-        paths.write_text(paths.join(workdir, "results.json"),
-                         json.dumps({"step": step, **results}, indent=2, sort_keys=True))
+        path = paths.join(workdir, "results.json")
+        with writing(f"the final results {path}"):
+            paths.write_text(path, json.dumps({"step": step, **results}, indent=2,
+                                              sort_keys=True))
     writer.flush()
     writer.close()
     return results

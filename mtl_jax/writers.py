@@ -23,6 +23,7 @@ from tensorboard.plugins.text import metadata as text_metadata
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from mtl_jax import paths
+from mtl_jax.errors import writing
 
 
 def _to_float(value: Any) -> float:
@@ -52,7 +53,13 @@ def _png_images(images: Any) -> list[summary_pb2.Summary.Image]:
 
 
 class MetricWriter:
-    """The writer interface (clu's); each method does nothing unless a subclass overrides it."""
+    """The writer interface (clu's); each method does nothing unless a subclass overrides it.
+
+    ``what`` names what a writer writes (``'the metrics log W/metrics.jsonl'``): an
+    ``OSError`` of a writer in a :class:`MultiWriter` (disk full) becomes a
+    :class:`~mtl_jax.errors.WriteError` naming it."""
+
+    what = "the log"
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         """``{tag: number or size-1 array}``."""
@@ -90,9 +97,11 @@ class TensorBoardWriter(MetricWriter):
 
     def __init__(self, logdir: str | os.PathLike, *, flush_secs: float = 120.0):
         logdir = os.fspath(logdir)
+        self.what = f"the TensorBoard log in {logdir}"
         self._remote = logdir if paths.is_url(logdir) else None
         self._spool = tempfile.mkdtemp(prefix="mtl_jax_tensorboard_") if self._remote else None
-        self._writer = EventFileWriter(self._spool or logdir, flush_secs=flush_secs)
+        with writing(self.what):
+            self._writer = EventFileWriter(self._spool or logdir, flush_secs=flush_secs)
         self._flush_secs, self._uploaded = flush_secs, time.monotonic()
 
     def _upload(self) -> None:
@@ -163,6 +172,7 @@ class JsonlWriter(MetricWriter):
 
     def __init__(self, path: str | os.PathLike):
         path = os.fspath(path)
+        self.what = f"the metrics log {path}"
         self._url = paths.is_url(path)
         self._dir = paths.parent(path)
         if self._url:  # an object cannot be appended to: rewrite the whole file
@@ -170,8 +180,9 @@ class JsonlWriter(MetricWriter):
             self._lines = paths.read_text(path) if paths.exists(path) else ""
             self._file = None
             return
-        os.makedirs(self._dir, exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")  # closed in close()
+        with writing(self.what):
+            os.makedirs(self._dir, exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8")  # closed in close()
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         record = {"step": int(step), **{k: _to_float(v) for k, v in scalars.items()}}
@@ -183,7 +194,9 @@ class JsonlWriter(MetricWriter):
         self._file.flush()
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        paths.write_text(paths.join(self._dir, "hparams.json"), _hparams_json(hparams) + "\n")
+        path = paths.join(self._dir, "hparams.json")
+        with writing(f"the hyperparameters {path}"):
+            paths.write_text(path, _hparams_json(hparams) + "\n")
 
     def close(self) -> None:  # every line is already flushed, so ``flush`` has nothing to do
         if self._file is not None:
@@ -213,7 +226,8 @@ class MultiWriter(MetricWriter):
 
     def _each(self, method: str, *args: Any) -> None:
         for writer in self._writers:
-            getattr(writer, method)(*args)
+            with writing(writer.what):
+                getattr(writer, method)(*args)
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         self._each("write_scalars", step, scalars)
