@@ -18,7 +18,7 @@ import sys
 import threading
 
 import pytest
-from test_training import REPO
+from conftest import REPO
 
 from mtl_jax import checkpointing, log_routing, main, writers
 from mtl_jax.data import visualize

@@ -145,7 +145,7 @@ def test_the_loop_and_its_runs_sit_below_train(module):
 #: its own layer or of a lower one. Every top-level module and package has a layer, so a new
 #: one must be placed here.
 LAYERS = [
-    {"errors", "paths", "__init__"},
+    {"errors", "paths", "log_routing", "__init__"},
     {"optim", "run_config", "workdir_lock", "checkpointing", "distributed", "compile_cache",
      "writers", "data", "weighting"},
     {"tasks"},
