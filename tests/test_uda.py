@@ -23,9 +23,9 @@ from test_reliability import _BadLabels
 from mtl_jax import checkpointing
 from mtl_jax.data import pipeline, registry
 from mtl_jax.errors import UserError
-from mtl_jax.models.discriminator import PatchDiscriminator, TaskDiscriminators, random_hflip
 from mtl_jax.uda import inputs as uda_inputs
 from mtl_jax.uda import steps as uda_steps
+from mtl_jax.uda.discriminator import PatchDiscriminator, TaskDiscriminators, random_hflip
 from mtl_jax.uda.loop import build_uda_experiment, discriminator_parameter_count, open_uda_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -38,9 +38,9 @@ from mtl_jax.data import pipeline
 from mtl_jax.errors import Preempted, UserError
 from mtl_jax.evaluation.metrics import compute_metrics, merge_metrics
 from mtl_jax.experiment import Experiment, build_experiment, dataset_normals_from_depth, open_data
-from mtl_jax.models.discriminator import TaskDiscriminators
 from mtl_jax.uda import inputs as uda_inputs
 from mtl_jax.uda import steps as uda_steps
+from mtl_jax.uda.discriminator import TaskDiscriminators
 
 DISC_OPTIMIZER = dict(name="adam", learning_rate=1e-4, b1=0.9, b2=0.99, schedule="poly",
                       power=0.9)

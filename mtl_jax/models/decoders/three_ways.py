@@ -37,11 +37,11 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.models.decoders.aspp import ASPP
+from mtl_jax.models.initializers import torch_default_kernel_init
 from mtl_jax.models.layers import (
     conv,
     resize_bilinear,
     resize_nearest,
-    torch_default_kernel_init,
     upsample_nearest,
 )
 
