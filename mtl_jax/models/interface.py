@@ -95,7 +95,8 @@ class Staged(Protocol):
     stage_switch: float
 
     def stage_one(self) -> MultiTaskNet:
-        """The model run before the switch: the same parameter tree, run differently."""
+        """The model run before the switch: it runs on the full model's variables (it may
+        leave some unused, e.g. ATI-Net's latent distillation) and gives the same outputs."""
         ...
 
     def stage_reset_prefixes(self) -> tuple[str, ...]:

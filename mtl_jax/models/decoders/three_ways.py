@@ -111,9 +111,6 @@ class ThreeWaysDecoder(nn.Module):
             for k in (0, *sorted(set(self.side_scales)))
         }
 
-    def stage_channels(self, stage: int) -> int:
-        return int(self.channels[stage])
-
     def stage(self, stage: int, x: jax.Array | None, features: Sequence[jax.Array],
               train: bool) -> jax.Array:
         """Run decoder stage ``stage`` on the previous stage's output ``x`` (``None`` at
