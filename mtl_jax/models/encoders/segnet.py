@@ -190,7 +190,3 @@ def stack_widths(level: int, mid: int, out: int) -> tuple[int, ...]:
     above (MTAN's ``bottle_neck=True`` / ``False`` blocks)."""
     return (mid, out) if level < 2 else (mid, mid, out)
 
-
-def segnet(**kwargs: Any) -> SegNet:
-    """``SegNet(**kwargs)`` (registry-style constructor)."""
-    return SegNet(**kwargs)
