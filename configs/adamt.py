@@ -98,6 +98,7 @@ import ml_collections
 
 from mtl_jax.config_utils import parse_arg, task_set
 from mtl_jax.errors import UserError
+from mtl_jax.models.architectures.adamt import VARIANTS
 
 #: name -> (builder config, semseg classes, (H, W), batch size, epoch length in steps
 #: (train examples // batch)).
@@ -109,8 +110,6 @@ DATASETS = {
 }
 #: ISPRS Potsdam's epoch: 24 training images of 6000×6000 cut into 23×23 tiles of 256×256.
 _POTSDAM_TRAIN_TILES = 24 * 23 * 23
-VARIANTS = {"adamt": (True, True), "unet": (False, False), "dense_noatt": (True, False),
-            "st": (True, True)}
 SUPPORTED_TASKS = ("semseg", "depth", "normals", "reconstruction")
 EPOCHS = 200
 

@@ -79,6 +79,7 @@ import ml_collections
 
 from mtl_jax.config_utils import parse_arg
 from mtl_jax.errors import UserError
+from mtl_jax.models.architectures.xtasc import VARIANTS as MODELS
 from mtl_jax.models.encoders import LAST_SHARED_LAYER
 
 #: name -> (builder config (None: classes-dependent), train split size, (H, W), epochs,
@@ -89,7 +90,6 @@ DATASETS = {
     "cityscapes": (None, 2975, (128, 256), 250, 80, 8, 0.01),
     "nyuv2": (None, 795, (288, 384), 100, 60, 6, 1e-4),
 }
-MODELS = ("xtasc", "align", "mt", "st")
 WEIGHTINGS = ("uw_xtasc", "ew", "gradnorm")
 SYNTHETIC_CLASSES = 10
 

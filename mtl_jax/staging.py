@@ -1,6 +1,7 @@
 """Staged training (ATI-Net): a model that changes at one step of the run, with a reset.
 
-A model is *staged* when it has ``stage_switch`` (a fraction in (0, 1) of
+A model is *staged* (:class:`~mtl_jax.models.interface.Staged`, :func:`is_staged`) when it
+has ``stage_switch`` (a fraction in (0, 1) of
 ``num_train_steps``), ``stage_one()`` (the same parameter tree, run differently before the
 switch, e.g. ATI-Net without its latent distillation) and ``stage_reset_prefixes()``
 (parameter paths such as ``'mtan/semseg'`` or ``'decoders'`` to re-initialise at the switch).
@@ -31,13 +32,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.models.interface import is_staged as is_staged  # re-exported: staging.is_staged
+
 PyTree = Any
-
-
-def is_staged(model: Any) -> bool:
-    """Whether ``model`` follows the staging protocol with a switch inside the run."""
-    return (hasattr(model, "stage_one") and hasattr(model, "stage_reset_prefixes")
-            and 0.0 < float(getattr(model, "stage_switch", 0.0)) < 1.0)
 
 
 def switch_step(model: Any, num_train_steps: int) -> int:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mtl_jax.models.interface import loss_groups_of
 from mtl_jax.models.layers import resize_bilinear
 from mtl_jax.models.multitask import attention_masks, side_outputs, transferred_outputs
 from mtl_jax.tasks.base import LabelErrorCount, bad_label_counts
@@ -106,7 +107,7 @@ def task_losses(model, tasks: Mapping[str, Any], preds: Mapping[str, jax.Array],
     Models with such a hook train through :func:`coupled_grads` in decomposed steps."""
     losses = {name: task_objective(task, name, preds[name], aux, batch)
               for name, task in tasks.items()}
-    groups = getattr(model, "loss_groups", None)
+    groups = loss_groups_of(model)
     return losses if groups is None else groups(losses, preds, aux, batch, tasks)
 
 
@@ -219,7 +220,7 @@ def decomposed_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, 
     """
     params, stats = state.params, state.batch_stats
     shared = set(params) - {"decoders"}
-    if shared != {"encoder"} or getattr(model, "loss_groups", None) is not None:
+    if shared != {"encoder"} or loss_groups_of(model) is not None:
         # Interaction/exchange modules or cross-task loss terms couple the decoders: one VJP
         # per task loss instead.
         return coupled_grads(state, batch, rng, model=model, tasks=tasks, weighting=weighting)

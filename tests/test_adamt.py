@@ -17,7 +17,7 @@ from mtl_jax.errors import UserError
 from mtl_jax.evaluation.pictures import prediction_grid
 from mtl_jax.experiment import build_tasks
 from mtl_jax.models import build_model, count_params
-from mtl_jax.models.adamt import VARIANTS
+from mtl_jax.models.architectures.adamt import VARIANTS
 from mtl_jax.models.encoders.dense_unet import DenseUNetEncoder, _pool2
 from mtl_jax.params_report import param_counts
 from mtl_jax.steps import TrainState, forward_losses, predict_step, train_step

@@ -334,7 +334,7 @@ class _RawConvDiscriminator(nn.Module):
 
 
 def test_discriminator_on_layers_conv_keeps_its_tree_values_and_checkpoints():
-    from mtl_jax.models.discriminator import PatchDiscriminator
+    from mtl_jax.uda.discriminator import PatchDiscriminator
 
     x = jax.random.normal(jax.random.key(2), (2, 16, 16, 3), jnp.float32)
     old, new = _RawConvDiscriminator(), PatchDiscriminator(channels=(4,))

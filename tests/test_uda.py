@@ -15,10 +15,10 @@ from conftest import REPO, TINY_UDA_MODEL, BadLabels
 
 from mtl_jax.data import pipeline
 from mtl_jax.errors import UserError
-from mtl_jax.models.discriminator import PatchDiscriminator, TaskDiscriminators, random_hflip
 from mtl_jax.run_support import check_label_counts, evaluate_split, label_counts
 from mtl_jax.uda import inputs as uda_inputs
 from mtl_jax.uda import steps as uda_steps
+from mtl_jax.uda.discriminator import PatchDiscriminator, TaskDiscriminators, random_hflip
 from mtl_jax.uda.run import build_uda_experiment, discriminator_parameter_count, open_uda_data
 
 

@@ -30,7 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.models.multitask import Features, MultiTaskModel
+from mtl_jax.models.interface import Features, is_staged_decoder
+from mtl_jax.models.multitask import MultiTaskModel
 
 
 class ExchangeMultiTaskModel(MultiTaskModel):
@@ -47,7 +48,7 @@ class ExchangeMultiTaskModel(MultiTaskModel):
         if self.interaction is not None:
             raise ValueError("ExchangeMultiTaskModel takes exchange blocks, not an interaction")
         first = next(iter(self.decoders.values()))
-        order = tuple(getattr(first, "stage_order", ()))
+        order = tuple(first.stage_order) if is_staged_decoder(first) else ()
         if not order:
             raise ValueError(f"exchange blocks need staged decoders (with stage_order/stage/"
                              f"side); {type(first).__name__} is not one")
@@ -90,17 +91,6 @@ class ExchangeMultiTaskModel(MultiTaskModel):
                              "blocks that mix the tasks")
         preds, aux = self._run(features, output_size, (task,), train)
         return preds[task], aux
-
-
-def exchange_block_cls(name: str) -> type[nn.Module]:
-    """Exchange block class by config name: ``'mteb'`` or ``'padnet'``."""
-    from mtl_jax.models.interaction.mteb import MTEB
-    from mtl_jax.models.interaction.padnet import PADNetDistillation
-
-    blocks = {"mteb": MTEB, "padnet": PADNetDistillation}
-    if name not in blocks:
-        raise ValueError(f"unknown exchange block {name!r}; valid: {sorted(blocks)}")
-    return blocks[name]
 
 
 #: DenseMTL's (channels, downscale) of an exchange block at each decoder stage (SPEC §4.4);

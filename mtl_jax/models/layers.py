@@ -28,16 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax.models import cpu_grads
+from mtl_jax.models.initializers import Initializer, kaiming_normal_fan_out
 
 Dtype = Any
-Initializer = Callable[..., jax.Array]
-
-# torchvision ResNet: kaiming_normal_(mode='fan_out', nonlinearity='relu'), untruncated.
-kaiming_normal_fan_out: Initializer = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-# PyTorch's default Conv2d kernel init: kaiming_uniform_(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
-torch_default_kernel_init: Initializer = nn.initializers.variance_scaling(
-    1.0 / 3.0, "fan_in", "uniform"
-)
 
 BN_MOMENTUM = 0.9  # flax convention: running = 0.9 * running + 0.1 * batch (torch momentum 0.1)
 BN_EPSILON = 1e-5

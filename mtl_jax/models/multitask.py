@@ -25,10 +25,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.models.interface import Features, side_align_corners
 from mtl_jax.models.layers import resize_bilinear
 
 Dtype = Any
-Features = list[jax.Array]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -126,7 +126,7 @@ class MultiTaskModel(nn.Module):
             else:
                 task_features = {task: shared_or_per_task for task in self.tasks}
             # The reference's resize convention for the module's side outputs (PAD-Net's).
-            align = bool(getattr(self.interaction, "side_align_corners", False))
+            align = side_align_corners(self.interaction)
             for key, value in inter_aux.items():
                 if is_side_output(key, self.tasks):  # '<task>/side/<name>': a prediction
                     aux[key] = resize_bilinear(value.astype(jnp.float32), output_size,

@@ -2,7 +2,7 @@
 
 A model is trained with labels on a source domain and without labels on a target domain, and
 evaluated on the target. Output-level adversarial training: one spectral-normalised patch
-discriminator per task and output scale (:mod:`mtl_jax.models.discriminator`) learns to tell
+discriminator per task and output scale (:mod:`mtl_jax.uda.discriminator`) learns to tell
 source from target predictions; the model learns its supervised source losses plus
 ``lambda_adv`` times the BCE that makes the discriminators call its target predictions
 "source". Both players are updated in one jitted, sharded step (:mod:`mtl_jax.uda.steps`);

@@ -33,10 +33,10 @@ from mtl_jax import optim
 from mtl_jax.data import pipeline
 from mtl_jax.errors import UserError
 from mtl_jax.experiment import Experiment, build_experiment, dataset_normals_from_depth, open_data
-from mtl_jax.models.discriminator import TaskDiscriminators
 from mtl_jax.run_support import NamedIterators, Run, evaluate_split, write_pictures
 from mtl_jax.uda import inputs as uda_inputs
 from mtl_jax.uda import steps as uda_steps
+from mtl_jax.uda.discriminator import TaskDiscriminators
 
 DISC_OPTIMIZER = dict(name="adam", learning_rate=1e-4, b1=0.9, b2=0.99, schedule="poly",
                       power=0.9)

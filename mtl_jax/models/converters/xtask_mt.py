@@ -1,5 +1,5 @@
 """``--from=xtask_mt``: a state_dict of akarimoon/xtask_mt's ``XTaskTSNet`` (XTasC-Net) onto
-the ``'xtasc'`` architecture (:mod:`~mtl_jax.models.xtasc`).
+the ``'xtasc'`` architecture (:mod:`~mtl_jax.models.architectures.xtasc`).
 
 Source names (PyTorch, ``model.state_dict()``) → ours:
 

@@ -13,8 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.models.encoders.segnet import xavier_normal
-from mtl_jax.models.layers import Initializer, conv, resize_bilinear
+from mtl_jax.models.initializers import Initializer, xavier_normal
+from mtl_jax.models.layers import conv, resize_bilinear
 
 Dtype = Any
 

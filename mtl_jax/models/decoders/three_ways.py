@@ -37,11 +37,11 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.models.decoders.aspp import ASPP
+from mtl_jax.models.initializers import torch_default_kernel_init
 from mtl_jax.models.layers import (
     conv,
     resize_bilinear,
     resize_nearest,
-    torch_default_kernel_init,
     upsample_nearest,
 )
 
@@ -110,9 +110,6 @@ class ThreeWaysDecoder(nn.Module):
                              kernel_init=torch_default_kernel_init, **kw)
             for k in (0, *sorted(set(self.side_scales)))
         }
-
-    def stage_channels(self, stage: int) -> int:
-        return int(self.channels[stage])
 
     def stage(self, stage: int, x: jax.Array | None, features: Sequence[jax.Array],
               train: bool) -> jax.Array:

@@ -30,7 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.models.layers import ConvBNAct, conv, resize_bilinear, torch_default_kernel_init
+from mtl_jax.models.initializers import torch_default_kernel_init
+from mtl_jax.models.layers import ConvBNAct, conv, resize_bilinear
 
 Dtype = Any
 

@@ -17,24 +17,56 @@ biases, BN scale 1 / bias 0. (Dense and Cross-stitch use Xavier-uniform.)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.models.layers import ConvBNAct, Initializer
+from mtl_jax.models.initializers import Initializer, xavier_normal, xavier_uniform
+from mtl_jax.models.layers import ConvBNAct
 from mtl_jax.models.pooling import max_pool_with_mask, max_unpool
 
 Dtype = Any
 
-#: PyTorch ``nn.init.xavier_normal_`` / ``xavier_uniform_`` for conv kernels (HWIO).
-xavier_normal: Initializer = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
-xavier_uniform: Initializer = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
-INITS = {"xavier_normal": xavier_normal, "xavier_uniform": xavier_uniform}
-
 SEGNET_WIDTHS = (64, 128, 256, 512, 512)
 WIDE_WIDTHS = (64, 128, 256, 512, 1024)
+
+
+class SegNetMaps(NamedTuple):
+    """The 20 maps of ``SegNet(outputs='all')`` by name (the encoder returns them as one list,
+    :meth:`as_list`; MTAN's attention reads them back with :meth:`from_list`)."""
+
+    first: list[jax.Array]  #: ``u_0..u_4``: each encoder level's first layer (``enc_block{i}``)
+    encoded: list[jax.Array]  #: ``p_0..p_4``: each encoder level's output, before pooling
+    unpooled: list[jax.Array]  #: ``up_4..up_0``: each decoder level's unpooled input
+    decoded: list[jax.Array]  #: ``d_4..d_0``: each decoder level's output
+
+    def as_list(self) -> list[jax.Array]:
+        return [*self.first, *self.encoded, *self.unpooled, *self.decoded]
+
+    @classmethod
+    def from_list(cls, features: Sequence[jax.Array]) -> SegNetMaps:
+        if len(features) != 20:
+            raise ValueError(f"SegNet(outputs='all') gives 20 maps, got {len(features)}")
+        f = list(features)
+        return cls(f[0:5], f[5:10], f[10:15], f[15:20])
+
+
+class SegNetEncoded(NamedTuple):
+    """The output of ``SegNet(outputs='encoder')`` by name (as one list: :meth:`as_list`)."""
+
+    pooled: jax.Array  #: the pooled bottleneck ``[B, H/32, W/32, widths[4]]``
+    masks: list[jax.Array]  #: the max-pool window masks of levels 0..4
+
+    def as_list(self) -> list[jax.Array]:
+        return [self.pooled, *self.masks]
+
+    @classmethod
+    def from_list(cls, features: Sequence[jax.Array]) -> SegNetEncoded:
+        if len(features) != 6:
+            raise ValueError(f"SegNet(outputs='encoder') gives 6 maps, got {len(features)}")
+        return cls(features[0], list(features[1:6]))
 
 
 def scaled_widths(widths: Sequence[int], width: int) -> tuple[int, ...]:
@@ -70,9 +102,8 @@ class SegNet(nn.Module):
 
     ``outputs``:
       * ``'final'``: ``[d_0]``, the last decoder feature ``[B, H, W, widths[0]]`` (STL/Split);
-      * ``'all'``: the 20 maps MTAN's attention reads, ``u_0..u_4, p_0..p_4`` (encoder, level
-        order) then ``up_4..up_0, d_4..d_0`` (decoder, in decoding order);
-      * ``'encoder'``: no decoder; ``[pooled bottleneck, mask_0..mask_4]`` (PAD-Net).
+      * ``'all'``: the 20 maps MTAN's attention reads, :class:`SegNetMaps` as a list;
+      * ``'encoder'``: no decoder; :class:`SegNetEncoded` as a list (PAD-Net).
 
     ``latent``: an optional module applied to the pooled bottleneck before the decoder (ATI-Net's
     latent distillation, parameters ``latent``), used only when ``use_latent`` is True.
@@ -109,13 +140,13 @@ class SegNet(nn.Module):
             x, mask = max_pool_with_mask(x)
             masks.append(mask)
         if self.outputs == "encoder":
-            return [x, *masks]
+            return SegNetEncoded(x, masks).as_list()
         if self.latent is not None and self.use_latent:
             x = self.latent(x, train=train).astype(x.dtype)
         ups, ds = segnet_decoder_levels(x, masks, w, train, **kw)
         if self.outputs == "final":
             return [ds[-1]]
-        return [*us, *ps, *ups, *ds]
+        return SegNetMaps(us, ps, ups, ds).as_list()
 
 
 def segnet_decoder_levels(x: jax.Array, masks: Sequence[jax.Array], widths: Sequence[int],
@@ -159,7 +190,3 @@ def stack_widths(level: int, mid: int, out: int) -> tuple[int, ...]:
     above (MTAN's ``bottle_neck=True`` / ``False`` blocks)."""
     return (mid, out) if level < 2 else (mid, mid, out)
 
-
-def segnet(**kwargs: Any) -> SegNet:
-    """``SegNet(**kwargs)`` (registry-style constructor)."""
-    return SegNet(**kwargs)

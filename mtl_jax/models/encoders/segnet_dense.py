@@ -27,9 +27,8 @@ from mtl_jax.models.encoders.segnet import (
     SEGNET_WIDTHS,
     ConvStack,
     stack_widths,
-    xavier_uniform,
 )
-from mtl_jax.models.layers import Initializer
+from mtl_jax.models.initializers import Initializer, xavier_uniform
 from mtl_jax.models.pooling import max_pool_with_mask, max_unpool
 
 Dtype = Any

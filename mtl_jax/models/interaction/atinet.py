@@ -20,9 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.models.encoders.segnet import SEGNET_WIDTHS, xavier_normal
+from mtl_jax.models.encoders.segnet import SEGNET_WIDTHS
+from mtl_jax.models.initializers import Initializer, xavier_normal
 from mtl_jax.models.interaction.padnet import PADNetDistillation
-from mtl_jax.models.layers import ConvBNAct, Initializer
+from mtl_jax.models.layers import ConvBNAct
 
 Dtype = Any
 

@@ -21,8 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.models.encoders.segnet import SEGNET_WIDTHS, ConvStack, stack_widths, xavier_uniform
-from mtl_jax.models.layers import Initializer
+from mtl_jax.models.encoders.segnet import SEGNET_WIDTHS, ConvStack, stack_widths
+from mtl_jax.models.initializers import Initializer, xavier_uniform
 from mtl_jax.models.pooling import max_pool_with_mask, max_unpool
 
 Dtype = Any

@@ -23,8 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.models.encoders.segnet import ConvLayer, xavier_normal
-from mtl_jax.models.layers import Initializer, batch_norm, conv, max_pool, resize_bilinear
+from mtl_jax.models.encoders.segnet import ConvLayer, SegNetMaps
+from mtl_jax.models.initializers import Initializer, xavier_normal
+from mtl_jax.models.layers import batch_norm, conv, max_pool, resize_bilinear
 
 Dtype = Any
 
@@ -78,12 +79,8 @@ class MTANAttention(nn.Module):
     @nn.compact
     def __call__(self, features: Sequence[jax.Array], train: bool
                  ) -> tuple[dict[str, list[jax.Array]], dict[str, jax.Array]]:
-        if len(features) != 20:
-            raise ValueError(f"MTANAttention reads SegNet(outputs='all')'s 20 maps, got "
-                             f"{len(features)}")
+        maps = SegNetMaps.from_list(features)
         w = [int(c) for c in self.widths]
-        us, ps = features[0:5], features[5:10]
-        ups, ds = features[10:15], features[15:20]  # decoding order: level 4 first
         kw = dict(kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype)
         shared_enc = [ConvLayer(w[j + 1] if j < 4 else w[4], name=f"shared_enc{j}", **kw)
                       for j in range(5)]
@@ -94,14 +91,16 @@ class MTANAttention(nn.Module):
             row = MTANTaskAttention(self.widths, name=task, **kw)
             prev = None
             for j in range(5):
-                inp = us[j] if j == 0 else jnp.concatenate([us[j], prev], axis=-1)
-                attended = row.att_enc[j](inp, train) * ps[j]
+                first = maps.first[j]
+                inp = first if j == 0 else jnp.concatenate([first, prev], axis=-1)
+                attended = row.att_enc[j](inp, train) * maps.encoded[j]
                 prev = max_pool(shared_enc[j](attended, train), (2, 2), (2, 2))
             for j, k in enumerate(range(4, -1, -1)):
                 _, h, wd, _ = prev.shape
                 x = resize_bilinear(prev, (2 * h, 2 * wd), align_corners=True)
                 x = shared_dec[k](x, train)
-                mask = row.att_dec[k](jnp.concatenate([ups[j], x], axis=-1), train)
-                prev = mask * ds[j]
+                # maps.unpooled / maps.decoded are in decoding order: index j is level k = 4 - j
+                mask = row.att_dec[k](jnp.concatenate([maps.unpooled[j], x], axis=-1), train)
+                prev = mask * maps.decoded[j]
             out[task] = [prev]
         return out, {}

@@ -28,8 +28,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.models.initializers import torch_default_kernel_init
 from mtl_jax.models.interaction.xtam import XTAM
-from mtl_jax.models.layers import ConvBNAct, torch_default_kernel_init
+from mtl_jax.models.layers import ConvBNAct
 
 Dtype = Any
 

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.models.encoders.resnet import Bottleneck
-from mtl_jax.models.layers import conv, resize_bilinear, torch_default_kernel_init
+from mtl_jax.models.initializers import torch_default_kernel_init
+from mtl_jax.models.layers import conv, resize_bilinear
 
 Dtype = Any
 

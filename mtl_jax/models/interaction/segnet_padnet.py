@@ -20,9 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.models.encoders.segnet import SEGNET_WIDTHS, segnet_decoder_levels, xavier_normal
+from mtl_jax.models.encoders.segnet import SEGNET_WIDTHS, SegNetEncoded, segnet_decoder_levels
+from mtl_jax.models.initializers import Initializer, xavier_normal
 from mtl_jax.models.interaction.padnet import PADNetDistillation
-from mtl_jax.models.layers import Initializer, conv
+from mtl_jax.models.layers import conv
 
 Dtype = Any
 
@@ -55,7 +56,7 @@ class SegNetPADNet(nn.Module):
     @nn.compact
     def __call__(self, features: Sequence[jax.Array], train: bool
                  ) -> tuple[dict[str, list[jax.Array]], dict[str, jax.Array]]:
-        z, masks = features[0], list(features[1:6])
+        z, masks = SegNetEncoded.from_list(features)
         kw = dict(kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype)
         feats, aux = {}, {}
         for task, channels in self.task_channels:

@@ -33,13 +33,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.models.initializers import xavier_normal
 from mtl_jax.models.layers import ConvBNAct, conv, max_pool, resize_bilinear
 
 Dtype = Any
-
-#: PyTorch's ``xavier_normal_`` (gain 1): N(0, 2 / (fan_in + fan_out)) with the receptive field
-#: counted in both fans -- the reference initialises every conv of XTaskTSNet with it.
-xavier_normal = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
 
 
 class TTNet(nn.Module):

@@ -40,12 +40,12 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.models.attention import attention as dot_product_attention
+from mtl_jax.models.initializers import torch_default_kernel_init
 from mtl_jax.models.layers import (
     ConvBNAct,
     conv,
     max_pool,
     resize_nearest,
-    torch_default_kernel_init,
 )
 
 Dtype = Any

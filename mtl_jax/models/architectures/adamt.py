@@ -1,9 +1,10 @@
 """The architecture ``'adamt'``: AdaMT-Net (Jha, Kumar, Banerjee & Chaudhuri, CVPR-W 2020;
 SPEC §4.1) and its ablations, as fields of one network.
 
-A shared dense U-Net encoder (:class:`~mtl_jax.models.encoders.dense_unet.DenseUNetEncoder`)
-and one attention U-Net decoder per task
-(:class:`~mtl_jax.models.decoders.attention_unet.AttentionUNetDecoder`), composed as a
+A shared dense U-Net encoder (``ENCODERS['adamt_dense']``,
+:class:`~mtl_jax.models.encoders.dense_unet.DenseUNetEncoder`) and one attention U-Net decoder
+per task (``DECODERS['adamt_attention']``,
+:class:`~mtl_jax.models.decoders.attention_unet.AttentionUNetDecoder`), composed as a
 :class:`~mtl_jax.models.multitask.MultiTaskModel`: parameters ``encoder`` and
 ``decoders/<task>`` only, so ``decode_task`` runs one decoder alone and gradient-magnitude
 weighting (the paper's eq. 5) takes one VJP per decoder in the one forward pass.
@@ -31,8 +32,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from mtl_jax.models.decoders.attention_unet import UPSAMPLES, AttentionUNetDecoder
-from mtl_jax.models.encoders.dense_unet import DENSE_POOLS, DenseUNetEncoder
+from mtl_jax.models.decoders import DECODERS
+from mtl_jax.models.decoders.attention_unet import UPSAMPLES
+from mtl_jax.models.encoders import ENCODERS
+from mtl_jax.models.encoders.dense_unet import DENSE_POOLS
 from mtl_jax.models.multitask import MultiTaskModel
 from mtl_jax.models.options import pixel_stats, precision
 
@@ -61,7 +64,7 @@ def build_adamt(model_cfg: Mapping[str, Any], tasks: Mapping[str, int]) -> Multi
     if not widths or min(widths) < 1:
         raise ValueError(f"model.widths must be positive channel counts, got {widths}")
     prec = precision(model_cfg)
-    encoder = DenseUNetEncoder(
+    encoder = ENCODERS["adamt_dense"](
         widths=widths,
         bottleneck_features=int(model_cfg.get("bottleneck_features", PAPER_BOTTLENECK)),
         dense=bool(model_cfg.get("dense", True)),
@@ -71,9 +74,9 @@ def build_adamt(model_cfg: Mapping[str, Any], tasks: Mapping[str, int]) -> Multi
         **prec)
     encoder._check()
     attention = bool(model_cfg.get("attention", True))
-    decoders = {task: AttentionUNetDecoder(widths=widths[::-1], attention=attention,
-                                           upsample=upsample, out_channels=int(channels),
-                                           **prec)
+    make_decoder = DECODERS["adamt_attention"]
+    decoders = {task: make_decoder(widths=widths[::-1], attention=attention, upsample=upsample,
+                                   out_channels=int(channels), **prec)
                 for task, channels in tasks.items()}
     return MultiTaskModel(encoder=encoder, decoders=decoders, dtype=prec["dtype"],
                           **pixel_stats(model_cfg))

@@ -28,15 +28,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from mtl_jax.models.decoders.segnet import SegNetHead
-from mtl_jax.models.decoders.segnet_dense import DenseTaskNet
-from mtl_jax.models.encoders.segnet import WIDE_WIDTHS, SegNet, xavier_uniform
-from mtl_jax.models.encoders.segnet_dense import CrossStitchStem, DenseShared
-from mtl_jax.models.interaction.cross_stitch import CrossStitchNetworks
-from mtl_jax.models.interaction.segnet_padnet import SegNetPADNet
+from mtl_jax.models.architectures.segnet_options import common, widths_of
+from mtl_jax.models.decoders import DECODERS
+from mtl_jax.models.encoders import ENCODERS
+from mtl_jax.models.encoders.segnet import WIDE_WIDTHS
+from mtl_jax.models.initializers import xavier_uniform
+from mtl_jax.models.interaction import INTERACTIONS
 from mtl_jax.models.multitask import MultiTaskModel
-from mtl_jax.models.segnet_common import common, widths_of
 
+#: ``model.variant`` of ``'segnet_split'``.
 SPLIT_VARIANTS = ("standard", "deep", "wide")
 
 
@@ -48,10 +48,11 @@ def build_split(model_cfg: Mapping[str, Any], tasks: Mapping[str, int]) -> Multi
     prec, extra = common(model_cfg)
     widths = widths_of(model_cfg, WIDE_WIDTHS if variant == "wide" else (64, 128, 256, 512,
                                                                           512))
-    encoder = SegNet(widths=widths, repeats=2 if variant == "deep" else 1, outputs="final",
-                     **prec)
+    encoder = ENCODERS["segnet"](widths=widths, repeats=2 if variant == "deep" else 1,
+                                 outputs="final", **prec)
     return MultiTaskModel(encoder=encoder,
-                          decoders={t: SegNetHead(int(c), **prec) for t, c in tasks.items()},
+                          decoders={t: DECODERS["segnet"](int(c), **prec)
+                                    for t, c in tasks.items()},
                           **extra)
 
 
@@ -65,8 +66,9 @@ def build_dense(model_cfg: Mapping[str, Any], tasks: Mapping[str, int]) -> Multi
                          "output channels (the semantic class count); without a semseg task "
                          "set model.class_nb")
     return MultiTaskModel(
-        encoder=DenseShared(widths, last_channels=int(class_nb), **prec),
-        decoders={t: DenseTaskNet(int(c), widths, **prec) for t, c in tasks.items()}, **extra)
+        encoder=ENCODERS["segnet_dense"](widths, last_channels=int(class_nb), **prec),
+        decoders={t: DECODERS["segnet_dense"](int(c), widths, **prec) for t, c in tasks.items()},
+        **extra)
 
 
 def build_cross_stitch(model_cfg: Mapping[str, Any], tasks: Mapping[str, int]
@@ -75,9 +77,10 @@ def build_cross_stitch(model_cfg: Mapping[str, Any], tasks: Mapping[str, int]
     prec, extra = common(model_cfg)
     widths = widths_of(model_cfg)
     return MultiTaskModel(
-        encoder=CrossStitchStem(tuple(tasks), widths, **prec),
-        interaction=CrossStitchNetworks(tuple(tasks), widths, name="cross_stitch", **prec),
-        decoders={t: SegNetHead(int(c), kernel_init=xavier_uniform, **prec)
+        encoder=ENCODERS["segnet_cross_stitch"](tuple(tasks), widths, **prec),
+        interaction=INTERACTIONS.lookup("cross_stitch", "segnet")(tuple(tasks), widths,
+                                                                  name="cross_stitch", **prec),
+        decoders={t: DECODERS["segnet"](int(c), kernel_init=xavier_uniform, **prec)
                   for t, c in tasks.items()}, **extra)
 
 
@@ -88,8 +91,8 @@ def build_padnet(model_cfg: Mapping[str, Any], tasks: Mapping[str, int]) -> Mult
     prec, extra = common(model_cfg)
     widths = widths_of(model_cfg)
     return MultiTaskModel(
-        encoder=SegNet(widths=widths, outputs="encoder", **prec),
-        interaction=SegNetPADNet(tuple((t, int(c)) for t, c in tasks.items()), widths,
-                                 initial_heads=bool(model_cfg.get("initial_heads", False)),
-                                 name="padnet", **prec),
-        decoders={t: SegNetHead(int(c), **prec) for t, c in tasks.items()}, **extra)
+        encoder=ENCODERS["segnet"](widths=widths, outputs="encoder", **prec),
+        interaction=INTERACTIONS.lookup("segnet_padnet", "segnet")(
+            tuple((t, int(c)) for t, c in tasks.items()), widths,
+            initial_heads=bool(model_cfg.get("initial_heads", False)), name="padnet", **prec),
+        decoders={t: DECODERS["segnet"](int(c), **prec) for t, c in tasks.items()}, **extra)

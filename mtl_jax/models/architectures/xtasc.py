@@ -28,7 +28,8 @@ prediction, and the prediction pictures show them.
   convs_per_block=3, align_corners=True``), ``ttnet_kwargs`` (``TTNet`` fields: ``features``,
   ``use_bn``);
 * ``init``: ``'xavier_normal'`` (default: the reference initialises every decoder and TTNet conv
-  with PyTorch's ``xavier_normal_``) | ``'torch_default'``;
+  with PyTorch's ``xavier_normal_``) | ``'torch_default'`` | any name in
+  :data:`~mtl_jax.models.initializers.INITIALIZERS`;
 * ``dtype``, ``param_dtype``, ``pixel_mean``, ``pixel_std`` (:mod:`~mtl_jax.models.options`).
 
 Parameters: ``encoder``, ``decoders/<task>``, ``transfer/<source>_to_<target>``. ResNet-34,
@@ -44,16 +45,18 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from mtl_jax.models.decoders.unet import UNetDecoder
+from mtl_jax.models.decoders import DECODERS
 from mtl_jax.models.encoders import ENCODERS
-from mtl_jax.models.interaction.ttnet import TTNet, xavier_normal
-from mtl_jax.models.layers import torch_default_kernel_init
-from mtl_jax.models.multitask import Features, MultiTaskModel
+from mtl_jax.models.initializers import INITIALIZERS
+from mtl_jax.models.interaction import INTERACTIONS
+from mtl_jax.models.interface import Features
+from mtl_jax.models.multitask import MultiTaskModel
 from mtl_jax.models.options import as_dict, pixel_stats, precision
 from mtl_jax.tasks.cross_task import XTasCLossGroups
 
+#: ``model.variant`` (``configs/xtasc.py``'s ``model=``): XTasC-Net, Align-Net, Base MT-Net,
+#: Base ST-Net.
 VARIANTS = ("xtasc", "align", "mt", "st")
-INITS = {"xavier_normal": xavier_normal, "torch_default": torch_default_kernel_init}
 
 
 class _Transfers(nn.Module):
@@ -108,12 +111,10 @@ def build_xtasc(model_cfg: Mapping[str, Any], tasks: Mapping[str, int]) -> XTasC
     variant = model_cfg.get("variant", "xtasc") or "xtasc"
     if variant not in VARIANTS:
         raise ValueError(f"unknown xtasc variant {variant!r}; valid: {VARIANTS}")
-    encoder_name = model_cfg.get("encoder", "resnet34")
-    if encoder_name not in ENCODERS:
-        raise ValueError(f"unknown encoder {encoder_name!r}; valid: {sorted(ENCODERS)}")
+    make_encoder = ENCODERS.lookup(model_cfg.get("encoder", "resnet34"), "pyramid", "encoder")
     init_name = model_cfg.get("init", "xavier_normal") or "xavier_normal"
-    if init_name not in INITS:
-        raise ValueError(f"unknown xtasc init {init_name!r}; valid: {sorted(INITS)}")
+    if init_name not in INITIALIZERS:
+        raise ValueError(f"unknown xtasc init {init_name!r}; valid: {sorted(INITIALIZERS)}")
     seg = model_cfg.get("seg_task", "semseg") or "semseg"
     dep = model_cfg.get("depth_task", "depth") or "depth"
     if variant == "st" and len(tasks) != 1:
@@ -122,23 +123,24 @@ def build_xtasc(model_cfg: Mapping[str, Any], tasks: Mapping[str, int]) -> XTasC
         raise ValueError(f"xtasc variant {variant!r} needs the tasks {seg!r} and {dep!r} "
                          f"(got {list(tasks)}); use variant 'mt' or 'st' otherwise")
     prec = precision(model_cfg)
-    kernel_init = INITS[init_name]
+    kernel_init = INITIALIZERS[init_name]
 
-    encoder = ENCODERS[encoder_name](**as_dict(model_cfg.get("encoder_kwargs", None)), **prec)
+    encoder = make_encoder(**as_dict(model_cfg.get("encoder_kwargs", None)), **prec)
     dec_kwargs = dict(features=128, hidden_features=128, convs_per_block=3, align_corners=True,
                       kernel_init=kernel_init)
     dec_kwargs.update(as_dict(model_cfg.get("decoder_kwargs", None)))
-    decoders = {task: UNetDecoder(out_channels=int(ch), **dec_kwargs, **prec)
+    decoders = {task: DECODERS["unet"](out_channels=int(ch), **dec_kwargs, **prec)
                 for task, ch in tasks.items()}
     transfers: tuple = ()
     loss_groups = None
     if variant in ("xtasc", "align"):
+        ttnet = INTERACTIONS.lookup("ttnet", "transfer")
         tt_kwargs = dict(kernel_init=kernel_init)
         tt_kwargs.update(as_dict(model_cfg.get("ttnet_kwargs", None)))
         transfers = (
-            (seg, dep, TTNet(out_channels=int(tasks[dep]), log_softmax_input=True, **tt_kwargs,
+            (seg, dep, ttnet(out_channels=int(tasks[dep]), log_softmax_input=True, **tt_kwargs,
                              **prec)),
-            (dep, seg, TTNet(out_channels=int(tasks[seg]), log_softmax_input=False,
+            (dep, seg, ttnet(out_channels=int(tasks[seg]), log_softmax_input=False,
                              **tt_kwargs, **prec)),
         )
         loss_groups = XTasCLossGroups(

@@ -4,14 +4,15 @@ blocks → one decoder per task, each part chosen by name from its registry.
 ``build_multitask(model_cfg, {task: channels})`` reads these ``config.model`` keys (all
 optional):
 
-* ``encoder`` (name in ``ENCODERS``, default ``'resnet34'``), ``encoder_kwargs`` (e.g.
-  ``width``, ``replace_stride_with_dilation``);
-* ``decoder`` (name in ``DECODERS``, default ``'unet'``), ``decoder_kwargs`` (e.g.
-  ``features``; ``channels`` and ``side_scales`` for ``three_ways``);
+* ``encoder`` (a name in ``ENCODERS``' slot ``'pyramid'``, default ``'resnet34'``),
+  ``encoder_kwargs`` (e.g. ``width``, ``replace_stride_with_dilation``);
+* ``decoder`` (a name in ``DECODERS``' slot ``'pyramid'``, default ``'unet'``),
+  ``decoder_kwargs`` (e.g. ``features``; ``channels`` and ``side_scales`` for ``three_ways``);
 * ``interaction``: ``None`` or ``{'name': 'padnet', 'width': 256}`` -- a module between encoder
-  and decoders (:class:`~mtl_jax.models.multitask.MultiTaskModel`);
+  and decoders (``INTERACTIONS``' slot ``'pyramid'``;
+  :class:`~mtl_jax.models.multitask.MultiTaskModel`);
 * ``exchange``: ``None`` or ``{'name': 'mteb' | 'padnet', 'stages': (1,), ...}`` -- exchange
-  blocks between the stages of staged decoders
+  blocks (``INTERACTIONS``' slot ``'exchange'``) between the stages of staged decoders
   (:class:`~mtl_jax.models.exchange.ExchangeMultiTaskModel`); other keys go to the block
   (mTEB: ``fusion``, ``attention``, ``attention_impl``, ``block_size``; ``downscale`` = one
   int for every stage, default from DenseMTL's stage table ``STAGE_DOWNSCALE``);
@@ -28,18 +29,17 @@ from typing import Any
 
 from mtl_jax.models.decoders import DECODERS
 from mtl_jax.models.encoders import ENCODERS
-from mtl_jax.models.exchange import STAGE_DOWNSCALE, ExchangeMultiTaskModel, exchange_block_cls
-from mtl_jax.models.interaction.padnet import PADNetInteraction
+from mtl_jax.models.exchange import STAGE_DOWNSCALE, ExchangeMultiTaskModel
+from mtl_jax.models.interaction import INTERACTIONS
+from mtl_jax.models.interface import is_staged_decoder
 from mtl_jax.models.multitask import MultiTaskModel
 from mtl_jax.models.options import as_dict, pixel_stats, precision
-
-INTERACTIONS = ("padnet",)
 
 
 def _exchange_blocks(spec: dict[str, Any], tasks: tuple[str, ...], prec: dict
                      ) -> tuple[tuple[int, Any], ...]:
     spec = dict(spec)
-    cls = exchange_block_cls(spec.pop("name", "mteb"))
+    cls = INTERACTIONS.lookup(spec.pop("name", "mteb"), "exchange", "exchange block")
     stages = spec.pop("stages", (1,))
     stages = (stages,) if isinstance(stages, int) else tuple(int(s) for s in stages)
     downscale = spec.pop("downscale", None)
@@ -57,19 +57,16 @@ def _exchange_blocks(spec: dict[str, Any], tasks: tuple[str, ...], prec: dict
 
 def build_multitask(model_cfg: Mapping[str, Any], tasks: Mapping[str, int]) -> MultiTaskModel:
     """The composed model ``model_cfg`` describes for ``{task: output channels}`` (module doc)."""
-    encoder_name = model_cfg.get("encoder", "resnet34")
     decoder_name = model_cfg.get("decoder", "unet")
-    if encoder_name not in ENCODERS:
-        raise ValueError(f"unknown encoder {encoder_name!r}; valid: {sorted(ENCODERS)}")
-    if decoder_name not in DECODERS:
-        raise ValueError(f"unknown decoder {decoder_name!r}; valid: {sorted(DECODERS)}")
+    make_encoder = ENCODERS.lookup(model_cfg.get("encoder", "resnet34"), "pyramid", "encoder")
+    make_decoder = DECODERS.lookup(decoder_name, "pyramid", "decoder")
     prec = precision(model_cfg)
     dtype = prec["dtype"]
 
-    encoder = ENCODERS[encoder_name](**as_dict(model_cfg.get("encoder_kwargs", None)), **prec)
+    encoder = make_encoder(**as_dict(model_cfg.get("encoder_kwargs", None)), **prec)
     decoder_kwargs = as_dict(model_cfg.get("decoder_kwargs", None))
     decoders = {
-        task: DECODERS[decoder_name](out_channels=int(channels), **decoder_kwargs, **prec)
+        task: make_decoder(out_channels=int(channels), **decoder_kwargs, **prec)
         for task, channels in tasks.items()
     }
     extra: dict[str, Any] = pixel_stats(model_cfg)
@@ -80,14 +77,12 @@ def build_multitask(model_cfg: Mapping[str, Any], tasks: Mapping[str, int]) -> M
         raise ValueError("model.interaction and model.exchange are exclusive; set one to None")
     if interaction:
         name = interaction.pop("name", None)
-        if name not in INTERACTIONS:
-            raise ValueError(f"unknown interaction {name!r}; valid: {list(INTERACTIONS)}")
-        extra["interaction"] = PADNetInteraction(
-            task_channels=tuple((t, int(c)) for t, c in tasks.items()), name="padnet",
-            **interaction, **prec)
+        make = INTERACTIONS.lookup(name, "pyramid", "interaction")
+        extra["interaction"] = make(task_channels=tuple((t, int(c)) for t, c in tasks.items()),
+                                    name=name, **interaction, **prec)
     if exchange:
-        if not hasattr(DECODERS[decoder_name], "stage_order"):
-            staged = sorted(k for k, v in DECODERS.items() if hasattr(v, "stage_order"))
+        if not is_staged_decoder(make_decoder):
+            staged = [n for n in DECODERS.names("pyramid") if is_staged_decoder(DECODERS[n])]
             raise ValueError(f"model.exchange needs a staged decoder ({staged}), not "
                              f"{decoder_name!r}")
         blocks = _exchange_blocks(exchange, tuple(tasks), prec)

@@ -1,7 +1,8 @@
 """The architecture ``'segnet_atinet'``: ATI-Net (seed 003) = MTAN + latent distillation.
 
-:mod:`~mtl_jax.models.mtan` whose SegNet runs
-:class:`~mtl_jax.models.interaction.atinet.LatentDistillation` (``encoder/latent``) on the
+:mod:`~mtl_jax.models.architectures.segnet_mtan` whose SegNet runs
+:class:`~mtl_jax.models.interaction.atinet.LatentDistillation` (``INTERACTIONS`` ``'atinet'``,
+slot ``'bottleneck'``; parameters ``encoder/latent``) on the
 pooled bottleneck; its output (the mean of the tasks' re-encoded distilled features)
 **replaces** the bottleneck entering the shared decoder, as the paper describes (the released
 code discards it). Parameters: NYUv2 3 tasks 13 classes 45,716,497.
@@ -19,9 +20,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from mtl_jax.models.encoders.segnet import SegNet
-from mtl_jax.models.interaction.atinet import LatentDistillation
-from mtl_jax.models.mtan import mtan_parts
+from mtl_jax.models.architectures.segnet_mtan import mtan_parts
+from mtl_jax.models.encoders import ENCODERS
+from mtl_jax.models.interaction import INTERACTIONS
 from mtl_jax.models.multitask import MultiTaskModel
 
 
@@ -51,7 +52,8 @@ def build_atinet(model_cfg: Mapping[str, Any], tasks: Mapping[str, int]) -> ATIN
     if not 0.0 <= switch < 1.0:
         raise ValueError(f"model.stage_switch must be in [0, 1), got {switch}")
     kwargs, prec = mtan_parts(model_cfg, tasks)
-    latent = LatentDistillation(tuple(tasks), prec["widths"], dtype=prec["dtype"],
-                                param_dtype=prec["param_dtype"], name="latent")
-    return ATINet(encoder=SegNet(outputs="all", latent=latent, **prec), stage_switch=switch,
-                  **kwargs)
+    latent = INTERACTIONS.lookup("atinet", "bottleneck")(
+        tuple(tasks), prec["widths"], dtype=prec["dtype"], param_dtype=prec["param_dtype"],
+        name="latent")
+    return ATINet(encoder=ENCODERS["segnet"](outputs="all", latent=latent, **prec),
+                  stage_switch=switch, **kwargs)
