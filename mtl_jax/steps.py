@@ -22,7 +22,6 @@ import flax
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from mtl_jax.models.interface import loss_groups_of
@@ -31,6 +30,7 @@ from mtl_jax.models.multitask import attention_masks, side_outputs, transferred_
 from mtl_jax.tasks.base import LabelErrorCount, bad_label_counts
 from mtl_jax.tasks.compat import compat_metrics
 from mtl_jax.weighting import Weighting
+from mtl_jax.weighting.base import decoder_weights_of, flat_rows, select_prefix, unflatten_row
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -153,45 +153,6 @@ def _loss_weighted_grads(state: TrainState, batch: Batch, rng: jax.Array, *, mod
     return total, losses, wout, new_stats, grads
 
 
-def _flat_rows(per_task: PyTree) -> jax.Array:
-    """Pytree whose leaves have a leading task axis ``T`` -> float32 ``[T, N]``."""
-    leaves = jax.tree.leaves(per_task)
-    return jnp.concatenate([x.reshape(x.shape[0], -1).astype(jnp.float32) for x in leaves],
-                           axis=1)
-
-
-def _unflatten_row(row: jax.Array, per_task: PyTree) -> PyTree:
-    """Inverse of :func:`_flat_rows` for one row: float32 ``[N]`` -> a pytree shaped like one
-    task's slice of ``per_task`` (leaves ``x.shape[1:]``, their dtypes)."""
-    leaves, treedef = jax.tree.flatten(per_task)
-    out, start = [], 0
-    for x in leaves:
-        size = int(np.prod(x.shape[1:]))
-        out.append(row[start:start + size].reshape(x.shape[1:]).astype(x.dtype))
-        start += size
-    return jax.tree.unflatten(treedef, out)
-
-
-def _decoder_weights(weighting: Weighting, wout, w):
-    """Per-task decoder weights: the output's ``decoder_weights`` when given, else ``w`` or 1
-    by the strategy's ``decoder_weighting``."""
-    if wout.decoder_weights is not None:
-        return jax.lax.stop_gradient(wout.decoder_weights)
-    return w if weighting.decoder_weighting == "weights" else {t: 1.0 for t in w}
-
-
-def _select_prefix(tree: PyTree, prefix: str) -> PyTree:
-    """The sub-tree of ``tree`` whose '/'-joined path starts with ``prefix``."""
-    if not prefix:
-        return tree
-    flat = flax.traverse_util.flatten_dict(tree, sep="/")
-    chosen = {k: v for k, v in flat.items() if k.startswith(prefix)}
-    if not chosen:
-        raise ValueError(f"grad_param_prefix {prefix!r} matches no shared parameter; e.g. "
-                         f"{sorted(flat)[-3:]}")
-    return chosen
-
-
 def _encoder_vjp(params: PyTree, stats: PyTree, image: jax.Array, rngs, model):
     """The encoder's forward under ``jax.vjp`` w.r.t. its parameters: ``(features, vjp,
     updated batch_stats)``."""
@@ -252,11 +213,11 @@ def decomposed_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, 
     elif weighting.requires == "task_grads":
         cts = jax.tree.map(lambda *xs: jnp.stack(xs), *[g_feat[t] for t in tasks])
         if getattr(weighting, "rep_grad", False):
-            inputs["grads"] = _flat_rows(cts)
+            inputs["grads"] = flat_rows(cts)
         else:
             per_task_enc = jax.vmap(lambda ct: enc_vjp(ct)[0])(cts)
-            chosen = _select_prefix(per_task_enc, getattr(weighting, "grad_param_prefix", ""))
-            inputs["grads"] = _flat_rows(chosen)
+            chosen = select_prefix(per_task_enc, getattr(weighting, "grad_param_prefix", ""))
+            inputs["grads"] = flat_rows(chosen)
     wout = weighting(_in_task_order(jax.lax.stop_gradient(losses), tasks),
                      state.weighting_state, state.step, rng=rng, **inputs)
     w = jax.lax.stop_gradient(wout.weights)
@@ -264,9 +225,9 @@ def decomposed_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, 
     if wout.shared_grad is not None:  # a direction given in the layout of the gradient rows
         direction = jax.lax.stop_gradient(wout.shared_grad)
         if per_task_enc is not None:
-            g_enc = _unflatten_row(direction, per_task_enc)
+            g_enc = unflatten_row(direction, per_task_enc)
         else:
-            (g_enc,) = enc_vjp(_unflatten_row(direction, cts))
+            (g_enc,) = enc_vjp(unflatten_row(direction, cts))
     elif per_task_enc is not None:
         g_enc = jax.tree.map(lambda x: jnp.tensordot(w_vec, x, axes=1).astype(x.dtype),
                              per_task_enc)
@@ -275,7 +236,7 @@ def decomposed_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, 
             lambda *xs: sum(w[t] * x for t, x in zip(tasks, xs, strict=True)).astype(xs[0].dtype),
             *[g_feat[t] for t in tasks])
         (g_enc,) = enc_vjp(combined)
-    dec_w = _decoder_weights(weighting, wout, w)
+    dec_w = decoder_weights_of(weighting, wout, w)
     grads = {"encoder": g_enc,
              "decoders": {t: jax.tree.map(lambda g, t=t: (dec_w[t] * g).astype(g.dtype), g_dec[t])
                           for t in tasks}}
@@ -333,17 +294,17 @@ def coupled_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, tas
                                    for i, t in enumerate(names)}
     elif weighting.requires == "task_grads":
         if getattr(weighting, "rep_grad", False):
-            inputs["grads"] = _flat_rows(g_feat)
+            inputs["grads"] = flat_rows(g_feat)
         else:
             per_task_enc = jax.vmap(lambda ct: enc_vjp(ct)[0])(g_feat)
             prefix = getattr(weighting, "grad_param_prefix", "")
-            chosen = _select_prefix(per_task_enc, prefix)
-            inputs["grads"] = _flat_rows(chosen if prefix else (chosen, shared_rest))
+            chosen = select_prefix(per_task_enc, prefix)
+            inputs["grads"] = flat_rows(chosen if prefix else (chosen, shared_rest))
     wout = weighting(_in_task_order(jax.lax.stop_gradient(losses), tasks),
                      state.weighting_state, state.step, rng=rng, **inputs)
     w = jax.lax.stop_gradient(wout.weights)
     w_vec = jnp.stack([w[t] for t in names])
-    dec_w = _decoder_weights(weighting, wout, w)
+    dec_w = decoder_weights_of(weighting, wout, w)
     dec_vec = jnp.stack([jnp.asarray(dec_w[t], jnp.float32) for t in names])
 
     def combine(vec, tree):
@@ -353,9 +314,9 @@ def coupled_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, tas
     if wout.shared_grad is not None:  # a direction in the layout of the gradient rows
         direction = jax.lax.stop_gradient(wout.shared_grad)
         if per_task_enc is not None:
-            g_enc, g_shared_rest = _unflatten_row(direction, (per_task_enc, shared_rest))
+            g_enc, g_shared_rest = unflatten_row(direction, (per_task_enc, shared_rest))
         else:
-            (g_enc,) = enc_vjp(_unflatten_row(direction, g_feat))
+            (g_enc,) = enc_vjp(unflatten_row(direction, g_feat))
     elif per_task_enc is not None:
         g_enc = combine(w_vec, per_task_enc)
     else:

@@ -10,7 +10,9 @@ mtl_jax.models import build_model`` on the package ``mtl_jax.models``.
 """
 
 import ast
+import glob
 import os
+import re
 
 import pytest
 
@@ -242,3 +244,28 @@ def test_no_test_module_imports_another():
     found = imports_of_test_modules(tests_dir)
     assert not found, "test modules imported (move the helpers out of them): " + "; ".join(
         f"{f} imports {', '.join(m)}" for f, m in sorted(found.items()))
+
+
+# ---------------------------------------------------------------- the house's other rules
+def test_no_library_file_over_450_lines():
+    long = {os.path.relpath(path, REPO): n for path in glob.glob(
+        os.path.join(REPO, "mtl_jax", "**", "*.py"), recursive=True)
+        if (n := len(open(path, encoding="utf-8").read().splitlines())) > 450}
+    assert not long, f"split these modules (at most 450 lines each): {long}"
+
+
+def test_no_reference_to_files_outside_the_repository():
+    """Users never see the planning documents the project was written from: code, docs and
+    notebooks name the repository's own files only."""
+    pattern = re.compile(r"\bSPEC(\.md| §)|\bDESIGN\.md|\bSTYLE\.md|\bseed 00\d")
+    found = []
+    for folder in ("mtl_jax", "configs", "benchmarks", "docs", "colab", "tests", ".ci"):
+        for path in glob.glob(os.path.join(REPO, folder, "**", "*"), recursive=True):
+            if path.endswith((".py", ".md", ".ipynb", ".sh")) or "/.ci/" in path + "/":
+                if os.path.isfile(path):
+                    text = open(path, encoding="utf-8").read()
+                    found += [f"{os.path.relpath(path, REPO)}: {m.group(0)}"
+                              for m in pattern.finditer(text)]
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    found += [f"README.md: {m.group(0)}" for m in pattern.finditer(readme)]
+    assert not found, found

@@ -28,6 +28,8 @@ import dataclasses
 
 import numpy as np
 
+from mtl_jax.data import raycast
+
 CLASSES = (
     "floor", "wall", "ceiling", "box", "sphere", "cylinder", "table", "chair", "painting", "rug",
 )
@@ -264,102 +266,6 @@ def _sample_scene(rng: np.random.Generator, domain: str, width: int, height: int
                 prims=prims, room_colors=room_colors, light=light)
 
 
-def _rays(intrinsics, cam_to_world, height, width):
-    fx, fy, cx, cy = intrinsics
-    v, u = np.mgrid[0:height, 0:width].astype(np.float64)
-    d_cam = np.stack([(u - cx) / fx, (v - cy) / fy, np.ones_like(u)], -1).reshape(-1, 3)
-    return d_cam @ cam_to_world.T  # z-depth of a hit is its ray parameter t
-
-
-def _hit_room(o, d, lo, hi):
-    """Exit of rays from inside the room box; returns t, normal (inward), label."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t_axis = np.where(d > 0, (hi - o) / d, (lo - o) / d)  # [N,3]
-    t_axis = np.where(np.abs(d) < 1e-12, np.inf, t_axis)
-    ax = np.argmin(t_axis, axis=1)
-    t = t_axis[np.arange(len(d)), ax]
-    n = np.zeros_like(d)
-    n[np.arange(len(d)), ax] = -np.sign(d[np.arange(len(d)), ax])
-    label = np.where(ax == 1, np.where(d[:, 1] < 0, FLOOR, CEILING), WALL)
-    return t, n, label
-
-
-def _hit_boxes(o, d, c, h, yaw):
-    """Oriented boxes (yaw about world y). Returns t [K,N] (inf on miss) and normals [K,N,3]."""
-    cy, sy = np.cos(yaw), np.sin(yaw)
-    # World -> box frame: rotate by -yaw about y. Local x = cy*x - sy*z, local z = sy*x + cy*z.
-    rot = np.stack([np.stack([cy, np.zeros_like(cy), -sy], -1),
-                    np.stack([np.zeros_like(cy), np.ones_like(cy), np.zeros_like(cy)], -1),
-                    np.stack([sy, np.zeros_like(cy), cy], -1)], 1)  # [K,3,3] rows = local axes
-    o_l = np.einsum("kij,kj->ki", rot, o[None] - c)[:, None, :]  # [K,1,3]
-    d_l = np.einsum("kij,nj->kni", rot, d)  # [K,N,3]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = 1.0 / d_l
-        t1 = (-h[:, None, :] - o_l) * inv
-        t2 = (h[:, None, :] - o_l) * inv
-    t_near, t_far = np.minimum(t1, t2), np.maximum(t1, t2)
-    t_near = np.nan_to_num(t_near, nan=-np.inf)
-    t_far = np.nan_to_num(t_far, nan=np.inf)
-    ax = np.argmax(t_near, axis=2)
-    tn = np.take_along_axis(t_near, ax[..., None], 2)[..., 0]
-    tf = np.min(t_far, axis=2)
-    hit = (tn <= tf) & (tn > 1e-6)
-    t = np.where(hit, tn, np.inf)
-    sign = -np.sign(np.take_along_axis(d_l, ax[..., None], 2)[..., 0])
-    n_l = np.zeros_like(d_l)
-    np.put_along_axis(n_l, ax[..., None], sign[..., None], 2)
-    n = np.einsum("kji,knj->kni", rot, n_l)  # back to world (rot is orthonormal)
-    return t, n
-
-
-def _hit_spheres(o, d, c, r):
-    oc = o[None] - c  # [K,3]
-    a = np.einsum("nj,nj->n", d, d)[None]  # [1,N]
-    b = 2.0 * np.einsum("kj,nj->kn", oc, d)
-    cc = (np.einsum("kj,kj->k", oc, oc) - r**2)[:, None]
-    disc = b**2 - 4 * a * cc
-    sq = np.sqrt(np.maximum(disc, 0.0))
-    t = (-b - sq) / (2 * a)
-    t = np.where((disc >= 0) & (t > 1e-6), t, np.inf)
-    p = o[None, None] + t[..., None] * d[None]
-    n = (p - c[:, None]) / r[:, None, None]
-    return t, n
-
-
-def _hit_cylinders(o, d, base, r, hgt):
-    """Vertical capped cylinders standing on ``base`` (bottom centre)."""
-    ox, oz = o[0] - base[:, 0], o[2] - base[:, 2]  # [K]
-    dx, dz = d[:, 0][None], d[:, 2][None]  # [1,N]
-    a = dx**2 + dz**2
-    b = 2 * (ox[:, None] * dx + oz[:, None] * dz)
-    cc = (ox**2 + oz**2 - r**2)[:, None]
-    disc = b**2 - 4 * a * cc
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t_side = (-b - np.sqrt(np.maximum(disc, 0))) / (2 * a)
-    y_side = o[1] + t_side * d[:, 1][None]
-    ok_side = (disc >= 0) & (a > 1e-12) & (t_side > 1e-6)
-    ok_side &= (y_side >= base[:, 1:2]) & (y_side <= base[:, 1:2] + hgt[:, None])
-    t_side = np.where(ok_side, t_side, np.inf)
-    # Caps: top (y = base + h) seen from above, bottom from below.
-    dy = d[:, 1][None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t_top = (base[:, 1:2] + hgt[:, None] - o[1]) / dy
-        t_bot = (base[:, 1:2] - o[1]) / dy
-    t_cap = np.where(dy < 0, t_top, t_bot)
-    px, pz = ox[:, None] + t_cap * dx, oz[:, None] + t_cap * dz
-    ok_cap = (t_cap > 1e-6) & (px**2 + pz**2 <= (r**2)[:, None]) & (np.abs(dy) > 1e-12)
-    t_cap = np.where(ok_cap, t_cap, np.inf)
-    use_cap = t_cap < t_side
-    t = np.minimum(t_side, t_cap)
-    p = o[None, None] + np.where(np.isfinite(t), t, 0.0)[..., None] * d[None]
-    n_side = np.stack([p[..., 0] - base[:, 0:1], np.zeros_like(t), p[..., 2] - base[:, 2:3]], -1)
-    n_side /= r[:, None, None]
-    n_cap = np.zeros_like(n_side)
-    n_cap[..., 1] = np.where(dy < 0, 1.0, -1.0)
-    n = np.where(use_cap[..., None], n_cap, n_side)
-    return t, n
-
-
 def _texture(rng: np.random.Generator, style: DomainStyle, points: np.ndarray, label: np.ndarray):
     """Procedural albedo modulation in [1 - contrast, 1 + contrast] from world positions.
 
@@ -422,23 +328,23 @@ def render_example(seed: int, split: str, index: int, height: int = 96, width: i
     rng = example_rng(seed, split, index, domain)
     scene = _sample_scene(rng, domain, width, height)
     o = scene["cam_pos"]
-    d = _rays(scene["intrinsics"], scene["cam_to_world"], height, width)
+    d = raycast.rays(scene["intrinsics"], scene["cam_to_world"], height, width)
     n_pix = len(d)
 
-    t, normal, label = _hit_room(o, d, *scene["room"])
+    t, normal, label = raycast.hit_room(o, d, *scene["room"], labels=(FLOOR, CEILING, WALL))
     color = np.stack([scene["room_colors"][k] for k in (FLOOR, WALL, CEILING)])[
         np.where(label == FLOOR, 0, np.where(label == WALL, 1, 2))]
     p = scene["prims"]
     groups = []
     if p.box_c:
-        bt, bn = _hit_boxes(o, d, np.array(p.box_c, float), np.array(p.box_h, float),
+        bt, bn = raycast.hit_boxes(o, d, np.array(p.box_c, float), np.array(p.box_h, float),
                             np.array(p.box_yaw, float))
         groups.append((bt, bn, p.box_label, p.box_color))
     if p.sph_c:
-        st, sn = _hit_spheres(o, d, np.array(p.sph_c, float), np.array(p.sph_r, float))
+        st, sn = raycast.hit_spheres(o, d, np.array(p.sph_c, float), np.array(p.sph_r, float))
         groups.append((st, sn, p.sph_label, p.sph_color))
     if p.cyl_c:
-        ct, cn = _hit_cylinders(o, d, np.array(p.cyl_c, float), np.array(p.cyl_r, float),
+        ct, cn = raycast.hit_cylinders(o, d, np.array(p.cyl_c, float), np.array(p.cyl_r, float),
                                 np.array(p.cyl_h, float))
         groups.append((ct, cn, p.cyl_label, p.cyl_color))
     for gt, gn, glabel, gcolor in groups:

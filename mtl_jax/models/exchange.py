@@ -93,6 +93,6 @@ class ExchangeMultiTaskModel(MultiTaskModel):
         return preds[task], aux
 
 
-#: DenseMTL's (channels, downscale) of an exchange block at each decoder stage (SPEC §4.4);
+#: DenseMTL's (channels, downscale) of an exchange block at each decoder stage;
 #: the channels come from the decoder, the downscale s from this table by default.
 STAGE_DOWNSCALE: Mapping[int, int] = {4: 1, 3: 1, 2: 2, 1: 4, 0: 8}

@@ -7,7 +7,7 @@ task.
 * Interaction modules (xTAM/mTEB, PAD-Net distillation, ...) plug in between encoder and
   decoders.
 
-Parameter tree (DESIGN.md, "Parameter tree"): ``encoder``, ``decoders/<task>``, and the
+Parameter tree: ``encoder``, ``decoders/<task>``, and the
 interaction module under its own name (``interaction`` unless it was constructed with an
 explicit ``name=``, e.g. ``name='exchange'``, which is kept). Gradient-based weighting selects
 parts by these paths, and can run the two halves separately::
@@ -157,7 +157,7 @@ class MultiTaskModel(nn.Module):
 
 
 def is_side_output(key: str, tasks: Sequence[str]) -> bool:
-    """Whether aux ``key`` is a side output, ``'<task>/side/<name>'`` (DESIGN: side outputs are
+    """Whether aux ``key`` is a side output, ``'<task>/side/<name>'`` (side outputs are
     extra predictions of a task, at the output size, that its loss also supervises)."""
     parts = key.split("/")
     return len(parts) == 3 and parts[0] in tasks and parts[1] == "side"

@@ -1,4 +1,4 @@
-"""Parameter counting by model part (the numbers ``mtl-jax params`` prints, SPEC.md).
+"""Parameter counting by model part (the numbers ``mtl-jax params`` prints).
 
 Counts are of trainable parameters only (the ``params`` collection); BatchNorm running
 statistics live in ``batch_stats`` and are not counted. Works on concrete arrays and on the

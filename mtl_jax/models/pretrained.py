@@ -1,4 +1,4 @@
-"""Converted torchvision ImageNet weights for the ResNet encoders, from a local file (SPEC §3).
+"""Converted torchvision ImageNet weights for the ResNet encoders, from a local file.
 
 Nothing is downloaded. The file format is a ``.npz`` whose keys are torchvision state_dict names
 (``conv1.weight``, ``layer1.0.bn1.running_mean``, ``layer2.0.downsample.0.weight``, ...) and

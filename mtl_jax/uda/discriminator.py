@@ -1,7 +1,7 @@
 """Output-level patch discriminators for adversarial domain adaptation (DenseMTL's MTL-UDA).
 
 :class:`PatchDiscriminator` is the fully-convolutional discriminator of ADVENT as DenseMTL
-uses it (SPEC §4.4 "MTL-UDA"): five 4×4 stride-2 convolutions (padding 1) with
+uses it (docs/models/densemtl.md, "MTL-UDA"): five 4×4 stride-2 convolutions (padding 1) with
 64-128-256-512-1 output channels, LeakyReLU(0.2) after all but the last, every kernel
 spectrally normalised with Flax's :class:`flax.linen.SpectralNorm` (one power iteration per
 call). Its output is a map of patch logits ``[B, H/32, W/32, 1]`` ("source" = 1). For a

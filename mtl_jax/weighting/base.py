@@ -65,8 +65,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import flax
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mtl_jax.errors import UserError
@@ -211,3 +213,45 @@ def task_permutations(rng: jax.Array | None, step: jax.Array, num_tasks: int) ->
         rng = jax.random.fold_in(jax.random.key(0), step)
     return jax.vmap(lambda k: jax.random.permutation(k, num_tasks))(
         jax.random.split(rng, num_tasks))
+
+
+# The [T, N] layout of per-task gradients, shared by the train step and the strategies.
+
+def flat_rows(per_task: PyTree) -> jax.Array:
+    """Pytree whose leaves have a leading task axis ``T`` -> float32 ``[T, N]``."""
+    leaves = jax.tree.leaves(per_task)
+    return jnp.concatenate([x.reshape(x.shape[0], -1).astype(jnp.float32) for x in leaves],
+                           axis=1)
+
+
+def unflatten_row(row: jax.Array, per_task: PyTree) -> PyTree:
+    """Inverse of :func:`flat_rows` for one row: float32 ``[N]`` -> a pytree shaped like one
+    task's slice of ``per_task`` (leaves ``x.shape[1:]``, their dtypes)."""
+    leaves, treedef = jax.tree.flatten(per_task)
+    out, start = [], 0
+    for x in leaves:
+        size = int(np.prod(x.shape[1:]))
+        out.append(row[start:start + size].reshape(x.shape[1:]).astype(x.dtype))
+        start += size
+    return jax.tree.unflatten(treedef, out)
+
+
+def decoder_weights_of(weighting: Weighting, wout: WeightingOutput, w: Mapping[str, Any]
+                       ) -> Mapping[str, Any]:
+    """Per-task decoder weights: the output's ``decoder_weights`` when given, else ``w`` or 1
+    by the strategy's ``decoder_weighting``."""
+    if wout.decoder_weights is not None:
+        return jax.lax.stop_gradient(wout.decoder_weights)
+    return w if weighting.decoder_weighting == "weights" else {t: 1.0 for t in w}
+
+
+def select_prefix(tree: PyTree, prefix: str) -> PyTree:
+    """The sub-tree of ``tree`` whose '/'-joined path starts with ``prefix``."""
+    if not prefix:
+        return tree
+    flat = flax.traverse_util.flatten_dict(tree, sep="/")
+    chosen = {k: v for k, v in flat.items() if k.startswith(prefix)}
+    if not chosen:
+        raise ValueError(f"grad_param_prefix {prefix!r} matches no shared parameter; e.g. "
+                         f"{sorted(flat)[-3:]}")
+    return chosen

@@ -1,5 +1,5 @@
 """The architecture ``'adamt'``: AdaMT-Net (Jha, Kumar, Banerjee & Chaudhuri, CVPR-W 2020;
-SPEC §4.1) and its ablations, as fields of one network.
+docs/models/adamt.md) and its ablations, as fields of one network.
 
 A shared dense U-Net encoder (``ENCODERS['adamt_dense']``,
 :class:`~mtl_jax.models.encoders.dense_unet.DenseUNetEncoder`) and one attention U-Net decoder

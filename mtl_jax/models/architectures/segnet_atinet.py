@@ -1,4 +1,4 @@
-"""The architecture ``'segnet_atinet'``: ATI-Net (seed 003) = MTAN + latent distillation.
+"""The architecture ``'segnet_atinet'``: ATI-Net = MTAN + latent distillation.
 
 :mod:`~mtl_jax.models.architectures.segnet_mtan` whose SegNet runs
 :class:`~mtl_jax.models.interaction.atinet.LatentDistillation` (``INTERACTIONS`` ``'atinet'``,

@@ -1,4 +1,4 @@
-"""MTAN's SegNet baselines and PAD-Net on SegNet as architectures (SPEC §4.3).
+"""MTAN's SegNet baselines and PAD-Net on SegNet as architectures (docs/models/segnet.md).
 
 * ``'segnet_split'`` -- single-task SegNet (one task) and hard sharing "Split": the whole
   SegNet shared (``encoder``), one :class:`~mtl_jax.models.decoders.segnet.SegNetHead` per task

@@ -6,7 +6,7 @@ MTAN's task attention (``mtan``: ``INTERACTIONS`` ``'mtan'``,
 shared ``mtan/shared_enc*`` / ``shared_dec*`` convs) → heads ``decoders/<task>``
 (``DECODERS['segnet']``, :class:`~mtl_jax.models.decoders.segnet.SegNetHead`). STAN = the
 same with one task.
-Parameters: NYUv2 3 tasks 13 classes 44,229,073 (SPEC §4.3).
+Parameters: NYUv2 3 tasks 13 classes 44,229,073 (docs/models/segnet.md).
 
 Gradient-based weighting goes through the coupled path (one VJP per task loss through all
 non-encoder parameters), since the attention path's 3×3 convs are shared across tasks.

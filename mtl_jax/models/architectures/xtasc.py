@@ -1,4 +1,4 @@
-"""The architecture ``'xtasc'``: XTasC-Net (seed 002, SPEC §4.2) and its baselines.
+"""The architecture ``'xtasc'``: XTasC-Net (docs/models/xtasc.md) and its baselines.
 
 ResNet encoder → one U-Net decoder per task (five blocks of 3 × (conv3×3 + BN + ReLU) at 128
 channels, aligned-corner bilinear ×2, :class:`~mtl_jax.models.decoders.unet.UNetDecoder`) →

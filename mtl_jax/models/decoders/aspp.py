@@ -1,4 +1,4 @@
-"""Atrous Spatial Pyramid Pooling (DeepLabv3) and the DeepLabv3 head (SPEC §4.4).
+"""Atrous Spatial Pyramid Pooling (DeepLabv3) and the DeepLabv3 head (docs/models/densemtl.md).
 
 ASPP over a feature map ``[B, h, w, Cin]``: five parallel branches, each a bias-free conv + BN +
 ReLU with ``features`` channels -- a 1×1 conv, three 3×3 convs with dilations ``rates``, and
@@ -55,7 +55,7 @@ class ASPP(nn.Module):
 
 
 class DeepLabHead(nn.Module):
-    """The DeepLabv3 head of the STL baseline (SPEC §4.4): ASPP (rates 12/24/36) on the
+    """The DeepLabv3 head of DenseMTL's STL baseline: ASPP (rates 12/24/36) on the
     deepest feature, conv3×3 + BN + ReLU, a 1×1 conv with bias to ``out_channels``, then
     bilinear upsampling to the output size (×16 on an output-stride-16 encoder).
 

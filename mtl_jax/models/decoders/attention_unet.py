@@ -1,5 +1,5 @@
 """AdaMT-Net's task decoder: a U-Net decoder with a soft-attention mask in every block
-(Jha et al., CVPR-W 2020, §3.1 "Attention learning framework"; SPEC §4.1).
+(Jha et al., CVPR-W 2020, §3.1 "Attention learning framework"; docs/models/adamt.md).
 
 Symmetric to the encoder (:mod:`~mtl_jax.models.encoders.dense_unet`). From the deepest
 block to the finest, block ``l``:

@@ -1,4 +1,4 @@
-"""The "3-ways" / PAD-Net+ decoder of DenseMTL (SPEC §4.4), run stage by stage.
+"""The "3-ways" / PAD-Net+ decoder of DenseMTL (docs/models/densemtl.md), run stage by stage.
 
 Stages run from 4 (deepest) to 0 (full resolution) with ``channels[i]`` channels at stage i
 (default ``(64, 128, 128, 256, 256)``, indexed by stage). On the encoder features

@@ -1,4 +1,4 @@
-"""XTasC-Net U-Net decoder (SPEC §4.2), one per task.
+"""XTasC-Net U-Net decoder (docs/models/xtasc.md), one per task.
 
 Five blocks, deepest first. Block 1 takes layer4; every block is ``convs_per_block`` ×
 (conv3×3 with bias + BN + ReLU) -- the first ``convs_per_block - 1`` at ``hidden_features``

@@ -1,5 +1,5 @@
 """AdaMT-Net's densely connected U-Net encoder (Jha et al., CVPR-W 2020, §3.1 and §4.2;
-SPEC §3 "AdaMT dense encoder").
+docs/models/adamt.md).
 
 Four blocks of two conv3×3 + BatchNorm + ReLU at ``widths`` = 64/128/256/512 channels, each
 followed by dropout and a 2×2 max-pool (stride 2), then a bottleneck of 1024 maps (the shared
@@ -20,7 +20,7 @@ Choices where the paper is vague (fields, documented in ``docs/models/adamt.md``
   Dropout acts on the path to the next block; the U-Net bridge is the block output before
   dropout.
 * ``bottleneck_kernel`` = 1: the bottleneck is one conv k×k + BN + ReLU over the concatenation
-  (SPEC §3: a 1×1 conv; 3 gives a 3×3 conv).
+  (docs/models/adamt.md: a 1×1 conv; 3 gives a 3×3 conv).
 
 Channels at the input of each block with the paper's widths (image 3 channels): dense
 3 / 67 / 195 / 451 and bottleneck 963; plain 3 / 64 / 128 / 256 and bottleneck 512

@@ -1,4 +1,4 @@
-"""ResNet-18/34/50/101 encoders in torchvision layout (SPEC §3), returning five feature maps.
+"""ResNet-18/34/50/101 encoders in torchvision layout, returning five feature maps.
 
 Layout (torchvision v1.5): conv1 7×7/2 bias-free + BN + ReLU ("stem", stride 2), 3×3/2
 max-pool, then four stages ``layer1..layer4`` of BasicBlocks (18/34) or Bottlenecks (50/101),

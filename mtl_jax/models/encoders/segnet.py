@@ -1,4 +1,4 @@
-"""SegNet (VGG-16 widths 64-128-256-512-512) as MTAN's code builds it (SPEC §3).
+"""SegNet (VGG-16 widths 64-128-256-512-512) as MTAN's code builds it.
 
 Level ``i`` of the encoder = ``enc_block{i}`` (conv3×3 + BN + ReLU to ``widths[i]``, its output
 ``u_i`` is the "first conv" feature MTAN's attention reads) then ``enc_conv{i}_{k}`` (one more

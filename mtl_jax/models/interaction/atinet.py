@@ -1,4 +1,4 @@
-"""ATI-Net's latent distillation on SegNet's bottleneck (seed 003, SPEC §4.3).
+"""ATI-Net's latent distillation on SegNet's bottleneck (docs/models/segnet.md).
 
 On the pooled 512-channel bottleneck ``z``: per task a "deconv" head ``<task>_deconv{0,1,2}``
 of three 1×1 conv (bias) + BN + ReLU (512 → 256 → 128 → 64) giving initial-prediction

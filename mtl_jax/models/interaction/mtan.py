@@ -1,4 +1,4 @@
-"""MTAN's task attention over a shared SegNet (Liu et al., CVPR 2019; SPEC §4.3).
+"""MTAN's task attention over a shared SegNet (Liu et al., CVPR 2019; docs/models/segnet.md).
 
 For every task, encoder level j (``att_enc_j``): mask = sigmoid(BN(1×1 conv(ReLU(BN(1×1 conv(
 in)))))) with ``in = u_j`` at level 0 and ``concat(u_j, previous)`` above; attended = mask ⊙ p_j;

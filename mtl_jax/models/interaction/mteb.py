@@ -1,4 +1,4 @@
-"""mTEB: DenseMTL's multi-task exchange block (SPEC §4.4, seed 004 §3.2.1).
+"""mTEB: DenseMTL's multi-task exchange block (docs/models/densemtl.md; the paper's §3.2.1).
 
 For every ordered pair of distinct tasks (j → i) one :class:`~mtl_jax.models.interaction.xtam.
 XTAM` gives the directional feature f_{j→i}; for each target task i the T − 1 directional

@@ -1,4 +1,5 @@
-"""PAD-Net multi-modal distillation and the PAD-Net baseline's modules (SPEC §4.3, §4.4).
+"""PAD-Net multi-modal distillation and the PAD-Net baseline's modules (docs/models/segnet.md,
+docs/models/densemtl.md).
 
 * :class:`PADNetDistillation` -- for each target task t:
   f̃_t = f_t + Σ_{a≠t} conv3×3(f_a) ⊙ sigmoid(conv3×3(f_a))  (bias-free convs, C → C), i.e.

@@ -1,4 +1,4 @@
-"""PAD-Net on SegNet (the ATI-Net paper's baseline, SPEC §4.3).
+"""PAD-Net on SegNet (the ATI-Net paper's baseline, docs/models/segnet.md).
 
 Shared SegNet encoder (``SegNet(outputs='encoder')``) → per task a full SegNet decoder
 ``<task>_decoder`` (unpooling with the shared encoder's masks) giving 64-channel

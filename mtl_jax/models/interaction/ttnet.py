@@ -1,5 +1,5 @@
-"""XTasC-Net's task-transfer network (TTNet, SPEC §4.2): a small U-Net that maps one task's
-prediction to another task's output space (e.g. segmentation logits → depth).
+"""XTasC-Net's task-transfer network (TTNet, docs/models/xtasc.md): a small U-Net that maps
+one task's prediction to another task's output space (e.g. segmentation logits → depth).
 
 Layout (``features = (64, 128, 256)``), input ``x`` ``[B, H, W, C_in]``:
 

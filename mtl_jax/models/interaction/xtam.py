@@ -1,4 +1,5 @@
-"""xTAM: the directional cross-task attention module of DenseMTL (SPEC §4.4, seed 004 §3.1).
+"""xTAM: the directional cross-task attention module of DenseMTL (docs/models/densemtl.md; the
+paper's §3.1).
 
 For an ordered task pair, source j → target i, at a decoder stage with C channels and downscale
 factor s, ``XTAM()(f_i, f_j)`` returns the directional feature f_{j→i} ``[B, H, W, C]``:
