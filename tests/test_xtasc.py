@@ -578,12 +578,11 @@ def test_convert_xtask_mt_errors():
 def test_smoke_training_of_the_four_variants(data_dir, tmp_path, arg):
     from mtl_jax.train import train_and_evaluate
 
-    config = xtasc_config(arg + ",smoke")
+    config = xtasc_config(arg + ",smoke,steps=2")  # the config's schedule fits 2 steps
     config.dataset.data_dir = data_dir
     config.num_devices = 1
-    config.num_train_steps = 2
-    config.eval_every_steps = 2
-    config.checkpoint_every_steps = 2
+    assert (config.num_train_steps, config.eval_every_steps,
+            config.checkpoint_every_steps) == (2, 2, 2)
     wd = str(tmp_path / "run")
     results = train_and_evaluate(config, wd)
     assert all(np.isfinite(v) for v in results.values())
