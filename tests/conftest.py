@@ -119,3 +119,31 @@ class BadLabels:
             semseg.reshape(-1)[:self.n] = 77
             ex["semseg"] = semseg
         return ex
+
+
+def race_for_the_lock(workdir: str, runs: int = 6):
+    """``runs`` threads take the workdir lock of ``workdir`` at once (released together by a
+    barrier): ``(locks they got, messages of the refusals)``."""
+    import threading
+
+    from mtl_jax import workdir_lock
+    from mtl_jax.errors import UserError
+
+    got, refused = [], []
+    barrier = threading.Barrier(runs)
+
+    def take():
+        lock = workdir_lock.WorkdirLock(workdir, enabled=True)
+        barrier.wait()
+        try:
+            lock.acquire()
+            got.append(lock)
+        except UserError as e:
+            refused.append(str(e))
+
+    threads = [threading.Thread(target=take) for _ in range(runs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return got, refused

@@ -7,11 +7,11 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import object_store
 import pytest
+from conftest import race_for_the_lock
 
 from mtl_jax import paths, run_config, workdir_lock, writers
 from mtl_jax.errors import UserError
@@ -46,21 +46,7 @@ def test_stand_in_refuses_what_an_object_store_cannot_do(store):
 def test_lock_on_an_object_store(store):
     wd = "teststore://bucket/run"
     # Created atomically: of runs starting together, exactly one gets it.
-    got, refused = [], []
-
-    def take():
-        try:
-            lock = workdir_lock.WorkdirLock(wd, enabled=True)
-            lock.acquire()
-            got.append(lock)
-        except UserError as e:
-            refused.append(str(e))
-
-    threads = [threading.Thread(target=take) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    got, refused = race_for_the_lock(wd)
     assert len(got) == 1 and len(refused) == 5
     assert all("in use by another training run" in r for r in refused)
     assert workdir_lock.holder(wd)["token"] == got[0].info["token"]

@@ -14,12 +14,11 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, BadLabels, smoke_config
+from conftest import REPO, BadLabels, race_for_the_lock, smoke_config
 
 from mtl_jax import checkpointing, run_config, workdir_lock, writers
 from mtl_jax.errors import EXIT_PREEMPTED, Preempted, UserError
@@ -75,24 +74,7 @@ def test_lock_refuses_a_live_holder_and_takes_over_stale_ones(tmp_path):
 
 
 def test_lock_is_exclusive_when_taken_at_once(tmp_path):
-    wd = str(tmp_path / "race")
-    got, refused = [], []
-    barrier = threading.Barrier(6)
-
-    def take():
-        lock = workdir_lock.WorkdirLock(wd, enabled=True)
-        barrier.wait()
-        try:
-            lock.acquire()
-            got.append(lock)
-        except UserError as e:
-            refused.append(str(e))
-
-    threads = [threading.Thread(target=take) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    got, refused = race_for_the_lock(str(tmp_path / "race"))
     assert len(got) == 1 and len(refused) == 5
     assert all("in use by another training run" in r for r in refused)
 
