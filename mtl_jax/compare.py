@@ -19,6 +19,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import ml_collections
 
@@ -58,17 +59,23 @@ def load_results(workdir: str) -> dict[str, float]:
         raise UserError(f"{path}: a metric is not a number: {e}") from e
 
 
-def run_tasks(workdir: str, results: Mapping[str, float]) -> list[str]:
-    """The tasks a run covers: those of its ``config.json`` if it has one, else the tasks its
-    metrics name (``<task>/<metric>``)."""
+def config_tasks(workdir: str) -> dict[str, Any] | None:
+    """The tasks of a run's ``config.json`` (``{name: Task}``; ``workdir`` may also be a
+    ``results.json`` beside it), or ``None`` when it has none."""
     from mtl_jax.experiment import build_tasks
 
     folder = paths.parent(workdir) if workdir.endswith(".json") else workdir
     path = paths.join(folder, "config.json")
-    if paths.exists(path):
-        config = ml_collections.ConfigDict(json.loads(paths.read_text(path)))
-        return list(build_tasks(config))
-    return sorted({k.split("/")[0] for k in results})
+    if not paths.exists(path):
+        return None
+    return build_tasks(ml_collections.ConfigDict(json.loads(paths.read_text(path))))
+
+
+def run_tasks(workdir: str, results: Mapping[str, float]) -> list[str]:
+    """The tasks a run covers: those of its ``config.json`` if it has one, else the tasks its
+    metrics name (``<task>/<metric>``)."""
+    tasks = config_tasks(workdir)
+    return list(tasks) if tasks is not None else sorted({k.split("/")[0] for k in results})
 
 
 def _load_baselines(baselines: Sequence[str]) -> tuple[dict[str, float], dict[str, str]]:
@@ -107,13 +114,8 @@ def load_curves(workdir: str) -> dict[str, list[tuple[int, float]]]:
 
 def load_directions(workdir: str) -> dict[str, bool]:
     """``{'<task>/<metric>': higher_is_better}`` of the run's tasks (from config.json)."""
-    from mtl_jax.experiment import build_tasks
-
-    path = paths.join(workdir, "config.json")
-    if not paths.exists(path):
-        return {}
-    config = ml_collections.ConfigDict(json.loads(paths.read_text(path)))
-    return directions_for(build_tasks(config))
+    tasks = config_tasks(workdir)
+    return {} if tasks is None else directions_for(tasks)
 
 
 def _direction(key: str, directions: Mapping[str, bool]) -> bool | None:

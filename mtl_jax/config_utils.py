@@ -66,13 +66,11 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(out)
 
 
-#: letter -> task name, from each task's ``letter`` (``Task.letter``)
-TASK_LETTERS = {cls.letter: name for name, cls in TASKS.items()}
 
 
 def task_set(letters: str) -> tuple[str, ...]:
     """``'sdn'`` -> ``('semseg', 'depth', 'normals')`` (the papers' S-D-N-E notation)."""
-    known = {cls.letter: name for name, cls in TASKS.items()}  # tasks registered since import
+    known = {cls.letter: name for name, cls in TASKS.items()}  # each task's ``Task.letter``
     unknown = [c for c in letters if c not in known]
     if unknown or not letters:
         raise UserError(f"task set {letters!r}: use letters from {known}")

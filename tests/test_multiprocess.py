@@ -292,6 +292,19 @@ def test_only_process_zero_writes(two_process_run):
     assert "Process 1 of 2" in two_process_run["logs"][1]
 
 
+def _kill_and_wait(victim, survivor, timeout: float, hung: str) -> tuple[int, float]:
+    """SIGKILL ``victim``; the survivor's exit code and the seconds it took to exit (the test
+    fails with ``hung`` past ``timeout``)."""
+    victim.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    try:
+        code = survivor.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        survivor.kill()
+        pytest.fail(hung)
+    return code, time.time() - killed_at
+
+
 def test_a_dead_peer_stops_the_others(data_dir, cache_dir, tmp_path):
     """SIGKILL process 1 mid-training: process 0 exits non-zero within the heartbeat timeout
     instead of waiting in the next collective forever -- stopped by the coordination service
@@ -313,14 +326,8 @@ def test_a_dead_peer_stops_the_others(data_dir, cache_dir, tmp_path):
             break
         time.sleep(0.2)
     assert all(p.poll() is None for p, _, _ in procs), open(procs[0][2]).read()[-3000:]
-    procs[1][0].send_signal(signal.SIGKILL)
-    killed_at = time.time()
-    try:
-        code = procs[0][0].wait(timeout=heartbeat + 120)
-    except subprocess.TimeoutExpired:
-        procs[0][0].kill()
-        pytest.fail("process 0 hung after its peer died")
-    waited = time.time() - killed_at
+    code, waited = _kill_and_wait(procs[1][0], procs[0][0], heartbeat + 120,
+                                  "process 0 hung after its peer died")
     out = open(procs[0][2]).read()
     assert code != 0
     by_heartbeat = re.search(r"stopped sending heartbeats\):\s*1\b", out)
@@ -342,14 +349,8 @@ def test_a_peer_dead_at_start_up_stops_the_other_within_the_init_timeout(data_di
     wd = tmp_path / "wd"
     procs = _start(tmp_path, "startup", [*COMMON, f"--workdir={wd}",
                                           f"--init_timeout={init_timeout}"], env)
-    procs[0][0].send_signal(signal.SIGKILL)
-    killed_at = time.time()
-    try:
-        code = procs[1][0].wait(timeout=init_timeout + 120)
-    except subprocess.TimeoutExpired:
-        procs[1][0].kill()
-        pytest.fail("process 1 hung at start-up after process 0 died")
-    waited = time.time() - killed_at
+    code, waited = _kill_and_wait(procs[0][0], procs[1][0], init_timeout + 120,
+                                  "process 1 hung at start-up after process 0 died")
     out = open(procs[1][2]).read()
     assert code == 1, out[-3000:]
     assert re.search(r"^mtl-jax: error: process 1 of 2 could not join the run at "
