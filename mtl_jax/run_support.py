@@ -20,6 +20,7 @@ pictures (:func:`write_pictures`). This module sits below :mod:`mtl_jax.train` a
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import threading
 import time
@@ -224,6 +225,73 @@ def evaluate_split(exp: Experiment, state: PyTree, source, normals_from_depth: b
     check_label_counts(where, label_counts(results, pop=True),
                        exp.config.get("label_check", "error"))
     return results
+
+
+def baseline_metrics(config: ml_collections.ConfigDict) -> dict[str, float] | None:
+    """The Δm baseline of ``config.baseline_results``: ``results.json`` files of single-task
+    runs (a list, or comma-separated), or the metrics themselves (``{'<task>/<metric>':
+    value}``, e.g. the reference's ``baselines`` of DenseMTL's SDE config); None when empty."""
+    files = config.get("baseline_results", "") or ()
+    if hasattr(files, "items"):
+        values = dict(files.items())
+        bad = {k: v for k, v in values.items()
+               if "/" not in k or isinstance(v, bool) or not isinstance(v, (int, float))}
+        if bad:
+            raise UserError(f"config.baseline_results {bad}: give numbers keyed "
+                            "'<task>/<metric>' (e.g. {'semseg/miou': 0.78}) or results.json "
+                            "files of single-task runs")
+        return {k: float(v) for k, v in values.items()} or None
+    if isinstance(files, str):  # comma-separated, as given on the command line
+        files = [p.strip() for p in files.split(",") if p.strip()]
+    files = list(files)
+    if not files:
+        return None
+    from mtl_jax import paths
+    from mtl_jax.evaluation import load_baseline
+
+    missing = [p for p in files if not paths.exists(p)]
+    if missing:
+        raise UserError(f"baseline_results files not found: {missing}. They are the "
+                        "results.json of single-task runs (configs/stl.py).")
+    return load_baseline(files)
+
+
+def add_delta_m(results: dict[str, float], tasks, baseline: dict | None) -> dict[str, float]:
+    """``results`` with ``delta_m`` (:func:`mtl_jax.evaluation.delta_m`) against ``baseline``
+    over the tasks' main metrics that both have, when a baseline is given."""
+    if baseline:
+        from mtl_jax.evaluation import delta_m
+        from mtl_jax.evaluation.metrics import directions_for
+
+        # Main metrics only: side outputs and compat modes have no direction, never enter Δm.
+        directions = directions_for(tasks)
+        keys = [k for k in directions if k in results and k in baseline]
+        results["delta_m"] = delta_m(results, baseline, directions, keys or None)
+    return results
+
+
+def trivial_baseline_writer(config: ml_collections.ConfigDict, train_source, val_source,
+                            tasks, normals_from_depth: bool):
+    """A run's ``on_fresh_start`` when ``config.trivial_baseline`` is set: the trivial
+    predictors' val metrics (:mod:`mtl_jax.evaluation.trivial`), logged as ``trivial/...`` at
+    step 0 and written to ``trivial_baseline.json``; ``None`` otherwise (or without training
+    data)."""
+    if not config.get("trivial_baseline", False) or train_source is None:
+        return None
+
+    def on_fresh_start(writer, workdir: str) -> None:
+        from mtl_jax import paths
+        from mtl_jax.evaluation.trivial import trivial_baseline
+
+        trivial = trivial_baseline(train_source, val_source, tasks,
+                                   normals_from_depth=normals_from_depth)
+        writer.write_scalars(0, {f"trivial/{k}": v for k, v in trivial.items()})
+        if jax.process_index() == 0:
+            path = paths.join(workdir, "trivial_baseline.json")
+            with writing(f"the trivial baseline {path}"):
+                paths.write_text(path, json.dumps(trivial, indent=2, sort_keys=True))
+
+    return on_fresh_start
 
 
 def write_pictures(exp: Experiment, state: PyTree, source, normals_from_depth: bool, writer,

@@ -35,22 +35,23 @@ from absl import logging
 from mtl_jax import checkpointing, config_schema, paths, run_config, workdir_lock, writers
 from mtl_jax.data import pipeline
 from mtl_jax.errors import Preempted, UserError, WriteError, writing
-from mtl_jax.evaluation import delta_m, load_baseline
-from mtl_jax.evaluation.metrics import directions_for
-from mtl_jax.evaluation.trivial import trivial_baseline
 from mtl_jax.experiment import Experiment, build_experiment, dataset_normals_from_depth, open_data
 from mtl_jax.run_support import (
     NonFiniteLossError,
     Run,
     StopFlag,
+    add_delta_m,
     any_process_stopping,
+    baseline_metrics,
     check_label_counts,
     check_nonfinite,
     evaluate_split,
     label_counts,
     log_first_step,
+    trivial_baseline_writer,
     write_pictures,
 )
+from mtl_jax.sde.run import sde_run
 from mtl_jax.uda.run import uda_run
 
 __all__ = ["NonFiniteLossError", "build_run", "evaluate", "evaluate_state", "run_loop",
@@ -62,26 +63,7 @@ def evaluate_state(exp: Experiment, state, val_source, *, baseline: dict | None 
     """Every metric of every task over the full split (each example exactly once), and
     ``delta_m`` against ``baseline`` (single-task results) when given."""
     results = evaluate_split(exp, state, val_source, dataset_normals_from_depth(exp.config))
-    if baseline:
-        # Main metrics only: side outputs and compat modes have no direction, never enter Δm.
-        directions = directions_for(exp.tasks)
-        keys = [k for k in directions if k in results and k in baseline]
-        results["delta_m"] = delta_m(results, baseline, directions, keys or None)
-    return results
-
-
-def _baseline(config) -> dict | None:
-    files = config.get("baseline_results", "") or ()
-    if isinstance(files, str):  # comma-separated, as given on the command line
-        files = [p.strip() for p in files.split(",") if p.strip()]
-    files = list(files)
-    if not files:
-        return None
-    missing = [p for p in files if not paths.exists(p)]
-    if missing:
-        raise UserError(f"baseline_results files not found: {missing}. They are the "
-                        "results.json of single-task runs (configs/stl.py).")
-    return load_baseline(files)
+    return add_delta_m(results, exp.tasks, baseline)
 
 
 def supervised_run(config: ml_collections.ConfigDict, *, training: bool = True) -> Run:
@@ -94,7 +76,7 @@ def supervised_run(config: ml_collections.ConfigDict, *, training: bool = True) 
     else:
         exp = build_experiment(config)
         (val_source,) = open_data(config, splits=("val",))
-    baseline = _baseline(config)
+    baseline = baseline_metrics(config)
     from_depth = dataset_normals_from_depth(config)
 
     def train_data():
@@ -103,17 +85,6 @@ def supervised_run(config: ml_collections.ConfigDict, *, training: bool = True) 
             augment=exp.augment, prefetch=config.get("prefetch", 2),
             normals_from_depth=from_depth)
 
-    def on_fresh_start(writer, workdir: str) -> None:
-        if not config.get("trivial_baseline", False):
-            return
-        trivial = trivial_baseline(train_source, val_source, exp.tasks,
-                                   normals_from_depth=from_depth)
-        writer.write_scalars(0, {f"trivial/{k}": v for k, v in trivial.items()})
-        if jax.process_index() == 0:
-            path = paths.join(workdir, "trivial_baseline.json")
-            with writing(f"the trivial baseline {path}"):
-                paths.write_text(path, json.dumps(trivial, indent=2, sort_keys=True))
-
     return Run(
         kind="supervised", config=config, tasks=exp.tasks, abstract_state=exp.abstract_state,
         init_state=exp.init_state, train_step=exp.train_step,
@@ -121,7 +92,9 @@ def supervised_run(config: ml_collections.ConfigDict, *, training: bool = True) 
         evaluate=lambda state: evaluate_state(exp, state, val_source, baseline=baseline),
         write_pictures=lambda state, writer, workdir, step, num: write_pictures(
             exp, state, val_source, from_depth, writer, workdir, step, num),
-        learning_rates=exp.learning_rates, on_fresh_start=on_fresh_start)
+        learning_rates=exp.learning_rates,
+        on_fresh_start=trivial_baseline_writer(config, train_source if training else None,
+                                               val_source, exp.tasks, from_depth))
 
 
 def build_run(config: ml_collections.ConfigDict, *, training: bool = True) -> Run:
@@ -129,6 +102,8 @@ def build_run(config: ml_collections.ConfigDict, *, training: bool = True) -> Ru
     new implementation of :class:`~mtl_jax.run_support.Run` and one line here."""
     if config.get("uda", None):  # domain adaptation: two datasets, two players
         return uda_run(config, training=training)
+    if config.get("sde", None):  # depth from video: frame triplets and a pose network
+        return sde_run(config, training=training)
     return supervised_run(config, training=training)
 
 

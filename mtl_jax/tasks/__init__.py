@@ -15,6 +15,7 @@ from mtl_jax.tasks.edges import Edges
 from mtl_jax.tasks.normals import Normals
 from mtl_jax.tasks.reconstruction import Reconstruction
 from mtl_jax.tasks.semseg import SemSeg
+from mtl_jax.tasks.video_depth import VideoDepth
 
 TASKS: dict[str, type[Task]] = {
     "semseg": SemSeg,
@@ -22,6 +23,7 @@ TASKS: dict[str, type[Task]] = {
     "normals": Normals,
     "edges": Edges,
     "reconstruction": Reconstruction,
+    "disp": VideoDepth,
 }
 
 
@@ -53,5 +55,6 @@ __all__ = [
     "SemSeg",
     "SumMetric",
     "Task",
+    "VideoDepth",
     "make_task",
 ]
