@@ -17,8 +17,9 @@ def param_counts(config) -> dict[str, int]:
     When the run trains parameters outside the model -- a weighting strategy's own (e.g.
     ``uw``'s log-variances), the domain discriminators of an adversarial UDA config -- the
     model's parts are followed by ``'model total'`` (the model alone, the number papers
-    quote), then ``'weighting/<name>'`` and ``'discriminator/<task>_s<scale>'``, and
-    ``'total'`` includes them.
+    quote), then ``'weighting/<name>'``, ``'discriminator/<task>_s<scale>'`` and, in the
+    self-supervised depth setting (a config with ``sde``), the pose network's
+    ``'pose_net/encoder'`` and ``'pose_net/decoder'``; ``'total'`` includes them.
     """
     tasks = build_tasks(config)
     model = build_model(config.model, {name: task.channels for name, task in tasks.items()})
@@ -36,11 +37,26 @@ def param_counts(config) -> dict[str, int]:
 
         extra.update({f"discriminator/{key}": n
                       for key, n in discriminator_param_counts(config, tasks).items()})
+    if config.get("sde", None):  # the pose network of the self-supervised depth setting
+        extra.update({f"pose_net/{part}": n for part, n in pose_param_counts(config).items()})
     if extra:
         total = counts.pop("total")
         counts["model total"] = total
         counts.update(extra)
         counts["total"] = total + sum(extra.values())
+    return counts
+
+
+def pose_param_counts(config) -> dict[str, int]:
+    """``{'encoder': n, 'decoder': n}`` of the pose network ``config.sde.pose`` describes."""
+    from mtl_jax.models.architectures.posenet import build_pose_network, init_pose_network
+
+    network = build_pose_network(config)
+    shapes = jax.eval_shape(
+        lambda r: init_pose_network(network, r, tuple(config.input_size))["params"],
+        jax.random.key(0))
+    counts = count_params(shapes)
+    counts.pop("total")
     return counts
 
 

@@ -172,6 +172,9 @@ def test_options_and_errors():
     with pytest.raises(UserError, match="should repeat"):
         convert_densemtl(bad, set_order="semseg,depth,normals")
     extra = dict(sd, **{"heads.depth.decoder.16.weight": np.zeros((1, 4, 1, 1), np.float32)})
+    with pytest.raises(UserError, match=r"heads.depth has 3 side conv\(s\).*\[0, 1\]"):
+        convert_densemtl(extra, set_order="semseg,depth,normals")
+    extra = dict(sd, **{"heads.depth.decoder.1.weight": np.zeros((1, 4, 1, 1), np.float32)})
     with pytest.raises(UserError, match="not mapped"):
         convert_densemtl(extra, set_order="semseg,depth,normals")
     assert converters.CONVERTERS["densemtl"] is convert_densemtl

@@ -11,7 +11,8 @@ ThreeWaysDecoder per task + one mTEB at stage 1.
 
 Side outputs: after stage k, for k in a decoder's ``side_scales``, the decoder's side output k
 of the *pre-exchange* feature is returned as aux ``'<task>/side/<k>'`` (bilinearly resized to
-the output size by the decoder's ``resize_side``: aligned corners, as DenseMTL's losses): the
+the output size by the decoder's ``resize_side``: aligned corners, as DenseMTL's losses; left at
+stage k's resolution by a decoder with ``resize_sides=False``, and so is its prediction): the
 half-resolution prediction that DenseMTL supervises before the exchange
 (its released code reports it as the final result; we report scale 0). The prediction is
 side output 0 of the last stage.

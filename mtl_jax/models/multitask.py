@@ -114,7 +114,9 @@ class MultiTaskModel(nn.Module):
         Aux keys are namespaced: ``'<task>/<key>'`` for decoder outputs, ``'<module>/<key>'`` for
         the interaction module's. Side outputs -- extra predictions of a task that its loss
         also supervises -- are ``'<task>/side/<name>'`` (from a decoder's ``'side/<name>'`` or
-        an interaction's ``'<task>/side/<name>'``), float32 at ``output_size``.
+        an interaction's ``'<task>/side/<name>'``), float32 at ``output_size`` (at their own
+        resolution from a decoder that does not resize them, ``three_ways`` with
+        ``resize_sides=False``).
         """
         output_size = (int(output_size[0]), int(output_size[1]))
         aux: dict[str, jax.Array] = {}

@@ -8,6 +8,10 @@ optional):
   ``encoder_kwargs`` (e.g. ``width``, ``replace_stride_with_dilation``);
 * ``decoder`` (a name in ``DECODERS``' slot ``'pyramid'``, default ``'unet'``),
   ``decoder_kwargs`` (e.g. ``features``; ``channels`` and ``side_scales`` for ``three_ways``);
+* ``decoder_kwargs_by_task``: ``{task: {...}}`` merged over ``decoder_kwargs`` for that task's
+  decoder (e.g. DenseMTL's self-supervised depth setting: ``{'semseg': {'side_scales': (2,)},
+  'disp': {'side_scales': (1, 2, 3), 'regression': True, 'resize_sides': False}}``); a task
+  the model does not have is an error;
 * ``interaction``: ``None`` or ``{'name': 'padnet', 'width': 256}`` -- a module between encoder
   and decoders (``INTERACTIONS``' slot ``'pyramid'``;
   :class:`~mtl_jax.models.multitask.MultiTaskModel`);
@@ -65,8 +69,15 @@ def build_multitask(model_cfg: Mapping[str, Any], tasks: Mapping[str, int]) -> M
 
     encoder = make_encoder(**as_dict(model_cfg.get("encoder_kwargs", None)), **prec)
     decoder_kwargs = as_dict(model_cfg.get("decoder_kwargs", None))
+    by_task = {t: as_dict(kw) for t, kw in
+               as_dict(model_cfg.get("decoder_kwargs_by_task", None)).items()}
+    unknown = sorted(set(by_task) - set(tasks))
+    if unknown:
+        raise ValueError(f"model.decoder_kwargs_by_task names {unknown}, not tasks of the model "
+                         f"{list(tasks)}")
     decoders = {
-        task: make_decoder(out_channels=int(channels), **decoder_kwargs, **prec)
+        task: make_decoder(out_channels=int(channels),
+                           **{**decoder_kwargs, **by_task.get(task, {})}, **prec)
         for task, channels in tasks.items()
     }
     extra: dict[str, Any] = pixel_stats(model_cfg)

@@ -8,6 +8,8 @@ source array used exactly once (:class:`~mtl_jax.models.converters.torch_names.T
 enforces it). ``mtl-jax convert-weights --from=NAME SRC.npz DST.npz`` writes that dict; a run
 starts from it with ``config.model.init_from=DST.npz`` (every leaf checked against the model:
 names and shapes), and ``mtl-jax eval`` evaluates it when the workdir has no checkpoint yet.
+A network trained beside the model (DenseMTL's pose network) is a subtree ``pose_net/...`` of
+the same file (:data:`PARTS`; ``load_variables(path, part='pose_net')``).
 
 Registry: ``CONVERTERS = {name: function(state_dict, **options) -> flat variables}``; adding a
 converter is one file here plus one line.
@@ -40,6 +42,9 @@ PyTree = Any
 #: Converters whose option ``tasks`` is the model's task order (``convert-weights --config``).
 TAKES_TASK_ORDER = ("densemtl",)
 Converter = Callable[..., dict[str, np.ndarray]]
+#: Subtrees of a converted file that belong to another network than the model (written as
+#: ``<part>/params/...``, ``<part>/batch_stats/...``): DenseMTL's pose network.
+PARTS = ("pose_net",)
 
 CONVERTERS: dict[str, Converter] = {
     "densemtl": convert_densemtl,  # astra-vision/DenseMTL (ResNet-101, 3-ways heads, mTEB)
@@ -91,16 +96,31 @@ def convert_file(name: str, src: str | os.PathLike, dst: str | os.PathLike,
     return len(flat)
 
 
-def load_variables(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A converted file (``convert_file``'s output): flat ``{'params/...': array, ...}``."""
+def load_variables(path: str | os.PathLike, part: str = "model") -> dict[str, np.ndarray]:
+    """A converted file (``convert_file``'s output): flat ``{'params/...': array, ...}``.
+
+    ``part='model'`` (default): the model's variables (and ``meta/task_order``); a subtree of
+    another network in the file (:data:`PARTS`, e.g. the pose network ``pose_net/...`` of a
+    self-supervised depth checkpoint) is left out. ``part='pose_net'``: that subtree, its
+    prefix removed (``UserError`` when the file has none)."""
+    if part != "model" and part not in PARTS:
+        raise ValueError(f"load_variables: part must be 'model' or one of {PARTS}, not {part!r}")
     flat = read_npz(path, "converted weights file (config.model.init_from)")
-    bad = [k for k in flat if k.split("/", 1)[0] not in ("params", "batch_stats")
+    bad = [k for k in flat if k.split("/", 1)[0] not in ("params", "batch_stats", *PARTS)
            and k != TASK_ORDER_KEY]
     if bad:
         raise UserError(f"converted weights file {os.fspath(path)!r} has keys outside "
                         f"params/ and batch_stats/ (e.g. {bad[0]!r}); write it with "
                         "mtl-jax convert-weights --from=NAME SRC.npz DST.npz")
-    return flat
+    if part == "model":
+        return {k: v for k, v in flat.items() if k.split("/", 1)[0] not in PARTS}
+    prefix = f"{part}/"
+    sub = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+    if not sub:
+        raise UserError(f"converted weights file {os.fspath(path)!r} holds no {part} weights "
+                        f"({prefix}...); convert a checkpoint that has them (e.g. a DenseMTL "
+                        "self-supervised depth checkpoint with --from=densemtl)")
+    return sub
 
 
 def file_task_order(flat: Mapping[str, np.ndarray]) -> tuple[str, ...] | None:
@@ -159,5 +179,5 @@ def apply_variables(params: PyTree, batch_stats: PyTree, flat: Mapping[str, np.n
                         "classes and widths as the converted checkpoint?): " + "; ".join(parts))
     return out[0], out[1]
 
-__all__ = ["CONVERTERS", "TAKES_TASK_ORDER", "TASK_ORDER_KEY", "apply_variables",
+__all__ = ["CONVERTERS", "PARTS", "TAKES_TASK_ORDER", "TASK_ORDER_KEY", "apply_variables",
            "check_task_order", "convert_file", "file_task_order", "load_variables", "read_npz"]

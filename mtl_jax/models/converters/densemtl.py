@@ -43,6 +43,29 @@ order to ours:
   find it by running ``print([s for s in {'semseg', 'depth', 'normals'} if s != 'semseg'])``
   under the same ``PYTHONHASHSEED`` as the training run (the run logs its ``Task pairs`` set
   too), or try the orders and keep the one that evaluates best.
+
+**Self-supervised depth checkpoints** (``configs/cityscapes/monodepth/``, setup
+``ours-cxatt_monodepth``: the reference's ``MultiSetup`` of ``main`` = ``OursAtt`` and
+``monodepth`` = its pose network plug-in). Their names carry the prefixes ``main.`` (the model
+above, converted as above) and ``monodepth.pose_net.``:
+
+* ``monodepth.pose_net.encoder.encoder.*``: Monodepth2's ``ResnetEncoder`` (ResNet-18 with a
+  6-channel ``conv1``; no ``fc``) → ``pose_net/{params,batch_stats}/encoder/...``;
+* ``monodepth.pose_net.decoder.net.0..3``: ``PoseDecoder``'s squeeze and pose convs →
+  ``pose_net/params/decoder/{squeeze,pose_0,pose_1,pose_2}``
+  (:class:`~mtl_jax.models.architectures.posenet.PoseNetwork`);
+* ``monodepth.imnet_encoder.*`` (only with the reference's ``feature_dist``: a frozen ImageNet
+  copy for a loss this setting does not use) is dropped.
+
+The pose network's arrays stay a separate subtree of the file, ``pose_net/...``: loading the
+file into the segmentation model (``config.model.init_from``) skips it, and the SDE run loads
+it into the pose network (``converters.load_variables(path, part='pose_net')``). The
+disparity head (``is_regression: True``) has 3×3 side convs (``decoder.<n>.conv``, after a
+reflection pad) → ``out_<scale>`` with a 3×3 kernel (``ThreeWaysDecoder(regression=True)``).
+The side convs of each head follow its ``active_scales``: the option ``active_scales`` is
+``0,1`` (every head; the default of the plain checkpoints) or per task
+``semseg:0,2;disp:0,1,2,3`` (the default of the self-supervised depth checkpoints, the
+released config's); a head whose number of side convs differs is refused.
 """
 
 from __future__ import annotations
@@ -59,6 +82,13 @@ from mtl_jax.models.converters.torch_names import TASK_ORDER_KEY, TorchStateDict
 DECODER_INDEX = {(4, 1): 2, (3, 0): 3, (3, 1): 5, (2, 0): 6, (2, 1): 8, (1, 0): 9, (1, 1): 11,
                  (0, 0): 12, (0, 1): 13}
 FIRST_SIDE_INDEX = 14
+#: Prefixes of a self-supervised depth checkpoint (the reference's MultiSetup).
+MAIN_PREFIX, POSE_PREFIX = "main.", "monodepth.pose_net."
+IGNORED_SDE_PREFIX = "monodepth.imnet_encoder."
+#: Side scales of each head in the released self-supervised depth config.
+SDE_ACTIVE_SCALES = {"semseg": (0, 2), "disp": (0, 1, 2, 3)}
+#: The pose decoder's ``net.<i>`` -> our names.
+POSE_DECODER = ("squeeze", "pose_0", "pose_1", "pose_2")
 
 
 def _names(value: str | Sequence[str] | None) -> list[str]:
@@ -99,12 +129,28 @@ def _aspp(sd: TorchStateDict, src: str, dst: str) -> None:
 
 
 def _head(sd: TorchStateDict, task: str, active_scales: Sequence[int]) -> None:
+    """Head ``task``'s ASPP, conv blocks and side convs (``active_scales`` in order)."""
     src, dst = f"heads.{task}.decoder", f"decoders/{task}"
     _aspp(sd, f"{src}.0", f"{dst}/aspp")
     for (stage, j), index in DECODER_INDEX.items():
         sd.conv(f"{src}.{index}.block.0.conv", f"{dst}/upconv_{stage}_{j}/conv")
-    for offset, scale in enumerate(active_scales):
-        sd.conv(f"{src}.{FIRST_SIDE_INDEX + offset}", f"{dst}/out_{scale}")
+    sides = _side_indices(sd, src)
+    if len(sides) != len(active_scales):
+        raise UserError(f"DenseMTL state_dict: heads.{task} has {len(sides)} side conv(s) "
+                        f"({src}.{FIRST_SIDE_INDEX}..) but active_scales gives "
+                        f"{list(active_scales)} for it; pass --option active_scales=... with "
+                        "its scales (e.g. 0,1 or semseg:0,2;disp:0,1,2,3)")
+    for index, scale in zip(sides, active_scales, strict=True):
+        # is_regression heads: Conv3x3 = reflection pad + ``.conv``; others a plain Conv2d.
+        name = f"{src}.{index}.conv" if sd.has(f"{src}.{index}.conv.weight") else f"{src}.{index}"
+        sd.conv(name, f"{dst}/out_{scale}")
+
+
+def _side_indices(sd: TorchStateDict, src: str) -> list[int]:
+    """Indices of the head's side convs in its ``ModuleList`` (from ``FIRST_SIDE_INDEX`` on)."""
+    found = {int(m.group(1)) for k in sd.arrays
+             if (m := re.fullmatch(re.escape(src) + r"\.(\d+)\.(?:conv\.)?weight", k))}
+    return sorted(i for i in found if i >= FIRST_SIDE_INDEX)
 
 
 def _exchange(sd: TorchStateDict, stage: int, tasks: Sequence[str],
@@ -139,13 +185,75 @@ def _exchange(sd: TorchStateDict, stage: int, tasks: Sequence[str],
         sd.bn(f"{src}.post.1", f"{dst_block}/fuse_{t}/bn")
 
 
+def _split_sde(state_dict: Mapping[str, np.ndarray]
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(model arrays with ``main.`` stripped, pose network arrays with ``monodepth.pose_net.``
+    stripped) of a self-supervised depth checkpoint; a plain checkpoint comes back whole with
+    no pose arrays. Other names stay in the model part (unmapped: ``finish`` names them)."""
+    if not any(k.startswith((MAIN_PREFIX, "monodepth.")) for k in state_dict):
+        return dict(state_dict), {}
+    model, pose = {}, {}
+    for name, value in state_dict.items():
+        if name.startswith(MAIN_PREFIX):
+            model[name[len(MAIN_PREFIX):]] = value
+        elif name.startswith(POSE_PREFIX):
+            pose[name[len(POSE_PREFIX):]] = value
+        elif not name.startswith(IGNORED_SDE_PREFIX):
+            model[name] = value
+    return model, pose
+
+
+def _pose_net(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The reference's ``PoseNetwork`` arrays (``monodepth.pose_net.`` stripped) → our
+    ``pose_net/{params,batch_stats}/...`` keys (module docstring)."""
+    sd = TorchStateDict(state, source=f"DenseMTL state_dict ({POSE_PREFIX}*)",
+                        ignore_prefixes=("encoder.encoder.fc.",))
+    sd.resnet("encoder.encoder.", "encoder")
+    for index, name in enumerate(POSE_DECODER):
+        sd.conv(f"decoder.net.{index}", f"decoder/{name}")
+    return {f"pose_net/{key}": value for key, value in sd.finish().items()}
+
+
+def _scales(active_scales: str | Sequence[int] | None, heads: Sequence[str], sde: bool
+            ) -> dict[str, tuple[int, ...]]:
+    """Side scales per head: ``0,1`` for every head, ``semseg:0,2;disp:0,1,2,3`` per task, or
+    the default (``0,1``; :data:`SDE_ACTIVE_SCALES` for a self-supervised depth checkpoint)."""
+    if active_scales is None:
+        if not sde:
+            return {t: (0, 1) for t in heads}
+        missing = [t for t in heads if t not in SDE_ACTIVE_SCALES]
+        if missing:
+            raise UserError(f"densemtl converter: no default side scales for the heads "
+                            f"{missing} of this self-supervised depth checkpoint; pass "
+                            "--option active_scales=TASK:0,1;TASK:0,1,2,3")
+        return {t: SDE_ACTIVE_SCALES[t] for t in heads}
+    if not isinstance(active_scales, str):
+        return {t: tuple(int(v) for v in active_scales) for t in heads}
+    if ":" not in active_scales:
+        return {t: tuple(int(v) for v in _names(active_scales)) for t in heads}
+    per_task = {}
+    for item in active_scales.split(";"):
+        task, _, values = item.partition(":")
+        per_task[task.strip()] = tuple(int(v) for v in _names(values))
+    if sorted(per_task) != sorted(heads):
+        raise UserError(f"densemtl converter: active_scales={active_scales!r} must give the "
+                        f"scales of every head {list(heads)} (TASK:0,1;TASK:0,2)")
+    return per_task
+
+
 def convert_densemtl(state_dict: Mapping[str, np.ndarray], tasks: str | Sequence[str] | None = None,
                      set_order: str | Sequence[str] | None = None,
-                     active_scales: str | Sequence[int] = "0,1") -> dict[str, np.ndarray]:
+                     active_scales: str | Sequence[int] | None = None
+                     ) -> dict[str, np.ndarray]:
     """The authors' DenseMTL state_dict → our flat variables (module docstring); every source
     array used exactly once. Options: ``tasks`` (our task order), ``set_order`` (the
     reference's set iteration order, needed with >= 3 tasks and an exchange block),
-    ``active_scales`` (the heads' side scales in the reference config's order)."""
+    ``active_scales`` (the heads' side scales in the reference config's order: ``0,1`` for
+    every head or ``TASK:0,2;TASK:0,1,2,3``). A self-supervised depth checkpoint (``main.*`` +
+    ``monodepth.pose_net.*``) also gives the pose network's ``pose_net/...`` arrays."""
+    model_sd, pose_sd = _split_sde(state_dict)
+    sde = bool(pose_sd) or any(k.startswith((MAIN_PREFIX, "monodepth.")) for k in state_dict)
+    state_dict = model_sd
     heads = list(dict.fromkeys(k.split(".")[1] for k in state_dict if k.startswith("heads.")))
     if not heads:
         raise UserError("DenseMTL state_dict: no 'heads.<task>.*' arrays; is it a checkpoint "
@@ -153,8 +261,7 @@ def convert_densemtl(state_dict: Mapping[str, np.ndarray], tasks: str | Sequence
     order = _names(tasks) or heads
     if sorted(order) != sorted(heads):
         raise UserError(f"densemtl converter: tasks={order} must list the file's tasks {heads}")
-    scales = [int(s) for s in _names(active_scales if isinstance(active_scales, str)
-                                     else [str(s) for s in active_scales])]
+    scales = _scales(active_scales, heads, sde)
     stages = sorted({int(k.split(".")[2]) for k in state_dict
                      if re.match(r"m\.[^.]+\.\d+\.", k)})
     given = _names(set_order)
@@ -169,15 +276,18 @@ def convert_densemtl(state_dict: Mapping[str, np.ndarray], tasks: str | Sequence
 
     prefix = "backbone.encoder." if any(k.startswith("backbone.encoder.") for k in state_dict) \
         else "backbone."
-    sd = TorchStateDict(state_dict, source="DenseMTL state_dict",
-                        ignore_prefixes=(f"{prefix}fc.",))
+    source = f"DenseMTL state_dict ({MAIN_PREFIX}* without the prefix)" if sde \
+        else "DenseMTL state_dict"
+    sd = TorchStateDict(state_dict, source=source, ignore_prefixes=(f"{prefix}fc.",))
     sd.used.update(_drop_duplicates(state_dict))
     sd.resnet(prefix, "encoder")
     for t in order:
-        _head(sd, t, scales)
+        _head(sd, t, scales[t])
     for stage in stages:
         _exchange(sd, stage, order, set_order_)
     out = sd.finish()
+    if pose_sd:
+        out.update(_pose_net(pose_sd))
     if stages and len(order) >= 3:  # the fusion convs' input blocks follow this order
         out[TASK_ORDER_KEY] = np.array(order)
     return out

@@ -5,7 +5,9 @@ Slot ``'pyramid'`` (the decoders of the composed architecture, ``config.model.de
 ``decoder(features, output_size, train) -> (prediction_BxHxWxC float32, aux: dict)`` with
 ``features`` the encoder's list ``[stem, layer1, layer2, layer3, layer4]``. Aux keys
 ``'side/<k>'`` are side outputs (extra predictions at the output size that the task loss also
-supervises: the multi-scale objective). Staged decoders (``three_ways``) also expose
+supervises: the multi-scale objective; ``three_ways`` with ``resize_sides=False`` leaves the
+prediction and each side output at its stage's own resolution, for a loss that resizes them
+itself, e.g. the self-supervised depth loss). Staged decoders (``three_ways``) also expose
 ``stage_order``, ``stage`` and ``side`` for exchange blocks between stages
 (:class:`~mtl_jax.models.interface.StagedDecoder`).
 

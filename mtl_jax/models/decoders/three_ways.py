@@ -13,15 +13,21 @@ Stages run from 4 (deepest) to 0 (full resolution) with ``channels[i]`` channels
 A conv block is a 3×3 conv with reflection padding and bias, then ELU (Monodepth2 style). Side
 outputs are 1×1 convs with bias: side output k reads stage k's output (side output 0 is the final
 prediction at full resolution, side output 1 the half-resolution one). With a ResNet-101 encoder
-and one output channel the head has 22,061,634 parameters.
+and one output channel the head has 22,061,634 parameters. A *regression* head (the reference's
+``is_regression: True``, the disparity head of the self-supervised depth setting) has
+Monodepth2's side outputs instead: reflection padding, 3×3 conv with bias, sigmoid (values in
+(0, 1)).
 
 Besides the one-shot decoder contract (``(features, output_size, train) -> (pred, aux)``, aux =
 ``{'side/<k>': side output k bilinearly resized to output_size}``, with aligned corners as the
-reference (``align_corners``) for k in ``side_scales``),
+reference (``align_corners``) for k in ``side_scales``; with ``resize_sides=False`` nothing is
+resized: side output k stays at stage k's resolution, about output_size / 2^k, and the
+prediction at stage 0's, the input resolution, as the self-supervised depth loss needs them),
 the decoder exposes ``stage(i, x, features, train)`` and ``side(k, x)`` so that
 :class:`~mtl_jax.models.exchange.ExchangeMultiTaskModel` can insert cross-task exchange
 blocks between stages. Parameters: ``aspp``, ``upconv_<i>_<k>`` (stage i, first (0) or second
-(1) conv block; stage 4 has ``upconv_4_1`` only), ``out_<k>`` (side output k).
+(1) conv block; stage 4 has ``upconv_4_1`` only), ``out_<k>`` (side output k; a 1×1 kernel, or
+3×3 in a regression head).
 
 Initialisation: PyTorch's default conv kernel init, zero biases (the released code keeps the
 PyTorch defaults; biases start at 0 here).
@@ -78,6 +84,10 @@ class ThreeWaysDecoder(nn.Module):
       align_corners: bilinear convention of the resize of side outputs to the output size
         (``True``, the default, is the reference's: its losses resize every side output to the
         label size with ``F.interpolate(..., mode='bilinear', align_corners=True)``).
+      regression: Monodepth2's side outputs (reflection pad, 3×3 conv with bias, sigmoid)
+        instead of 1×1 convs (the reference's ``is_regression``).
+      resize_sides: resize the prediction and side outputs to ``output_size`` (default);
+        ``False`` returns each at its stage's own resolution.
     """
 
     out_channels: int = 1
@@ -86,6 +96,8 @@ class ThreeWaysDecoder(nn.Module):
     dropout: float = 0.5
     side_scales: Sequence[int] = (1,)
     align_corners: bool = True
+    regression: bool = False
+    resize_sides: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -105,9 +117,10 @@ class ThreeWaysDecoder(nn.Module):
             for k in (0, 1):
                 blocks[f"{stage}_{k}"] = ConvBlock(self.channels[stage], **kw)
         self.upconv = blocks  # parameter names upconv_<stage>_<k>
+        kernel, pad = (3, 0) if self.regression else (1, None)
         self.out = {  # parameter names out_<scale>
-            str(k): conv(self.out_channels, 1, use_bias=True,
-                             kernel_init=torch_default_kernel_init, **kw)
+            str(k): conv(self.out_channels, kernel, padding=pad, use_bias=True,
+                         kernel_init=torch_default_kernel_init, **kw)
             for k in (0, *sorted(set(self.side_scales)))
         }
 
@@ -131,8 +144,12 @@ class ThreeWaysDecoder(nn.Module):
         return self.upconv[f"{stage}_1"](x)
 
     def side(self, scale: int, x: jax.Array) -> jax.Array:
-        """Side output ``scale`` (a 1×1 conv with bias) of stage ``scale``'s output; float32."""
-        return self.out[str(scale)](x).astype(jnp.float32)
+        """Side output ``scale`` of stage ``scale``'s output (a 1×1 conv with bias; in a
+        regression head reflection pad, 3×3 conv with bias, sigmoid); float32."""
+        if not self.regression:
+            return self.out[str(scale)](x).astype(jnp.float32)
+        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+        return jax.nn.sigmoid(self.out[str(scale)](x).astype(jnp.float32))
 
     def __call__(self, features: Sequence[jax.Array], output_size: Sequence[int], train: bool
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -145,5 +162,8 @@ class ThreeWaysDecoder(nn.Module):
 
     def resize_side(self, y_BxhxwxC: jax.Array, output_size: Sequence[int]) -> jax.Array:
         """A side output resized bilinearly to ``output_size`` with this decoder's
-        ``align_corners`` convention (the identity when the size already matches)."""
+        ``align_corners`` convention (the identity when the size already matches, or always
+        with ``resize_sides=False``)."""
+        if not self.resize_sides:
+            return y_BxhxwxC
         return resize_bilinear(y_BxhxwxC, output_size, align_corners=self.align_corners)
