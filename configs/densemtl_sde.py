@@ -90,7 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0
     if synthetic:
         h, w = (32, 48) if smoke else size
-        n_train, n_val = (12, 6) if smoke else (2000, 300)
+        n_train, n_val = (24, 10) if smoke else (2000, 300)
         c.dataset = dict(name="synthetic", config=builder_config,
                          options=dict(height=h, width=w, num_train=n_train, num_val=n_val))
         c.input_size = (h, w)
@@ -119,13 +119,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if args.model == "3ways_mteb":
         model["exchange"] = dict(name="mteb", stages=(1,), fusion="add", attention="spatial")
     elif args.model == "3ways_padnet":
-        model["exchange"] = dict(name="padnet", stages=(1,))
+        # the reference's 3-ways PAD-Net distils after decoder stage 2 (PadnetPlus)
+        model["exchange"] = dict(name="padnet", stages=(2,))
     c.model = model
 
     c.sde = dict(frame_ids=(0, -1, 1), scales=(0, 1, 2, 3), disparity_smoothness=1e-3,
                  no_ssim=False, avg_reprojection=False, disable_automasking=False,
-                 pose=dict(encoder="resnet18", width=4 if smoke else 16 if synthetic else 64,
-                           init_from=""),
+                 pose=dict(encoder="resnet18", width=4 if smoke else 16 if synthetic else 64),
+                 pose_init_from="",
                  pose_optimizer=dict(learning_rate=1e-6))
     c.weighting = dict(name="fixed", weights=dict(semseg=1.0, disp=1.0))
 

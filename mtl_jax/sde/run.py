@@ -16,7 +16,8 @@ network's learning rate.
     scales=(0, 1, 2, 3)            # disparity scales in the loss: the disp head's side outputs
     disparity_smoothness=1e-3, no_ssim=False, avg_reprojection=False,
     disable_automasking=False
-    pose=dict(encoder='resnet18', width=64, dtype='float32', init_from='')
+    pose=dict(encoder='resnet18', width=64, dtype='float32')  # models/architectures/posenet.py
+    pose_init_from=''              # a converted SDE checkpoint's pose network (convert-weights)
     pose_optimizer=dict(learning_rate=1e-6)   # merged over config.optimizer
 
 The disparity's depth range (``min_depth``/``max_depth``, 0.1..100) and the evaluation range
@@ -51,8 +52,7 @@ from mtl_jax.run_support import (
 from mtl_jax.sde import steps as sde_steps
 
 KNOWN = ("frame_ids", "scales", "disparity_smoothness", "no_ssim", "avg_reprojection",
-         "disable_automasking", "pose", "pose_optimizer")
-POSE_DEFAULTS = dict(encoder="resnet18", width=64, dtype="float32", init_from="")
+         "disable_automasking", "pose", "pose_init_from", "pose_optimizer")
 POSE_LR = 1e-6
 
 
@@ -79,7 +79,7 @@ def sde_options(config: ml_collections.ConfigDict) -> dict:
         raise UserError(f"config.sde.scales={list(scales)}: scale 0 and any of 1..3 (the disp "
                         "decoder's side outputs)")
     opts.update(frame_ids=frame_ids, scales=scales)
-    opts["pose"] = {**POSE_DEFAULTS, **_to_dict(opts.get("pose", None))}
+    opts["pose"] = _to_dict(opts.get("pose", None))
     opts["pose_optimizer"] = {"learning_rate": POSE_LR, **_to_dict(opts.get("pose_optimizer",
                                                                             None))}
     return opts
@@ -138,7 +138,7 @@ def build_sde_experiment(config: ml_collections.ConfigDict,
                         f"...); {config.weighting.name!r} needs {exp.weighting.requires!r}")
     task = exp.tasks[sde_steps.SDE_TASK]
     options = monodepth_options(config, task)
-    pose_net = build_pose_network(opts["pose"])
+    pose_net = build_pose_network(config)
     total = int(config.num_train_steps)
     pose_tx = optim.make_optimizer(pose_opt, total)
     h, w = (int(x) for x in config.input_size)
@@ -156,14 +156,13 @@ def build_sde_experiment(config: ml_collections.ConfigDict,
     abstract_state = sde_steps.SDETrainState(**fields, **pose_fields)
     state_sharding = jax.tree.map(lambda a: a.sharding, abstract_state)
     init_pose_jit = jax.jit(init_pose, out_shardings=replicated)
-    pose_weights = _pose_weights(opts["pose"].get("init_from", ""), pose_abstract[0])
+    pose_weights = _pose_weights(str(opts.get("pose_init_from", "") or ""), pose_abstract)
 
     def init_state() -> sde_steps.SDETrainState:
         model_state = exp.init_state()
         params, stats, opt_state = init_pose_jit(pose_rng)
         if pose_weights is not None:
-            params, stats = pose_weights["params"], pose_weights.get("batch_stats", stats)
-            params = jax.device_put(params, replicated)
+            params, stats = jax.device_put(pose_weights, replicated)
             opt_state = jax.jit(pose_tx.init, out_shardings=replicated)(params)
         return sde_steps.SDETrainState(
             **{f.name: getattr(model_state, f.name) for f in dataclasses.fields(model_state)},
@@ -183,21 +182,16 @@ def build_sde_experiment(config: ml_collections.ConfigDict,
                          train_step=train_step)
 
 
-def _pose_weights(path: str, params_shape) -> dict | None:
-    """A converted pose network (``convert-weights --from=densemtl`` of an SDE checkpoint,
-    its ``pose_net`` subtree), checked against the network's shapes; None without a path."""
+def _pose_weights(path: str, pose_abstract) -> tuple[Any, Any] | None:
+    """A converted pose network (``convert-weights --from=densemtl`` of an SDE checkpoint:
+    its ``pose_net/`` subtree) as ``(params, batch_stats)`` host arrays, checked leaf by leaf
+    against the network's shapes; None without a path."""
     if not path:
         return None
-    from mtl_jax.models.converters.densemtl import load_pose_network
+    from mtl_jax.models.converters import apply_variables, load_variables
 
-    weights = load_pose_network(path)
-    want = jax.tree.map(lambda a: tuple(a.shape), params_shape)
-    got = jax.tree.map(lambda a: tuple(np.shape(a)), weights["params"])
-    if want != got:
-        raise UserError(f"config.sde.pose.init_from={path!r}: its pose network's shapes do not "
-                        "match config.sde.pose (encoder/width); convert the checkpoint of the "
-                        "same network")
-    return weights
+    params_shape, stats_shape, _ = pose_abstract
+    return apply_variables(params_shape, stats_shape, load_variables(path, part="pose_net"))
 
 
 def sde_run(config: ml_collections.ConfigDict, *, training: bool = True) -> Run:

@@ -1,0 +1,85 @@
+"""Self-supervised depth from video (DenseMTL's SDE setting): the disp task's evaluation, the
+SDE run's step and config, geometry on procedural triplets."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtl_jax.errors import UserError
+from mtl_jax.tasks import VideoDepth, make_task
+from mtl_jax.tasks.video_depth import disp_to_depth, lower_median
+
+
+def _batch(gt_BxHxW):
+    return {"depth": jnp.asarray(gt_BxHxW, jnp.float32)[..., None]}
+
+
+def _disp_of(depth, task):
+    """The sigmoid disparity whose depth is ``depth`` (the inverse of disp_to_depth)."""
+    lo, hi = 1.0 / task.max_depth, 1.0 / task.min_depth
+    return (1.0 / np.asarray(depth, np.float64) - lo) / (hi - lo)
+
+
+def test_disp_to_depth_spans_the_range():
+    d = disp_to_depth(jnp.array([0.0, 1.0, 0.5]), 0.1, 100.0)
+    np.testing.assert_allclose(d, [100.0, 0.1, 1.0 / (0.01 + 9.99 * 0.5)], rtol=1e-6)
+
+
+def test_lower_median_is_torchs_median():
+    x = jnp.array([[4.0, 1.0, 3.0, 2.0, 100.0], [5.0, 6.0, 7.0, 8.0, 9.0]])
+    m = jnp.array([[True, True, True, True, False], [False] * 5])
+    # torch.tensor([4., 1., 3., 2.]).median() == 2 (the lower middle value); no value -> 1
+    np.testing.assert_array_equal(lower_median(x, m), [2.0, 1.0])
+
+
+def test_median_scaling_makes_a_scaled_prediction_exact():
+    task = make_task("disp")
+    rng = np.random.default_rng(0)
+    gt = rng.uniform(2.0, 60.0, (2, 6, 8))
+    gt[0, 0, :3] = 0.0  # invalid
+    gt[1, 1, 1] = 95.0  # outside the 1e-3..80 evaluation range
+    pred = _disp_of(gt.clip(1.0) * 0.3, task)  # the right shape, a third of the scale
+    out = task.metrics(jnp.asarray(pred, jnp.float32)[..., None], _batch(gt)).compute()
+    assert float(out["abs_rel"]) < 1e-5 and float(out["delta1"]) == 1.0
+    n_valid = int(np.sum((gt > 1e-3) & (gt < 80)))
+    assert int(task.metrics(jnp.asarray(pred, jnp.float32)[..., None], _batch(gt)).count) \
+        == n_valid
+
+
+def test_median_scaling_by_hand():
+    task = make_task("disp")
+    gt = np.array([[[1.0, 2.0], [4.0, 8.0]]])
+    depth = np.array([[[1.0, 1.0], [1.0, 2.0]]])  # medians: gt 2 (lower), pred 1 -> scale 2
+    out = task.metrics(jnp.asarray(_disp_of(depth, task), jnp.float32)[..., None],
+                       _batch(gt)).compute()
+    scaled = depth * 2.0
+    want = np.mean(np.abs(scaled - gt) / gt)
+    np.testing.assert_allclose(float(out["abs_rel"]), want, rtol=1e-5)
+    np.testing.assert_allclose(float(out["rmse"]), np.sqrt(np.mean((scaled - gt) ** 2)),
+                               rtol=1e-5)
+
+
+def test_side_outputs_are_upsampled_to_the_label_size():
+    task = make_task("disp")
+    gt = np.full((1, 8, 8), 10.0)
+    small = jnp.full((1, 4, 4, 1), 0.3)
+    stats = task.metrics(small, _batch(gt))
+    assert int(stats.count) == 64 and float(stats.compute()["abs_rel"]) < 1e-6
+
+
+def test_trivial_prediction_is_the_per_image_median():
+    task = make_task("disp")
+    gt = np.array([[[1.0, 2.0], [3.0, 10.0]]])
+    const = jnp.broadcast_to(jnp.asarray(task.trivial_prediction([]))[None, None, None],
+                             (1, 2, 2, 1))
+    out = task.metrics(const, _batch(gt)).compute()
+    np.testing.assert_allclose(float(out["abs_rel"]),
+                               np.mean(np.abs(2.0 - gt) / gt), rtol=1e-5)
+
+
+def test_the_disp_task_refuses_a_supervised_loss():
+    with pytest.raises(UserError, match="learns depth from video"):
+        VideoDepth().loss(jnp.zeros((1, 2, 2, 1)), _batch(np.ones((1, 2, 2))))
+    with pytest.raises(ValueError, match="min_depth < max_depth"):
+        VideoDepth(min_depth=5.0, max_depth=1.0)
