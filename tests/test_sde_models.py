@@ -2,12 +2,16 @@
 heads with Monodepth2's regression side outputs at their own resolution, per-task decoder
 options, and parameter counts equal to the reference's module trees."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import REPO
 
+from mtl_jax.config_utils import load_config
 from mtl_jax.errors import UserError
 from mtl_jax.models import build_model, count_params
 from mtl_jax.models.architectures.posenet import (
@@ -138,8 +142,14 @@ def test_the_head_arithmetic_agrees_with_the_densemtl_head_count():
 
 @pytest.mark.parametrize("model", ["3ways", "3ways_padnet", "3ways_mteb"])
 def test_sde_model_counts_equal_the_reference(model):
-    counts = count_params(_shapes(build_model(sde_model_config(model), SDE_TASKS),
-                                  jnp.zeros((1, 64, 64, 3)), train=False)["params"])
+    """Through the config users run (what ``mtl-jax params`` prints), the released setting."""
+    config = load_config(os.path.join(REPO, "configs", "densemtl_sde.py"),
+                         f"dataset=cityscapes_seq,model={model}")
+    counts = param_counts(config)
+    # the helper above builds the same network
+    assert counts["model total"] == count_params(_shapes(
+        build_model(sde_model_config(model), SDE_TASKS), jnp.zeros((1, 64, 64, 3)),
+        train=False)["params"])["total"]
     trunk = reference_head_trunk()
     semseg = trunk + reference_sides(16, (0, 2), regression=False)
     disp = trunk + reference_sides(1, (0, 1, 2, 3), regression=True)
@@ -153,7 +163,11 @@ def test_sde_model_counts_equal_the_reference(model):
                 "3ways_mteb": {"exchange_stage1": reference_mteb_two_tasks()}}[model]
     for part, n in exchange.items():
         assert counts[part] == n
-    assert counts["total"] == 42_500_160 + semseg + disp + sum(exchange.values())
+    model_total = 42_500_160 + semseg + disp + sum(exchange.values())
+    assert counts["model total"] == model_total
+    enc, dec = reference_pose_network_params()
+    assert counts["pose_net/encoder"] == enc and counts["pose_net/decoder"] == dec
+    assert counts["total"] == model_total + enc + dec
 
 
 def test_params_report_lists_the_pose_network():
