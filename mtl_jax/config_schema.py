@@ -110,13 +110,15 @@ def flag(key: str, example: bool = True) -> Field:
 
 
 def counts(key: str, minimum: int = 1, example: str = "(32, 48)", *,
-           length: int | None = None, required: bool = False) -> Field:
-    """A sequence of integers ``>= minimum`` (of ``length`` items)."""
+           length: int | None = None, required: bool = False, optional: bool = False) -> Field:
+    """A sequence of integers ``>= minimum`` (of ``length`` items); ``optional``: or None."""
     rule = (f"{length} integers" if length else "integers") + f" >= {minimum}"
+    if optional:
+        rule += ", or None"
     return Field(key, rule, example,
                  lambda v: (isinstance(v, (tuple, list)) and (length is None or len(v) == length)
                             and all(_is_int(x) and x >= minimum for x in v)),
-                 required=required)
+                 required=required, optional=optional)
 
 
 def reals(key: str, low: float, example: str, *, low_open: bool = True,
@@ -209,6 +211,7 @@ def _fields() -> list[Field]:
         flag("augment.flip"),
         flag("augment.scale_depth"),
         reals("augment.scales", 0.0, "(1.0, 1.2, 1.5)"),
+        counts("augment.crop_size", 1, "(512, 512)", length=2, optional=True),
         # Tasks, model, weighting: the keys their constructors leave unchecked.
         count("tasks.semseg.num_classes", 1, 10),
         choice("model.dtype", ("float32", "bfloat16", "float16", "float64"), "float32"),

@@ -206,7 +206,8 @@ def build_experiment(config: ml_collections.ConfigDict,
     if aug_cfg.get("enabled", True):
         aug = augment.JointAugment(scales=tuple(aug_cfg.get("scales", augment.DEFAULT_SCALES)),
                                    flip=bool(aug_cfg.get("flip", True)),
-                                   scale_depth=bool(aug_cfg.get("scale_depth", True)))
+                                   scale_depth=bool(aug_cfg.get("scale_depth", True)),
+                                   crop_size=aug_cfg.get("crop_size"))
     return Experiment(
         config=config, tasks=tasks, model=model, weighting=weighting, tx=tx, mesh=mesh,
         abstract_state=abstract_state, init_state=init_state,

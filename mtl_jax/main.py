@@ -43,10 +43,12 @@ def _add_dataset_options(p: argparse.ArgumentParser) -> None:
                    help="where prepared datasets live (default: $TFDS_DATA_DIR or the TFDS "
                         "default, ~/tensorflow_datasets)")
     p.add_argument("--config", default=None,
-                   help="builder config name (synthetic: the domain, 'source' or 'target'; "
+                   help="builder config name (synthetic: the domain, 'source' or 'target', "
+                        "or 'triplets' for frame triplets with camera poses; "
                         "real datasets: e.g. the resolution, see docs/datasets.md)")
     g = p.add_argument_group("synthetic dataset options")
-    g.add_argument("--domain", default=None, choices=("source", "target"))
+    # synthetic.CONFIG_DOMAINS (not imported here: TFDS is slow to import)
+    g.add_argument("--domain", default=None, choices=("source", "target", "triplets"))
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--num_train", type=int, default=None)

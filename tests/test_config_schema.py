@@ -76,6 +76,8 @@ def _quickstart(arg="smoke"):
     ("batch_size", True, "config.batch_size=True: must be an integer >= 1"),
     ("model.encoder", "resnet19", "config.model.encoder='resnet19': must be one of the "
                                   "encoders of `mtl_jax.models.ENCODERS`"),
+    ("augment.crop_size", (512,), "config.augment.crop_size=(512,): must be 2 integers >= 1, "
+                                  "or None (e.g. --config.augment.crop_size=(512, 512))"),
 ])
 def test_a_broken_rule_is_one_line_naming_key_value_rule_and_example(key, value, message):
     config = _quickstart()

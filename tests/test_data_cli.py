@@ -18,6 +18,7 @@ CASES = {
     "nyud_mt": (nyu.write_nyud, "60x80"),
     "cityscapes_mtan": (cs.write_mtan, "128x256_7cls"),
     "cityscapes": (cs.write_raw, "128x256_19cls"),
+    "cityscapes_seq": (cs.write_seq, "128x256_16cls"),
     "vkitti2": (vs.write_vkitti2, "48x160_clone_random"),
     "synthia": (vs.write_synthia, "38x64"),
     "isprs_potsdam": (potsdam.write_tree, "tile32"),

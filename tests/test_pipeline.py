@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 from conftest import TINY
 from jax.sharding import Mesh
+from triplet_geometry import warp_error
 
 from mtl_jax.data import augment, pipeline, registry
 from mtl_jax.data import synthetic_render as R
+from mtl_jax.data import synthetic_triplets as T
 
 
 def _example(h=32, w=48, index=0):
@@ -93,6 +95,96 @@ def test_joint_augment_is_deterministic_per_rng():
     b = aug(ex, np.random.default_rng(3))
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+
+
+def _triplet(index=3, h=48, w=64):
+    return augment.decode(T.render_triplet(0, "train", index, h, w))
+
+
+def _assert_warps_consistently(ex, min_inside=0.6):
+    """The neighbours warped with the example's depth, intrinsics and poses reproduce its
+    centre frame: median per-pixel error below one grey level (0.0012-0.0016 unaugmented, see
+    test_synthetic_triplets); the mean (occlusions and edges, a larger share of a small crop)
+    below 0.03."""
+    for which in ("prev", "next"):
+        err, inside = warp_error(ex, which)
+        assert inside > min_inside, which
+        assert np.median(err) < 1 / 255 and err.mean() < 0.03, (which, np.median(err))
+
+
+def test_decode_triplet():
+    ex = _triplet()
+    for key in ("image", "image_prev", "image_next"):
+        assert ex[key].dtype == np.float32 and 0 <= ex[key].min() <= ex[key].max() <= 1
+    raw = T.render_triplet(0, "train", 3, 48, 64)
+    np.testing.assert_array_equal(ex["image_next"], raw["image_next"] / np.float32(255))
+    for key in ("pose_prev", "pose_next", "intrinsics", "depth"):
+        assert ex[key].dtype == np.float32
+    _assert_warps_consistently(ex)
+
+
+def test_crop_and_flip_keep_the_triplet_geometry():
+    ex = _triplet()
+    fx, fy, cx, cy = ex["intrinsics"]
+    cropped = augment.crop(ex, 5, 9, 32, 40)
+    for key in ("image", "image_prev", "image_next", "depth", "semseg", "normals"):
+        np.testing.assert_array_equal(cropped[key], ex[key][5:37, 9:49], err_msg=key)
+    np.testing.assert_allclose(cropped["intrinsics"], [fx, fy, cx - 9, cy - 5], rtol=1e-6)
+    np.testing.assert_array_equal(cropped["pose_next"], ex["pose_next"])
+    _assert_warps_consistently(cropped)
+    out = augment.hflip(cropped)
+    np.testing.assert_allclose(out["intrinsics"], [fx, fy, 39 - (cx - 9), cy - 5], rtol=1e-6)
+    mirror = np.diag([-1.0, 1, 1, 1])
+    np.testing.assert_allclose(out["pose_prev"], mirror @ ex["pose_prev"] @ mirror, atol=1e-7)
+    _assert_warps_consistently(out)
+    # The flipped frames with the unflipped pose do not line up (the flip of the pose matters).
+    err, _ = warp_error(out, "next")
+    wrong, _ = warp_error(out, "next", pose=cropped["pose_next"])
+    assert np.median(wrong) > 2 * np.median(err)
+    twice = augment.hflip(out)
+    for key in cropped:
+        np.testing.assert_allclose(twice[key], cropped[key], atol=1e-7, err_msg=key)
+
+
+def test_scale_crop_keeps_the_triplet_geometry():
+    ex = _triplet()
+    out = augment.scale_crop(ex, 1.25, top=4, left=6)
+    # depth / 1.25 shrinks the scene: the translations shrink with it, rotations stay
+    np.testing.assert_allclose(out["pose_next"][:3, 3], ex["pose_next"][:3, 3] / 1.25,
+                               rtol=1e-6)
+    np.testing.assert_array_equal(out["pose_next"][:3, :3], ex["pose_next"][:3, :3])
+    for which in ("prev", "next"):  # bilinear resizing blurs: a looser bound than a crop's
+        err, _ = warp_error(out, which)
+        assert np.median(err) < 2 / 255 and err.mean() < 0.03, which
+        wrong, _ = warp_error(out, which, pose=ex[f"pose_{which}"])  # unscaled translation
+        assert np.median(wrong) > 1.5 * np.median(err)
+    kept = augment.scale_crop(ex, 1.25, top=4, left=6, scale_depth=False)
+    np.testing.assert_array_equal(kept["pose_next"], ex["pose_next"])
+    np.testing.assert_array_equal(kept["depth"], ex["depth"][4:42, 6:57][
+        np.floor((np.arange(48) + 0.5) * 38 / 48).astype(int)][
+        :, np.floor((np.arange(64) + 0.5) * 51 / 64).astype(int)])
+
+
+def test_joint_augment_fixed_size_crop_and_flip_keep_the_triplet_geometry():
+    """DenseMTL's self-supervised depth setting: random fixed-size crop, flip p=0.5, no
+    scaling (config.augment = dict(scales=(1.0,), crop_size=(H, W), flip=True))."""
+    ex = _triplet(index=3)
+    sideways = ex["pose_next"][0, 3]
+    assert abs(sideways) > 0.01  # so that a flip shows in the pose
+    aug = augment.JointAugment(scales=(1.0,), crop_size=(32, 40), flip=True)
+    flipped, offsets = 0, set()
+    for seed in range(8):
+        out = aug(ex, np.random.default_rng(seed))
+        assert out["image_prev"].shape == (32, 40, 3) and out["semseg"].shape == (32, 40)
+        assert out["intrinsics"][0] == ex["intrinsics"][0]  # no scaling
+        is_flipped = np.sign(out["pose_next"][0, 3]) != np.sign(sideways)
+        flipped += bool(is_flipped)
+        cx = out["intrinsics"][2]
+        offsets.add(round(float(ex["intrinsics"][2] - (39 - cx if is_flipped else cx)), 3))
+        _assert_warps_consistently(out)
+    assert 0 < flipped < 8 and len(offsets) > 2  # both flips, several crop positions
+    with pytest.raises(augment.CropTooLargeError, match=r"crop_size 64x40 .* 48x64"):
+        augment.JointAugment(scales=(1.0,), crop_size=(64, 40))(ex, np.random.default_rng(0))
 
 
 def test_eval_visits_every_example_exactly_once(data_dir):

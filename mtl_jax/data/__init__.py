@@ -19,6 +19,7 @@ _BUILDERS = {
     "nyud_mt": ("mtl_jax.data.nyud_mt", "MtlNyudMt"),
     "cityscapes_mtan": ("mtl_jax.data.cityscapes_mtan", "MtlCityscapesMtan"),
     "cityscapes": ("mtl_jax.data.cityscapes", "MtlCityscapes"),
+    "cityscapes_seq": ("mtl_jax.data.cityscapes_seq", "MtlCityscapesSeq"),
     "vkitti2": ("mtl_jax.data.vkitti2", "MtlVkitti2"),
     "synthia": ("mtl_jax.data.synthia", "MtlSynthia"),
     "isprs_potsdam": ("mtl_jax.data.isprs_potsdam", "MtlIsprsPotsdam"),

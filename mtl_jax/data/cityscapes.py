@@ -144,6 +144,18 @@ def disparity_to_depth(stored: np.ndarray, baseline: float, fx: float) -> np.nda
     return np.where(valid, baseline * fx / disparity, 0.0).astype(np.float32)
 
 
+def read_label_ids(path: str, hw: tuple[int, int]) -> np.ndarray:
+    """The 8-bit label ids (0..33) of a ``*_gtFine_labelIds.png`` of size ``hw``;
+    BadFileError naming the file for another size or an id above 33."""
+    ids = read_png(path, bits=8)
+    check_shape(path, ids, hw)
+    if ids.max(initial=0) > MAX_LABEL_ID:
+        bad = np.unique(ids[ids > MAX_LABEL_ID])
+        raise BadFileError(f"{path}: label ids {', '.join(map(str, bad[:8]))} "
+                           f"are not Cityscapes ids (0..{MAX_LABEL_ID})")
+    return ids
+
+
 def read_camera(path: str) -> tuple[float, np.ndarray]:
     """``(baseline in metres, intrinsics (fx, fy, u0, v0))`` of a Cityscapes camera file."""
     try:
@@ -295,12 +307,7 @@ class MtlCityscapes(LabelSetsMixin, ManualBuilder):
         paths = {p: os.path.join(root, _relpath(p, split, city, name)) for p in _SUFFIX}
         image = read_image(paths["leftImg8bit"])
         hw = image.shape[:2]
-        ids = read_png(paths["gtFine"], bits=8)
-        check_shape(paths["gtFine"], ids, hw)
-        if ids.max(initial=0) > MAX_LABEL_ID:
-            bad = np.unique(ids[ids > MAX_LABEL_ID])
-            raise BadFileError(f"{paths['gtFine']}: label ids {', '.join(map(str, bad[:8]))} "
-                               f"are not Cityscapes ids (0..{MAX_LABEL_ID})")
+        ids = read_label_ids(paths["gtFine"], hw)
         disparity = read_png(paths["disparity"], bits=16)
         check_shape(paths["disparity"], disparity, hw)
         baseline, k_full = read_camera(paths["camera"])

@@ -4,7 +4,8 @@ The builder renders examples with :mod:`mtl_jax.data.synthetic_render` (in worke
 and writes them as ``array_record`` so that they are read by the same grain pipeline as the
 real datasets. Record ``i`` of a split is example ``i`` (shuffling is done at read time).
 
-Builder configs are named after the domain (``source``, ``target``) for the default
+Builder configs are named after the domain (``source``, ``target``, or ``triplets``: frame
+triplets t-1, t, t+1 with camera poses, :mod:`mtl_jax.data.synthetic_triplets`) for the default
 resolution and split sizes; any other combination gets a name that spells its settings, e.g.
 ``source_32x48_n16-8_s0``, so that several variants live side by side in one data dir.
 """
@@ -20,15 +21,18 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mtl_jax.data import synthetic_render as render
+from mtl_jax.data import synthetic_triplets as triplets
 from mtl_jax.errors import UserError
 
 DEFAULT_HEIGHT, DEFAULT_WIDTH = 96, 128
 DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL = 2000, 500
+#: The "domains" a builder config may name: the two visual domains and the triplet variant.
+CONFIG_DOMAINS = (*render.DOMAINS, triplets.TRIPLETS)
 
 
 @dataclasses.dataclass
 class SyntheticConfig(tfds.core.BuilderConfig):
-    """Resolution, split sizes, seed and visual domain of one prepared variant."""
+    """Resolution, split sizes, seed and visual domain (or ``triplets``) of one variant."""
 
     domain: str = "source"
     height: int = DEFAULT_HEIGHT
@@ -52,8 +56,8 @@ def make_config(domain: str = "source", height: int = DEFAULT_HEIGHT, width: int
                 num_train: int = DEFAULT_NUM_TRAIN, num_val: int = DEFAULT_NUM_VAL,
                 seed: int = 0) -> SyntheticConfig:
     """A validated :class:`SyntheticConfig` with its canonical name."""
-    if domain not in render.DOMAINS:
-        raise UserError(f"synthetic: domain must be one of {render.DOMAINS}, got {domain!r}")
+    if domain not in CONFIG_DOMAINS:
+        raise UserError(f"synthetic: domain must be one of {CONFIG_DOMAINS}, got {domain!r}")
     if height < 8 or width < 8:
         raise UserError(f"synthetic: resolution must be at least 8x8, got {height}x{width}")
     if num_train < 1 or num_val < 1:
@@ -62,12 +66,15 @@ def make_config(domain: str = "source", height: int = DEFAULT_HEIGHT, width: int
     return SyntheticConfig(
         name=name, domain=domain, height=height, width=width, num_train=num_train,
         num_val=num_val, seed=seed,
-        description=f"{domain} domain, {height}x{width}, {num_train} train / {num_val} val, "
-                    f"seed {seed}")
+        description=f"{domain} {'frames' if domain == triplets.TRIPLETS else 'domain'}, "
+                    f"{height}x{width}, {num_train} train / {num_val} val, seed {seed}")
 
 
 def _render_chunk(args: tuple) -> list[dict[str, np.ndarray]]:
     seed, split, indices, height, width, domain = args
+    if domain == triplets.TRIPLETS:
+        return [_to_record(triplets.render_triplet(seed, split, i, height, width), i)
+                for i in indices]
     return [_to_record(render.render_example(seed, split, i, height, width, domain), i)
             for i in indices]
 
@@ -81,11 +88,12 @@ def _to_record(ex: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
 
 
 class MtlSynthetic(tfds.core.GeneratorBasedBuilder):
-    """Procedural indoor scenes with exact semseg, depth, normals and edges (two domains)."""
+    """Procedural indoor scenes with exact semseg, depth, normals and edges (two domains),
+    and frame triplets with camera poses (config ``triplets``)."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release."}
-    BUILDER_CONFIGS = [make_config("source"), make_config("target")]
+    BUILDER_CONFIGS = [make_config("source"), make_config("target"), make_config("triplets")]
     DEFAULT_CONFIG_NAME = "source"
     #: Generated here, never downloaded: the trainer may build it on demand.
     GENERATED = True
@@ -96,10 +104,19 @@ class MtlSynthetic(tfds.core.GeneratorBasedBuilder):
         c = self.builder_config
         h, w = c.height, c.width
         zlib = tfds.features.Encoding.ZLIB
+        frames = {}
+        if c.domain == triplets.TRIPLETS:
+            frames = {
+                "image_prev": tfds.features.Tensor(shape=(h, w, 3), dtype=np.uint8),
+                "image_next": tfds.features.Tensor(shape=(h, w, 3), dtype=np.uint8),
+                "pose_prev": tfds.features.Tensor(shape=(4, 4), dtype=np.float32),
+                "pose_next": tfds.features.Tensor(shape=(4, 4), dtype=np.float32),
+            }
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,
             features=tfds.features.FeaturesDict({
+                **frames,
                 "image": tfds.features.Tensor(shape=(h, w, 3), dtype=np.uint8),
                 "semseg": tfds.features.Tensor(shape=(h, w), dtype=np.int8, encoding=zlib),
                 "depth": tfds.features.Tensor(shape=(h, w, 1), dtype=np.float32),

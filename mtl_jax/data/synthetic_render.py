@@ -83,7 +83,7 @@ class DomainStyle:
     gamma: float
 
 
-_STYLES = {
+STYLES = {
     "source": DomainStyle(ambient=(0.25, 0.35), diffuse=(0.65, 0.85), light_tint=(1.0, 0.96, 0.88),
                           texture_contrast=0.25, texture_frequency=3.0, noise_std=0.015,
                           gamma=1.0 / 2.2),
@@ -142,7 +142,7 @@ def _colour(rng, domain, label):
     return _pick(rng, _PALETTES[domain][_PALETTE_OF_CLASS[label]])
 
 
-def _sample_scene(rng: np.random.Generator, domain: str, width: int, height: int):
+def sample_scene(rng: np.random.Generator, domain: str, width: int, height: int):
     """Room, camera and objects. Units: metres; world y is up, the floor is y = 0."""
     room = np.array([rng.uniform(5.0, 9.0), rng.uniform(2.6, 3.4), rng.uniform(5.0, 9.0)])
     lo = np.array([-room[0] / 2, 0.0, -room[2] / 2])
@@ -253,7 +253,7 @@ def _sample_scene(rng: np.random.Generator, domain: str, width: int, height: int
 
     room_colors = {k: _colour(rng, domain, k) for k in (FLOOR, WALL, CEILING)}
     # Light: a directional light from above, at a random azimuth.
-    style = _STYLES[domain]
+    style = STYLES[domain]
     el, az = np.deg2rad(rng.uniform(35.0, 75.0)), rng.uniform(-np.pi, np.pi)
     to_light = np.array([np.cos(el) * np.sin(az), np.sin(el), np.cos(el) * np.cos(az)])
     light = dict(
@@ -266,15 +266,21 @@ def _sample_scene(rng: np.random.Generator, domain: str, width: int, height: int
                 prims=prims, room_colors=room_colors, light=light)
 
 
-def _texture(rng: np.random.Generator, style: DomainStyle, points: np.ndarray, label: np.ndarray):
+def texture_phases(rng: np.random.Generator) -> np.ndarray:
+    """The random phases of the class textures, ``[NUM_CLASSES + 1, 3]`` (void first)."""
+    return rng.uniform(0, 2 * np.pi, size=(NUM_CLASSES + 1, 3))
+
+
+def _texture(phase: np.ndarray, style: DomainStyle, points: np.ndarray, label: np.ndarray):
     """Procedural albedo modulation in [1 - contrast, 1 + contrast] from world positions.
 
-    Each class gets its own pattern (stripes, checker, smooth noise), with random phases.
+    Each class gets its own pattern (stripes, checker, smooth noise), with the random phases
+    ``phase`` (:func:`texture_phases`). A function of the world point and its class only, so a
+    surface looks the same from every camera.
     """
     f = style.texture_frequency
     out = np.ones(len(points))
     x, y, z = points[:, 0], points[:, 1], points[:, 2]
-    phase = rng.uniform(0, 2 * np.pi, size=(NUM_CLASSES + 1, 3))
     for cls in range(-1, NUM_CLASSES):
         m = label == cls
         if not m.any():
@@ -318,17 +324,14 @@ def semantic_edges(semseg: np.ndarray) -> np.ndarray:
     return e.astype(np.int8)
 
 
-def render_example(seed: int, split: str, index: int, height: int = 96, width: int = 128,
-                   domain: str = "source") -> dict[str, np.ndarray]:
-    """Render one example. Pure function of its arguments; see the module docstring."""
-    if domain not in DOMAINS:
-        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    rng = example_rng(seed, split, index, domain)
-    scene = _sample_scene(rng, domain, width, height)
-    o = scene["cam_pos"]
-    d = raycast.rays(scene["intrinsics"], scene["cam_to_world"], height, width)
+def cast(scene: dict, origin: np.ndarray, cam_to_world: np.ndarray, height: int,
+         width: int) -> dict[str, np.ndarray]:
+    """First hits of the camera rays of one view of ``scene`` (camera centre ``origin``,
+    rotation ``cam_to_world``, the scene's intrinsics): per pixel (flattened, row-major) the
+    world ray ``d`` (unit z in the camera frame), ray parameter / z-depth ``t``, unit world
+    normal facing the camera, class ``label`` and base ``color``."""
+    o = origin
+    d = raycast.rays(scene["intrinsics"], cam_to_world, height, width)
     n_pix = len(d)
 
     t, normal, label = raycast.hit_room(o, d, *scene["room"], labels=(FLOOR, CEILING, WALL))
@@ -338,14 +341,14 @@ def render_example(seed: int, split: str, index: int, height: int = 96, width: i
     groups = []
     if p.box_c:
         bt, bn = raycast.hit_boxes(o, d, np.array(p.box_c, float), np.array(p.box_h, float),
-                            np.array(p.box_yaw, float))
+                                   np.array(p.box_yaw, float))
         groups.append((bt, bn, p.box_label, p.box_color))
     if p.sph_c:
         st, sn = raycast.hit_spheres(o, d, np.array(p.sph_c, float), np.array(p.sph_r, float))
         groups.append((st, sn, p.sph_label, p.sph_color))
     if p.cyl_c:
         ct, cn = raycast.hit_cylinders(o, d, np.array(p.cyl_c, float), np.array(p.cyl_r, float),
-                                np.array(p.cyl_h, float))
+                                       np.array(p.cyl_h, float))
         groups.append((ct, cn, p.cyl_label, p.cyl_color))
     for gt, gn, glabel, gcolor in groups:
         k = np.argmin(gt, axis=0)
@@ -359,23 +362,46 @@ def render_example(seed: int, split: str, index: int, height: int = 96, width: i
     normal /= np.linalg.norm(normal, axis=1, keepdims=True)
     # Normals face the camera.
     normal *= np.where(np.einsum("nj,nj->n", normal, d) > 0, -1.0, 1.0)[:, None]
+    return dict(d=d, t=t, normal=normal, label=label, color=color)
 
-    style = _STYLES[domain]
-    points = o[None] + t[:, None] * d
-    albedo = color * _texture(rng, style, points, label)[:, None]
+
+def shade(scene: dict, style: DomainStyle, origin: np.ndarray, hit: dict[str, np.ndarray],
+          phase: np.ndarray) -> np.ndarray:
+    """Noise-free RGB in [0, 1] (flattened ``[N, 3]``) of the hits of :func:`cast`: textured
+    albedo (:func:`_texture`) under Lambertian shading from the scene's directional and
+    ambient light, tone-mapped. View-independent: every term depends on the world point, its
+    normal and class only."""
+    points = origin[None] + hit["t"][:, None] * hit["d"]
+    albedo = hit["color"] * _texture(phase, style, points, hit["label"])[:, None]
     light = scene["light"]
-    lambert = np.maximum(normal @ light["to_light"], 0.0)
+    lambert = np.maximum(hit["normal"] @ light["to_light"], 0.0)
     radiance = albedo * (light["ambient"] + light["diffuse"] * lambert)[:, None] * light["tint"]
-    img = np.clip(radiance, 0.0, 1.0) ** style.gamma
+    return np.clip(radiance, 0.0, 1.0) ** style.gamma
+
+
+def render_example(seed: int, split: str, index: int, height: int = 96, width: int = 128,
+                   domain: str = "source") -> dict[str, np.ndarray]:
+    """Render one example. Pure function of its arguments; see the module docstring."""
+    if domain not in DOMAINS:
+        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    rng = example_rng(seed, split, index, domain)
+    scene = sample_scene(rng, domain, width, height)
+    o = scene["cam_pos"]
+    hit = cast(scene, o, scene["cam_to_world"], height, width)
+    style = STYLES[domain]
+    img = shade(scene, style, o, hit, texture_phases(rng))
     img = img.reshape(height, width, 3) + rng.normal(0.0, style.noise_std, (height, width, 3))
     image = np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
 
-    depth = t.reshape(height, width)
-    normals_cam = (normal @ scene["cam_to_world"]).reshape(height, width, 3)  # world -> camera
-    semseg = label.reshape(height, width).astype(np.int8)
+    depth = hit["t"].reshape(height, width)
+    normals_cam = (hit["normal"] @ scene["cam_to_world"]).reshape(height, width, 3)
+    semseg = hit["label"].reshape(height, width).astype(np.int8)
     invalid = _invalid_mask(rng, depth)
     depth = np.where(invalid, 0.0, depth).astype(np.float32)[..., None]
     normals_cam = np.where(invalid[..., None], 0.0, normals_cam).astype(np.float32)
+    light = scene["light"]
     return {
         "image": image,
         "semseg": semseg,

@@ -115,3 +115,51 @@ def write_raw(root):
     Image.fromarray(np.zeros((64, 128), np.uint8)).save(os.path.join(
         root, "gtFine", "train", "aachen", "aachen_000000_000019_gtFine_color.png"))
     return written
+
+
+# ============================================= the sequence release (``cityscapes_seq``)
+# (split, city, annotated "{city}_{seq}_{frame}"): frames t-2 .. t+2 are written
+SEQ_EXAMPLES = [
+    ("train", "aachen", "aachen_000000_000019"),
+    ("train", "aachen", "aachen_000001_000019"),
+    ("train", "bochum", "bochum_000000_000313"),
+    ("val", "frankfurt", "frankfurt_000000_000294"),
+]
+SEQ_H, SEQ_W = 64, 128  # file size; the camera files describe it
+
+
+def _frame(name, offset):
+    prefix, frame = name.rsplit("_", 1)
+    return f"{prefix}_{int(frame) + offset:06d}"
+
+
+def write_seq(root, disparity=True):
+    """leftImg8bit_sequence (frames t-2..t+2 of each annotated frame t, random RGB), gtFine
+    label ids, camera files and (``disparity``) disparity maps for SEQ_EXAMPLES; returns
+    ``{name: {"frames": {offset: image}, "ids", "disparity", "camera"}}``."""
+    rng = np.random.default_rng(2)
+    h, w = SEQ_H, SEQ_W
+    written = {}
+
+    def save(rel, array):
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(array).save(path)
+
+    for split, city, name in SEQ_EXAMPLES:
+        frames = {k: rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for k in range(-2, 3)}
+        for k, image in frames.items():
+            save(f"leftImg8bit_sequence/{split}/{city}/{_frame(name, k)}_leftImg8bit.png", image)
+        ids = _label_ids(h, w)
+        save(f"gtFine/{split}/{city}/{name}_gtFine_labelIds.png", ids)
+        disp = rng.integers(0, 20000, (h, w)).astype(np.uint16)
+        disp[:4] = 0  # invalid rows
+        if disparity:
+            save(f"disparity/{split}/{city}/{name}_disparity.png", disp)
+        cam = _camera(h, w, BASELINE, FX)
+        path = os.path.join(root, f"camera/{split}/{city}/{name}_camera.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(cam, f)
+        written[name] = dict(frames=frames, ids=ids, disparity=disp, camera=cam)
+    return written
