@@ -64,7 +64,7 @@ from mtl_jax.errors import UserError
 #: name -> (dataset config, semseg classes, stored (H, W), training crop (H, W)).
 DATASETS = {
     "synthetic": ("triplets", 10, (96, 128), None),
-    "cityscapes_seq": ("1024x512_16cls", 16, (512, 1024), (512, 512)),
+    "cityscapes_seq": ("512x1024_16cls", 16, (512, 1024), (512, 512)),
 }
 MODELS = ("3ways_mteb", "3ways_padnet", "3ways")
 DECODER_CHANNELS = (64, 128, 128, 256, 256)  # stages 0..4 at width 64
@@ -144,7 +144,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if synthetic:
         c.augment = dict(enabled=True, scales=(1.0,), flip=True)
     else:
-        c.augment = dict(enabled=True, scales=(1.0,), flip=True, crop=crop)
+        c.augment = dict(enabled=True, scales=(1.0,), flip=True, crop_size=crop)
 
     c.batch_size = 4 if smoke else (8 if synthetic else 2)
     c.eval_batch_size = 2 if smoke else (50 if synthetic else 2)
