@@ -87,6 +87,16 @@ def uda_data_dir(data_dir):
     return data_dir
 
 
+@pytest.fixture(scope="session")
+def sde_data_dir(uda_data_dir):
+    """The session's tiny dataset dir with procedural frame triplets (config ``triplets``,
+    what ``configs/densemtl_sde.py:smoke`` reads) built next to the two domains."""
+    from mtl_jax.data import registry
+
+    registry.build("synthetic", "triplets", uda_data_dir, **TINY)
+    return uda_data_dir
+
+
 def smoke_config(data_dir, **overrides):
     """``configs/quickstart.py:smoke`` on the session's tiny dataset, on one device, with
     ``overrides`` (top-level keys)."""

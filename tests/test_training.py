@@ -21,6 +21,7 @@ from mtl_jax.data import pipeline
 from mtl_jax.experiment import build_experiment, open_data
 from mtl_jax.predict import workdir_config
 from mtl_jax.train import NonFiniteLossError, evaluate, train_and_evaluate
+from mtl_jax.sde.run import build_sde_experiment
 from mtl_jax.uda.run import build_uda_experiment
 
 # First two steps of the smoke model (seed 0, first unaugmented batch), recorded once on CPU.
@@ -185,11 +186,19 @@ RUN_KINDS = {
         kept=[16, 18, 20], log_every=1, parts=("disc_params", "disc_stats", "disc_opt_state"),
         data_names={"source", "target"}, lock_check=False,
         abstract_state=lambda config: build_uda_experiment(config).abstract_state),
+    "sde": dict(  # both networks (model; pose network, its BatchNorm and optimiser) and the
+        # triplet iterator's position
+        config=lambda tmp_path: "configs/densemtl_sde.py:smoke", total=12, args=[
+            "--config.checkpoint_every_steps=2", "--config.eval_every_steps=1000",
+            "--config.num_vis_examples=0", "--config.trivial_baseline=false"],
+        kept=[8, 10, 12], log_every=1, parts=("pose_params", "pose_stats", "pose_opt_state"),
+        data_names=None, lock_check=False,
+        abstract_state=lambda config: build_sde_experiment(config).abstract_state),
 }
 
 
 @pytest.mark.parametrize("kind", sorted(RUN_KINDS))
-def test_kill_preempt_and_resume_are_bit_exact(kind, uda_data_dir, tmp_path):
+def test_kill_preempt_and_resume_are_bit_exact(kind, sde_data_dir, tmp_path):
     """Kill a run with SIGKILL at a random moment after its first checkpoint, restart it,
     preempt the restarted run with SIGTERM (it saves a checkpoint of the step it is at and
     exits with code 75, 'preempted, resume me'), restart it again: the final state and data
@@ -199,7 +208,7 @@ def test_kill_preempt_and_resume_are_bit_exact(kind, uda_data_dir, tmp_path):
     chosen."""
     k = RUN_KINDS[kind]
     total = k["total"]
-    env = dict(os.environ, TFDS_DATA_DIR=uda_data_dir, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, TFDS_DATA_DIR=sde_data_dir, XLA_FLAGS="", JAX_PLATFORMS="cpu")
     common = [f"--config={k['config'](tmp_path)}", "--config.num_devices=1",
               f"--config.num_train_steps={total}", *k["args"]]
     ref_wd, wd = str(tmp_path / "ref"), str(tmp_path / "killed")
@@ -285,11 +294,12 @@ def test_kill_preempt_and_resume_are_bit_exact(kind, uda_data_dir, tmp_path):
         assert "semseg/miou" in results and not [key for key in results if "bad_labels" in key]
 
 
-def test_every_kind_of_run_goes_through_the_one_loop(uda_data_dir, tmp_path, monkeypatch):
-    """``train_and_evaluate`` hands the supervised run and the UDA run, each its own
-    implementation of ``Run``, to the same loop function, ``train.run_loop`` (not run here:
+def test_every_kind_of_run_goes_through_the_one_loop(sde_data_dir, tmp_path, monkeypatch):
+    """``train_and_evaluate`` hands the supervised run, the UDA run and the SDE run, each its
+    own implementation of ``Run``, to the same loop function, ``train.run_loop`` (not run here:
     test_kill_preempt_and_resume_are_bit_exact runs it for every kind)."""
     from mtl_jax import train
+    from mtl_jax.sde.steps import SDETrainState
     from mtl_jax.uda.steps import UDATrainState
 
     seen = []
@@ -302,14 +312,18 @@ def test_every_kind_of_run_goes_through_the_one_loop(uda_data_dir, tmp_path, mon
     uda = load_config(write_uda_config(tmp_path / "uda_tiny.py"))
     uda.num_devices = 1
     for ds in (uda.dataset, uda.uda.target_dataset, uda.uda.source_eval_dataset):
-        ds.data_dir = uda_data_dir
-    for config, kind in ((smoke_config(uda_data_dir), "supervised"), (uda, "uda")):
+        ds.data_dir = sde_data_dir
+    sde = load_config(os.path.join(REPO, "configs", "densemtl_sde.py"), "smoke")
+    sde.num_devices = 1
+    sde.dataset.data_dir = sde_data_dir
+    for config, kind in ((smoke_config(sde_data_dir), "supervised"), (uda, "uda"), (sde, "sde")):
         wd = str(tmp_path / kind)
         assert train.train_and_evaluate(config, wd) == {"kind": kind, "workdir": wd}
-    supervised, uda_run = seen
+    supervised, uda_run, sde_run = seen
     assert isinstance(uda_run.abstract_state, UDATrainState)
-    assert not isinstance(supervised.abstract_state, UDATrainState)
-    assert uda_run.train_step is not supervised.train_step
+    assert isinstance(sde_run.abstract_state, SDETrainState)
+    assert not isinstance(supervised.abstract_state, (UDATrainState, SDETrainState))
+    assert len({id(r.train_step) for r in seen}) == 3
 
 
 def test_state_is_one_pytree(exp_and_batch):
