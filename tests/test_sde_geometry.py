@@ -30,6 +30,19 @@ from mtl_jax.sde.photometric import (
     ssim_distance,
 )
 
+# One compiled program per function (cached across runs), not one per eager operation.
+rot_from_axisangle = jax.jit(rot_from_axisangle)
+transformation_from_parameters = jax.jit(transformation_from_parameters,
+                                         static_argnames="invert")
+grid_sample = jax.jit(grid_sample)
+ssim_distance = jax.jit(ssim_distance)
+reprojection_loss = jax.jit(reprojection_loss, static_argnames="no_ssim")
+smooth_loss = jax.jit(smooth_loss)
+warp = jax.jit(warp)
+backproject = jax.jit(backproject)
+project = jax.jit(project, static_argnums=(3, 4))
+intrinsics_matrices = jax.jit(intrinsics_matrices)
+
 H, W = 24, 32
 FX, FY, CX, CY = 30.0, 28.0, 15.5, 11.0
 Z0 = 4.0  # depth of the fronto-parallel plane (metres)
@@ -327,7 +340,8 @@ def test_monodepth_loss_prefers_the_true_depth_and_has_finite_gradients():
     assert sorted(per_scale) == list(SCALES) and automask.shape == (1, H, W)
     np.testing.assert_allclose(total, np.mean([per_scale[s] for s in SCALES]), rtol=1e-6)
     wrong, _, _ = plane_loss(2 * Z0, TRUE_POSES)
-    assert float(wrong) > 4 * float(total), (float(total), float(wrong))
+    # Measured: 0.0013 with the true depth (interpolation and border errors), 0.053 at twice it.
+    assert float(total) < 0.003 and float(wrong) > 10 * float(total), (total, wrong)
     # The moving plane is trained on: the warps beat the unwarped neighbours almost everywhere.
     assert float(automask[:, 3:-3, 3:-3].mean()) > 0.9
 
@@ -350,12 +364,12 @@ def test_automask_masks_a_static_camera():
     centre = render_plane(np.eye(4))
     static = {-1: centre, 1: centre}
     total, _, automask = plane_loss(Z0, TRUE_POSES, neighbours=static)
-    assert float(automask.mean()) < 0.01
-    assert abs(float(total)) < 1e-4
+    assert float(automask.mean()) < 0.01  # measured: 0 (every pixel masked)
+    assert abs(float(total)) < 1e-4  # measured: -6e-6 (the minimum of the tie-breaking noise)
     # Without auto-masking the same predicted motion is penalised.
     unmasked, _, all_true = plane_loss(Z0, TRUE_POSES, neighbours=static,
                                        disable_automasking=True)
-    assert float(unmasked) > 0.02 and bool(all_true.all())
+    assert float(unmasked) > 0.02 and bool(all_true.all())  # measured: 0.081
     averaged, _, _ = plane_loss(Z0, TRUE_POSES, neighbours=static, avg_reprojection=True)
     assert abs(float(averaged)) < 1e-4
 
