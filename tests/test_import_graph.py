@@ -155,7 +155,7 @@ LAYERS = [
     {"steps", "staging"},
     {"experiment"},
     {"run_support", "predict", "compare"},
-    {"uda", "params_report"},
+    {"uda", "sde", "params_report"},
     {"train"},
     {"cli_training"},
     {"main"},
