@@ -1,7 +1,6 @@
 """Self-supervised depth from video (DenseMTL's SDE setting): the disp task's evaluation, the
 SDE run's step and config, geometry on procedural triplets."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -20,8 +20,8 @@ from mtl_jax.config_utils import load_config
 from mtl_jax.data import pipeline
 from mtl_jax.experiment import build_experiment, open_data
 from mtl_jax.predict import workdir_config
-from mtl_jax.train import NonFiniteLossError, evaluate, train_and_evaluate
 from mtl_jax.sde.run import build_sde_experiment
+from mtl_jax.train import NonFiniteLossError, evaluate, train_and_evaluate
 from mtl_jax.uda.run import build_uda_experiment
 
 # First two steps of the smoke model (seed 0, first unaugmented batch), recorded once on CPU.

@@ -32,15 +32,13 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
-from mtl_jax.models.architectures.posenet import build_pose_network
-from mtl_jax.sde.photometric import MonodepthOptions
 
 from mtl_jax import optim
 from mtl_jax.data import pipeline
 from mtl_jax.errors import UserError
 from mtl_jax.experiment import Experiment, build_experiment, open_data
+from mtl_jax.models.architectures.posenet import build_pose_network
 from mtl_jax.run_support import (
     Run,
     add_delta_m,
@@ -50,6 +48,7 @@ from mtl_jax.run_support import (
     write_pictures,
 )
 from mtl_jax.sde import steps as sde_steps
+from mtl_jax.sde.photometric import MonodepthOptions
 
 KNOWN = ("frame_ids", "scales", "disparity_smoothness", "no_ssim", "avg_reprojection",
          "disable_automasking", "pose", "pose_init_from", "pose_optimizer")

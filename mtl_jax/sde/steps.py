@@ -35,10 +35,10 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from mtl_jax.sde.geometry import transformation_from_parameters
-from mtl_jax.sde.photometric import MonodepthOptions, monodepth_loss
 
 from mtl_jax import steps
+from mtl_jax.sde.geometry import transformation_from_parameters
+from mtl_jax.sde.photometric import MonodepthOptions, monodepth_loss
 from mtl_jax.tasks.base import bad_label_counts
 from mtl_jax.weighting import Weighting
 
