@@ -20,16 +20,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.tasks.video_depth import disp_to_depth
 
-def disp_to_depth(disp: jax.Array, min_depth: float, max_depth: float) -> jax.Array:
-    """Depth from the depth network's sigmoid output ``disp`` in ``[0, 1]`` (any shape):
-    the disparity is scaled linearly to ``[1 / max_depth, 1 / min_depth]`` and inverted
-    (Monodepth2's ``disp_to_depth``), so ``disp = 0`` is ``max_depth`` and ``disp = 1`` is
-    ``min_depth``."""
-    min_disp = 1.0 / max_depth
-    max_disp = 1.0 / min_depth
-    return 1.0 / (min_disp + (max_disp - min_disp) * disp)
-
+__all__ = ["backproject", "disp_to_depth", "grid_sample", "intrinsics_matrices",
+           "pixel_coordinates", "project", "rot_from_axisangle", "transformation_from_parameters",
+           "warp"]
 
 def _safe_norm(v_Bx3: jax.Array) -> jax.Array:
     """``[B, 1]`` Euclidean norm whose gradient at the zero vector is 0 (as torch's
