@@ -1,6 +1,7 @@
 """Self-supervised depth from video (DenseMTL's SDE setting): the disp task's evaluation, the
 SDE run's step and config, geometry on procedural triplets."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -82,3 +83,65 @@ def test_the_disp_task_refuses_a_supervised_loss():
         VideoDepth().loss(jnp.zeros((1, 2, 2, 1)), _batch(np.ones((1, 2, 2))))
     with pytest.raises(ValueError, match="min_depth < max_depth"):
         VideoDepth(min_depth=5.0, max_depth=1.0)
+
+
+# ------------------------------------------------------------- geometry on procedural triplets
+def _triplet(seed=3, h=48, w=64):
+    from mtl_jax.data.synthetic_triplets import render_triplet
+
+    ex = render_triplet(seed, "train", 0, h, w)
+    f32 = {k: jnp.asarray(np.asarray(ex[k], np.float32) / (255.0 if k.startswith("image")
+                                                            else 1.0))[None]
+           for k in ("image", "image_prev", "image_next", "depth", "intrinsics", "pose_prev",
+                     "pose_next")}
+    f32["depth"] = f32["depth"].reshape(1, h, w)
+    return f32
+
+
+def test_true_depth_and_pose_warp_a_procedural_frame_onto_the_centre():
+    """The library's warp (the training path) with the renderer's depth and poses: the
+    photometric error (0.85 SSIM + 0.15 L1, images in [0, 1]) is near zero where the centre
+    pixel is visible in the neighbour: median 0.0009 (t-1) / 0.0009 (t+1) over the visible
+    pixels, 100 % / 77 % of them, means 0.029 / 0.040 (occlusion edges); with the camera 30 cm
+    off sideways 0.20 / 0.23, unwarped 0.019 / 0.023."""
+    from mtl_jax.sde.geometry import backproject, intrinsics_matrices, project, warp
+    from mtl_jax.sde.photometric import reprojection_loss
+
+    ex = _triplet()
+    K, inv_K = intrinsics_matrices(ex["intrinsics"])
+    h, w = ex["depth"].shape[1:]
+    for which in ("prev", "next"):
+        pose = ex[f"pose_{which}"]
+        grid = project(backproject(ex["depth"], inv_K), K, pose, h, w)
+        visible = np.asarray(jnp.all(jnp.abs(grid) <= 1.0, axis=-1))[0]
+        assert visible.mean() > 0.7
+        right = np.asarray(reprojection_loss(warp(ex[f"image_{which}"], ex["depth"], K, inv_K,
+                                                  pose), ex["image"]))[0]
+        wrong_pose = pose.at[:, 0, 3].add(0.3)  # 30 cm sideways
+        wrong = np.asarray(reprojection_loss(warp(ex[f"image_{which}"], ex["depth"], K, inv_K,
+                                                  wrong_pose), ex["image"]))[0]
+        unwarped = np.asarray(reprojection_loss(ex[f"image_{which}"], ex["image"]))[0]
+        assert np.median(right[visible]) < 0.003, np.median(right[visible])
+        assert np.median(wrong[visible]) > 50 * np.median(right[visible])
+        assert np.median(unwarped[visible]) > 10 * np.median(right[visible])
+
+
+def test_monodepth_loss_prefers_the_true_depth_and_pose_on_procedural_frames():
+    from mtl_jax.sde.photometric import MonodepthOptions, monodepth_loss
+
+    ex = _triplet()
+    opts = MonodepthOptions(scales=(0,))
+    task = make_task("disp")
+    true_disp = jnp.asarray(_disp_of(np.asarray(ex["depth"]), task), jnp.float32)[..., None]
+    poses = {-1: ex["pose_prev"], 1: ex["pose_next"]}
+    nbs = {-1: ex["image_prev"], 1: ex["image_next"]}
+    key = jax.random.key(0)
+
+    def loss(disp, poses):
+        return float(monodepth_loss({0: disp}, ex["image"], nbs, ex["intrinsics"], poses, key,
+                                    opts)[0])
+
+    best = loss(true_disp, poses)
+    assert best < 0.5 * loss(jnp.full_like(true_disp, 0.5), poses)  # a flat world
+    identity = jnp.eye(4)[None]
+    assert best < 0.8 * loss(true_disp, {-1: identity, 1: identity})  # a static camera
