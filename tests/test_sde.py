@@ -1,6 +1,7 @@
 """Self-supervised depth from video (DenseMTL's SDE setting): the disp task's evaluation, the
 SDE run's step and config, geometry on procedural triplets."""
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,3 +146,78 @@ def test_monodepth_loss_prefers_the_true_depth_and_pose_on_procedural_frames():
     assert best < 0.5 * loss(jnp.full_like(true_disp, 0.5), poses)  # a flat world
     identity = jnp.eye(4)[None]
     assert best < 0.8 * loss(true_disp, {-1: identity, 1: identity})  # a static camera
+
+
+# ------------------------------------------------------------------------ the SDE run's step
+@pytest.fixture(scope="module")
+def sde_exp_and_batch(sde_data_dir):
+    from conftest import REPO
+
+    from mtl_jax.config_utils import load_config
+    from mtl_jax.data import pipeline
+    from mtl_jax.experiment import open_data
+    from mtl_jax.sde.run import build_sde_experiment
+
+    config = load_config(f"{REPO}/configs/densemtl_sde.py", "smoke")
+    config.num_devices = 1
+    config.dataset.data_dir = sde_data_dir
+    sexp = build_sde_experiment(config)
+    train_source, _ = open_data(config)
+    it = pipeline.train_iterator(train_source, global_batch_size=int(config.batch_size),
+                                 mesh=sexp.exp.mesh, seed=0, augment=sexp.exp.augment,
+                                 prefetch=1)
+    batch = next(it)
+    it.close()
+    return config, sexp, batch
+
+
+def test_the_sde_step_trains_both_networks_without_reading_depth(sde_exp_and_batch):
+    """One step moves the model and the pose network; a batch whose depth labels and true
+    poses are NaN gives bit-identical networks and losses (the SDE loss never reads them)."""
+    _, sexp, batch = sde_exp_and_batch
+    assert {"image_prev", "image_next", "intrinsics", "depth", "pose_prev"} <= set(batch)
+    init = jax.device_get(sexp.init_state())
+    s1, m1 = sexp.train_step(sexp.init_state(), batch)
+    poisoned = dict(batch, **{k: jax.device_put(jnp.full_like(batch[k], jnp.nan),
+                                                batch[k].sharding)
+                              for k in ("depth", "pose_prev", "pose_next")})
+    s2, m2 = sexp.train_step(sexp.init_state(), poisoned)
+    s1, s2, m1, m2 = jax.device_get((s1, s2, m1, m2))
+    for part in ("params", "batch_stats", "pose_params", "pose_stats", "opt_state",
+                 "pose_opt_state"):
+        for a, b in zip(jax.tree.leaves(getattr(s1, part)), jax.tree.leaves(getattr(s2, part)),
+                        strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=part)
+    assert m1["loss/disp"] == m2["loss/disp"] and np.isfinite(m1["loss/disp"])
+    assert not m1["nonfinite"] and int(s1.step) == 1
+    for part in ("params", "pose_params"):
+        before = flax.traverse_util.flatten_dict(getattr(init, part), sep="/")
+        after = flax.traverse_util.flatten_dict(getattr(s1, part), sep="/")
+        still = [k for k in before if np.array_equal(before[k], after[k])]
+        # Every leaf of both networks got a gradient, but the xTAMs' key/query/value convs:
+        # their correlation branch is scaled by alpha, which starts at 0 (as the reference's).
+        assert all(("/key/" in k or "/query/" in k or "/value/" in k) for k in still), still
+    assert set(m1) >= {f"loss/disp/scale_{s}" for s in range(4)} | {
+        "sde/automask_fraction", "sde/pose/-1/translation", "grad_norm/pose_net"}
+    np.testing.assert_allclose(m1["loss/disp"], np.mean(
+        [m1[f"loss/disp/scale_{s}"] for s in range(4)]), rtol=1e-6)
+    assert 0.0 < m1["sde/automask_fraction"] <= 1.0
+
+
+def test_sde_config_errors_are_one_line(sde_exp_and_batch):
+    from mtl_jax.sde.run import build_sde_experiment, sde_options
+
+    config, _, _ = sde_exp_and_batch
+    bad = config.copy_and_resolve_references()
+    bad.sde.unknown_key = 1
+    with pytest.raises(UserError, match=r"config.sde has unknown keys \['unknown_key'\]"):
+        sde_options(bad)
+    bad = config.copy_and_resolve_references()
+    bad.sde.frame_ids = (0, 2)
+    with pytest.raises(UserError, match="frame_ids"):
+        sde_options(bad)
+    bad = config.copy_and_resolve_references()
+    del bad.tasks["disp"]
+    bad.task_order = ["semseg"]
+    with pytest.raises(UserError, match="needs the self-supervised depth task 'disp'"):
+        build_sde_experiment(bad)
