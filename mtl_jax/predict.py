@@ -135,7 +135,7 @@ def picture(name: str, value: np.ndarray, task: Task | None = None) -> np.ndarra
     return (task or TASKS[name]).prediction_picture(value)
 
 
-def _restore(exp, workdir: str, step: int | None):
+def _restore(abstract_state, workdir: str, step: int | None):
     manager = checkpointing.make_manager(workdir, read_only=True, async_save=False)
     try:
         if manager.latest_step() is None:
@@ -145,7 +145,7 @@ def _restore(exp, workdir: str, step: int | None):
             raise UserError(f"no checkpoint for step {step} in {workdir}; available: "
                             f"{sorted(manager.all_steps())}")
         try:
-            restored = checkpointing.restore(manager, exp.abstract_state, step)
+            restored = checkpointing.restore(manager, abstract_state, step)
         except FileNotFoundError as e:
             raise UserError(str(e)) from e
         except checkpointing.CheckpointError as e:  # no step restores into this config's shapes
@@ -165,14 +165,15 @@ def load_run(workdir: str, step: int | None = None,
              config: ml_collections.ConfigDict | None = None):
     """``(experiment, state, step)`` of a run's checkpoint (default: latest), built on one
     device from the run's ``config.json`` (or ``config``); for predictions and notebooks."""
-    from mtl_jax.experiment import build_experiment
+    from mtl_jax.train import run_experiment
 
     config = workdir_config(workdir) if config is None else config
     config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
     config.num_devices = 1
-    exp = build_experiment(config)
-    state, _, step = _restore(exp, workdir, step)
-    return exp, state, step
+    exp, abstract_state = run_experiment(config)
+    state, _, step = _restore(abstract_state, workdir, step)
+    # the model's part of a state that holds more networks (UDA, SDE)
+    return exp, state.model_state() if hasattr(state, "model_state") else state, step
 
 
 def predict(workdir: str, images: str, out: str, *, step: int | None = None,

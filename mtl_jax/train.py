@@ -51,11 +51,11 @@ from mtl_jax.run_support import (
     trivial_baseline_writer,
     write_pictures,
 )
-from mtl_jax.sde.run import sde_run
-from mtl_jax.uda.run import uda_run
+from mtl_jax.sde.run import build_sde_experiment, sde_run
+from mtl_jax.uda.run import build_uda_experiment, uda_run
 
-__all__ = ["NonFiniteLossError", "build_run", "evaluate", "evaluate_state", "run_loop",
-           "supervised_run", "train_and_evaluate"]
+__all__ = ["NonFiniteLossError", "build_run", "evaluate", "evaluate_state", "run_experiment",
+           "run_loop", "supervised_run", "train_and_evaluate"]
 
 
 def evaluate_state(exp: Experiment, state, val_source, *, baseline: dict | None = None
@@ -105,6 +105,20 @@ def build_run(config: ml_collections.ConfigDict, *, training: bool = True) -> Ru
     if config.get("sde", None):  # depth from video: frame triplets and a pose network
         return sde_run(config, training=training)
     return supervised_run(config, training=training)
+
+
+def run_experiment(config: ml_collections.ConfigDict) -> tuple[Experiment, Any]:
+    """The model's :class:`~mtl_jax.experiment.Experiment` and the abstract state that the
+    checkpoints of the kind of run ``config`` describes hold (with a UDA run's discriminators
+    or an SDE run's pose network), without opening any data: what ``predict`` restores."""
+    if config.get("uda", None):
+        uexp = build_uda_experiment(config)
+        return uexp.exp, uexp.abstract_state
+    if config.get("sde", None):
+        sexp = build_sde_experiment(config)
+        return sexp.exp, sexp.abstract_state
+    exp = build_experiment(config)
+    return exp, exp.abstract_state
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

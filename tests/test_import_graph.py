@@ -154,9 +154,9 @@ LAYERS = [
     {"models", "evaluation", "config_utils", "config_schema"},
     {"steps", "staging"},
     {"experiment"},
-    {"run_support", "predict", "compare"},
+    {"run_support", "compare"},
     {"uda", "sde", "params_report"},
-    {"train"},
+    {"train", "predict"},
     {"cli_training"},
     {"main"},
 ]

@@ -292,6 +292,13 @@ def test_kill_preempt_and_resume_are_bit_exact(kind, sde_data_dir, tmp_path):
         assert not [key for r in records for key in r if "bad_labels" in key], d
         results = json.load(open(os.path.join(d, "results.json")))
         assert "semseg/miou" in results and not [key for key in results if "bad_labels" in key]
+    # predict restores every kind's checkpoint, and takes the model's part of it
+    from mtl_jax.predict import load_run
+
+    _, model_state, step = load_run(ref_wd)
+    assert step == total and type(model_state) is steps.TrainState
+    for x, y in zip(_leaves(model_state.params), _leaves(a.params), strict=True):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_every_kind_of_run_goes_through_the_one_loop(sde_data_dir, tmp_path, monkeypatch):
