@@ -143,6 +143,14 @@ def _compat_ok(value: Any) -> bool:
     return True
 
 
+def _frame_ids_ok(value: Any) -> bool:
+    if not isinstance(value, (tuple, list)) or not all(_is_int(x) for x in value):
+        return False
+    ids = list(value)
+    return (len(ids) >= 2 and ids[0] == 0 and len(set(ids)) == len(ids)
+            and set(ids[1:]) <= {-1, 1})
+
+
 def _registry(module: str, name: str) -> Callable[[], Iterable[str]]:
     def names():
         import importlib
@@ -261,6 +269,20 @@ def _fields() -> list[Field]:
         *_optimizer_fields("uda.optimizer"),
         *_dataset_fields("uda.target_dataset"),
         *_dataset_fields("uda.source_eval_dataset"),
+        # Self-supervised depth from video (config.sde; the disp task's depth ranges).
+        custom("sde.frame_ids", "0 first, then neighbours among -1 and 1", "(0, -1, 1)",
+               _frame_ids_ok),
+        counts("sde.scales", 0, "(0, 1, 2, 3)"),
+        real("sde.disparity_smoothness", 0.0, None, 1e-3),
+        flag("sde.no_ssim", False),
+        flag("sde.avg_reprojection", False),
+        flag("sde.disable_automasking", False),
+        count("sde.pose.width", 1, 64),
+        *_optimizer_fields("sde.pose_optimizer"),
+        real("tasks.disp.min_depth", 0.0, None, 0.1, low_open=True),
+        real("tasks.disp.max_depth", 0.0, None, 100.0, low_open=True),
+        real("tasks.disp.eval_min_depth", 0.0, None, 1e-3),
+        real("tasks.disp.eval_max_depth", 0.0, None, 80.0, low_open=True),
     ]
 
 

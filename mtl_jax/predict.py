@@ -173,7 +173,7 @@ def load_run(workdir: str, step: int | None = None,
     exp, abstract_state = run_experiment(config)
     state, _, step = _restore(abstract_state, workdir, step)
     # the model's part of a state that holds more networks (UDA, SDE)
-    return exp, state.model_state() if hasattr(state, "model_state") else state, step
+    return exp, state.model_state(), step
 
 
 def predict(workdir: str, images: str, out: str, *, step: int | None = None,

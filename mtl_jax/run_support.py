@@ -204,11 +204,6 @@ def log_first_step(writer, start: int, metrics, t_call: float) -> None:
     writer.write_scalars(start + 1, {"perf/time/first_step": first_s})
 
 
-def _model_state(state: PyTree) -> PyTree:
-    """The model's part of a run's state (a state holding more networks says which)."""
-    return state.model_state() if hasattr(state, "model_state") else state
-
-
 def evaluate_split(exp: Experiment, state: PyTree, source, normals_from_depth: bool, *,
                    where: str = "the validation split") -> dict[str, float]:
     """Every metric of every task over ``source`` (each example exactly once).
@@ -217,7 +212,7 @@ def evaluate_split(exp: Experiment, state: PyTree, source, normals_from_depth: b
     ``<where> has K <task> label pixel(s) outside the task's range ...`` or log it as a
     warning (``config.label_check='warn'``); the counts are not returned as metrics."""
     acc = None
-    model_state = _model_state(state)
+    model_state = state.model_state()
     for batch in pipeline.eval_batches(source, global_batch_size=exp.eval_batch_size,
                                        mesh=exp.mesh, normals_from_depth=normals_from_depth):
         acc = merge_metrics(acc, exp.eval_step(model_state, batch))
@@ -304,7 +299,7 @@ def write_pictures(exp: Experiment, state: PyTree, source, normals_from_depth: b
     batch = next(pipeline.eval_batches(
         source, global_batch_size=exp.eval_batch_size, mesh=exp.mesh,
         normals_from_depth=normals_from_depth))
-    preds = exp.predict_step(_model_state(state), batch["image"])
+    preds = exp.predict_step(state.model_state(), batch["image"])
     if jax.process_count() > 1:  # the batch is split over processes: gather it (collective)
         from jax.experimental import multihost_utils
 

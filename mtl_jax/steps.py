@@ -47,6 +47,14 @@ class TrainState:
     weighting_state: PyTree
     rng: jax.Array
 
+    def model_state(self) -> TrainState:
+        """The model's part as a plain ``TrainState`` (for the eval/predict steps): itself,
+        or, for a state that also holds other networks (UDA's discriminators, SDE's pose
+        network), its model fields."""
+        return TrainState(step=self.step, params=self.params, batch_stats=self.batch_stats,
+                          opt_state=self.opt_state, weighting_state=self.weighting_state,
+                          rng=self.rng)
+
 
 def init_state(rng: jax.Array, param_rng: jax.Array, image_shape: tuple[int, ...], *, model,
                tx: optax.GradientTransformation, weighting: Weighting, task_names) -> TrainState:
@@ -330,6 +338,22 @@ def coupled_grads(state: TrainState, batch: Batch, rng: jax.Array, *, model, tas
     return total, losses, wout, new_stats, grads
 
 
+def finite_flags(total: jax.Array, grad_norm: jax.Array, losses: Mapping[str, jax.Array],
+                 tasks) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``(finite, {task: finite})``: whether the step's total, gradient norm and every task
+    loss are finite (the update is applied only then), and each task loss's own flag."""
+    finite_task = {t: jnp.isfinite(losses[t]) for t in tasks}
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    for f in finite_task.values():
+        finite &= f
+    return finite, finite_task
+
+
+def keep_where(finite: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    """``new`` where ``finite``, else ``old``, leaf by leaf (a skipped non-finite step)."""
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
 def train_step(state: TrainState, batch: Batch, *, model, tasks: Mapping[str, Any],
                weighting: Weighting, tx: optax.GradientTransformation,
                decomposed: bool | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -348,14 +372,11 @@ def train_step(state: TrainState, batch: Batch, *, model, tasks: Mapping[str, An
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
 
-    finite_task = {t: jnp.isfinite(losses[t]) for t in tasks}
     grad_norms = part_norms(grads, "grad_norm")
-    finite = jnp.isfinite(total) & jnp.isfinite(grad_norms["grad_norm"])
-    for f in finite_task.values():
-        finite &= f
+    finite, finite_task = finite_flags(total, grad_norms["grad_norm"], losses, tasks)
 
     def keep_if_finite(new, old):
-        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        return keep_where(finite, new, old)
 
     new_state = state.replace(
         step=state.step + 1,

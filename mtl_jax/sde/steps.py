@@ -60,12 +60,6 @@ class SDETrainState(steps.TrainState):
     pose_stats: PyTree
     pose_opt_state: PyTree
 
-    def model_state(self) -> steps.TrainState:
-        """The model's part as a plain ``TrainState`` (for the eval/predict steps)."""
-        return steps.TrainState(step=self.step, params=self.params,
-                                batch_stats=self.batch_stats, opt_state=self.opt_state,
-                                weighting_state=self.weighting_state, rng=self.rng)
-
 
 def init_pose(rng: jax.Array, image_shape: tuple[int, ...], *, pose_net,
               pose_tx: optax.GradientTransformation) -> tuple[PyTree, PyTree, PyTree]:
@@ -150,13 +144,10 @@ def sde_train_step(state: SDETrainState, batch: Mapping[str, jax.Array], *, mode
     pose_updates, new_pose_opt = pose_tx.update(pose_grads, state.pose_opt_state,
                                                 state.pose_params)
 
-    finite_task = {t: jnp.isfinite(losses[t]) for t in tasks}
-    finite = jnp.isfinite(total) & jnp.isfinite(norm)
-    for f in finite_task.values():
-        finite &= f
+    finite, finite_task = steps.finite_flags(total, norm, losses, tasks)
 
     def keep(new, old):
-        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        return steps.keep_where(finite, new, old)
 
     new_state = state.replace(
         step=state.step + 1,

@@ -299,19 +299,24 @@ class Depth(Task):
 
     def metrics(self, pred: jax.Array, batch: Batch) -> DepthStats:
         """Per-pixel error sums of one batch (in the evaluation range, if any)."""
-        pred_BxHxW, gt_safe, valid = self.eval_depths(pred, batch)
-        err = jnp.abs(pred_BxHxW - gt_safe)
-        pred_pos = jnp.maximum(pred_BxHxW, RATIO_EPS)
-        ratio = jnp.maximum(pred_pos / gt_safe, gt_safe / pred_pos)
-        log_err = jnp.log(pred_pos) - jnp.log(gt_safe)
-        return DepthStats(
-            count=count(valid),
-            sum_abs=masked_sum(err, valid),
-            sum_absrel=masked_sum(err / gt_safe, valid),
-            sum_sq=masked_sum(err * err, valid),
-            sum_sqrel=masked_sum(err * err / gt_safe, valid),
-            sum_sqlog=masked_sum(log_err * log_err, valid),
-            count_d1=count(valid & (ratio < 1.25)),
-            count_d2=count(valid & (ratio < 1.25**2)),
-            count_d3=count(valid & (ratio < 1.25**3)),
-        )
+        return depth_stats(*self.eval_depths(pred, batch))
+
+
+def depth_stats(pred_BxHxW: jax.Array, gt_safe: jax.Array, valid: jax.Array) -> DepthStats:
+    """The :class:`DepthStats` sums of predicted vs ground-truth depths over ``valid`` pixels
+    (``gt_safe``: the ground truth, any positive value where invalid)."""
+    err = jnp.abs(pred_BxHxW - gt_safe)
+    pred_pos = jnp.maximum(pred_BxHxW, RATIO_EPS)
+    ratio = jnp.maximum(pred_pos / gt_safe, gt_safe / pred_pos)
+    log_err = jnp.log(pred_pos) - jnp.log(gt_safe)
+    return DepthStats(
+        count=count(valid),
+        sum_abs=masked_sum(err, valid),
+        sum_absrel=masked_sum(err / gt_safe, valid),
+        sum_sq=masked_sum(err * err, valid),
+        sum_sqrel=masked_sum(err * err / gt_safe, valid),
+        sum_sqlog=masked_sum(log_err * log_err, valid),
+        count_d1=count(valid & (ratio < 1.25)),
+        count_d2=count(valid & (ratio < 1.25**2)),
+        count_d3=count(valid & (ratio < 1.25**3)),
+    )

@@ -24,8 +24,8 @@ import numpy as np
 
 from mtl_jax.data import visualize
 from mtl_jax.errors import UserError
-from mtl_jax.tasks.base import Batch, Task, count, masked_sum, pixel_mask
-from mtl_jax.tasks.depth import RATIO_EPS, Depth, DepthStats
+from mtl_jax.tasks.base import Batch, Task, pixel_mask
+from mtl_jax.tasks.depth import Depth, DepthStats, depth_stats
 
 
 def disp_to_depth(disp: jax.Array, min_depth: float, max_depth: float) -> jax.Array:
@@ -109,18 +109,7 @@ class VideoDepth(Task):
         return depth, jnp.where(valid, gt, 1.0), valid
 
     def metrics(self, pred: jax.Array, batch: Batch) -> DepthStats:
-        depth, gt, valid = self.eval_depths(pred, batch)
-        err = jnp.abs(depth - gt)
-        pos = jnp.maximum(depth, RATIO_EPS)
-        ratio = jnp.maximum(pos / gt, gt / pos)
-        log_err = jnp.log(pos) - jnp.log(gt)
-        return DepthStats(
-            count=count(valid), sum_abs=masked_sum(err, valid),
-            sum_absrel=masked_sum(err / gt, valid), sum_sq=masked_sum(err * err, valid),
-            sum_sqrel=masked_sum(err * err / gt, valid),
-            sum_sqlog=masked_sum(log_err * log_err, valid),
-            count_d1=count(valid & (ratio < 1.25)), count_d2=count(valid & (ratio < 1.25**2)),
-            count_d3=count(valid & (ratio < 1.25**3)))
+        return depth_stats(*self.eval_depths(pred, batch))
 
     @classmethod
     def label_picture(cls, label):

@@ -60,12 +60,6 @@ class UDATrainState(steps.TrainState):
     disc_stats: PyTree
     disc_opt_state: PyTree
 
-    def model_state(self) -> steps.TrainState:
-        """The model's part as a plain ``TrainState`` (for the eval/predict steps)."""
-        return steps.TrainState(step=self.step, params=self.params,
-                                batch_stats=self.batch_stats, opt_state=self.opt_state,
-                                weighting_state=self.weighting_state, rng=self.rng)
-
 
 def init_disc(rng: jax.Array, input_shapes: Mapping[str, tuple[int, ...]], *, disc,
               disc_tx: optax.GradientTransformation) -> tuple[PyTree, PyTree, PyTree]:
