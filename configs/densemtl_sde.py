@@ -130,7 +130,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  pose_optimizer=dict(learning_rate=1e-6))
     c.weighting = dict(name="fixed", weights=dict(semseg=1.0, disp=1.0))
 
-    steps = args.steps or (3 if smoke else 600 if synthetic else 40000)
+    steps = args.steps or (3 if smoke else 450 if synthetic else 40000)
     optimizer = dict(name="adam", b1=0.9, b2=0.999, learning_rate=5e-5,
                      part_lr_multipliers={"encoder": 0.2})
     if synthetic and not smoke:
@@ -150,8 +150,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_batch_size = 2 if smoke else (50 if synthetic else 2)
     c.num_train_steps = steps
     c.log_every_steps = 1 if smoke else (25 if synthetic else 100)
-    c.eval_every_steps = steps if smoke else (200 if synthetic else 2500)
-    c.checkpoint_every_steps = 2 if smoke else (200 if synthetic else 5000)
+    c.eval_every_steps = steps if smoke else (150 if synthetic else 2500)
+    c.checkpoint_every_steps = 2 if smoke else (150 if synthetic else 5000)
     c.keep_checkpoints = 3
     c.async_checkpoints = True
     c.num_vis_examples = 2 if smoke else 4
