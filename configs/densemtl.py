@@ -25,10 +25,11 @@ Arguments (comma-separated after the colon):
                  with CONFIG from the DATASETS table below (docs/datasets.md).
   tasks=sd|sdn|sdne  task set (Table 1/2: S-D, S-D-N, S-D-N-E); with model=stl one letter.
   model=NAME     ours (mTEB at stage 1) | mtl (shared encoder + DeepLabv3 heads) | padnet
-                 (PAD-Net, survey layout) | 3ways_padnet (3-ways heads + PAD-Net distillation at
-                 the mTEB's place) | 3ways (3-ways heads, no exchange: ours without mTEB) | stl
-                 (one task, DeepLabv3 head)
-  stages=1       mTEB placement, stages joined by '-', e.g. stages=3-1 (Table 3)
+                 (PAD-Net, survey layout) | 3ways_padnet (3-ways heads + PAD-Net distillation of
+                 decoder stage 2's output, the reference's PadnetPlus) | 3ways (3-ways heads, no
+                 exchange: ours without mTEB) | stl (one task, DeepLabv3 head)
+  stages=N       exchange placement, stages joined by '-', e.g. stages=3-1 (Table 3); default
+                 1 for ours (mTEB), 2 for 3ways_padnet
   fusion=add     add | prod | concat (Table 4a); attention=spatial | channel | both (Table 4b)
   weighting=fixed  task weights: the paper's grid S-D {50, 1}, S-D-N {100, 1, 100},
                  S-D-N-E {100, 1, 100, 50} (any strategy name works, gradient-based ones too:
@@ -105,7 +106,7 @@ DECODER_CHANNELS = (64, 128, 128, 256, 256)  # stages 0..4 at width 64
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse_arg(arg, dataset="synthetic", tasks="sdn", model="ours", stages="1",
+    args = parse_arg(arg, dataset="synthetic", tasks="sdn", model="ours", stages="",
                      fusion="add", attention="spatial", weighting="fixed", steps=0, width=0,
                      encoder="resnet101", attention_impl="blocked", block_size=1024,
                      depth_scale=0.0, smoke=False)
@@ -174,7 +175,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     three_ways = dict(decoder="three_ways", decoder_kwargs=dict(channels=channels,
                                                                 side_scales=(1,)))
     deeplab = dict(decoder="deeplab", decoder_kwargs=dict(features=channels[4]))
-    stages = tuple(int(s) for s in args.stages.split("-") if s)
+    # The reference's PadnetPlus distils the output of decoder stage 2 (upconv 2); its OursAtt
+    # puts the mTEB after stage 1.
+    stages = (tuple(int(s) for s in args.stages.split("-") if s)
+              or ((2,) if args.model == "3ways_padnet" else (1,)))
     if args.model == "ours":
         model.update(three_ways, exchange=dict(
             name="mteb", stages=stages, fusion=args.fusion, attention=args.attention,
