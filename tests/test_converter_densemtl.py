@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from densemtl_reference import Head, StateDict, ours_att
 
 from mtl_jax.errors import UserError
 from mtl_jax.models import build_model, converters
@@ -22,95 +23,13 @@ MODEL = dict(encoder="resnet18", encoder_kwargs=dict(
     decoder_kwargs=dict(channels=DEC, side_scales=(1,)), exchange=dict(name="mteb", stages=(1,)))
 
 
-class _Fixture:
-    def __init__(self, seed=0):
-        self.rng = np.random.default_rng(seed)
-        self.sd = {}
-
-    def arr(self, name, *shape):
-        self.sd[name] = self.rng.standard_normal(shape).astype(np.float32)
-
-    def conv(self, name, o, i, k, bias=False):
-        self.arr(f"{name}.weight", o, i, k, k)
-        if bias:
-            self.arr(f"{name}.bias", o)
-
-    def bn(self, name, c):
-        for leaf in ("weight", "bias", "running_mean"):
-            self.arr(f"{name}.{leaf}", c)
-        self.sd[f"{name}.running_var"] = np.abs(self.rng.standard_normal(c)).astype(
-            np.float32) + 0.5
-        self.sd[f"{name}.num_batches_tracked"] = np.array(5, np.int64)
-
-
 def reference_state_dict(tasks=TASKS, dec=DEC, seed=0):
     """Names as the released code's OursAtt(backbone=ResnetEncoder(18), heads={t:
     DecoderHead(intermediate_aspp=True, active_scales=[0, 1])}, ablation=['SxTAM', 'SA',
     'add'], stages=[1]) state_dict, shapes for widths ENC / ``dec``; ``heads.*`` in the order
     of ``tasks`` ({name: output channels}, the reference config's order)."""
-    TASKS, DEC = tasks, dec  # noqa: N806 -- the module-level defaults, overridable
-    f = _Fixture(seed)
-    p = "backbone.encoder."
-    f.conv(p + "conv1", 4, 3, 7)
-    f.bn(p + "bn1", 4)
-    cin = 4
-    for stage, c in enumerate((4, 8, 16, 32), start=1):
-        for b in range(2):
-            q = f"{p}layer{stage}.{b}."
-            f.conv(q + "conv1", c, cin if b == 0 else c, 3)
-            f.bn(q + "bn1", c)
-            f.conv(q + "conv2", c, c, 3)
-            f.bn(q + "bn2", c)
-            if b == 0 and cin != c:
-                f.conv(q + "downsample.0", c, cin, 1)
-                f.bn(q + "downsample.1", c)
-        cin = c
-    f.conv(p + "fc", 10, 32, 1)
-    f.sd[p + "fc.weight"] = f.sd[p + "fc.weight"][:, :, 0, 0]
-    f.arr(p + "fc.bias", 10)
-    for t, out in TASKS.items():
-        h = f"heads.{t}.decoder."
-        f.conv(h + "0.convs.0.0", DEC[4], ENC[4], 1)
-        f.bn(h + "0.convs.0.1", DEC[4])
-        for n in (1, 2, 3):
-            f.conv(h + f"0.convs.{n}.0", DEC[4], ENC[4], 3)
-            f.bn(h + f"0.convs.{n}.1", DEC[4])
-        f.conv(h + "0.convs.4.1", DEC[4], ENC[4], 1)
-        f.bn(h + "0.convs.4.2", DEC[4])
-        f.conv(h + "0.project.0", DEC[4], 5 * DEC[4], 1)
-        f.bn(h + "0.project.1", DEC[4])
-        f.conv(h + "2.block.0.conv", DEC[4], DEC[4] + ENC[3], 3, bias=True)
-        for stage, (i0, i1) in {3: (3, 5), 2: (6, 8), 1: (9, 11)}.items():
-            f.conv(h + f"{i0}.block.0.conv", DEC[stage], DEC[stage + 1], 3, bias=True)
-            f.conv(h + f"{i1}.block.0.conv", DEC[stage], DEC[stage] + ENC[stage - 1], 3,
-                   bias=True)
-        f.conv(h + "12.block.0.conv", DEC[0], DEC[1], 3, bias=True)
-        f.conv(h + "13.block.0.conv", DEC[0], DEC[0], 3, bias=True)
-        f.conv(h + "14", out, DEC[0], 1, bias=True)  # active_scales [0, 1]
-        f.conv(h + "15", out, DEC[1], 1, bias=True)
-    c = DEC[1]
-    for t in TASKS:
-        m = f"m.{t}.1."
-        for s in TASKS:
-            if s == t:
-                continue
-            f.conv(m + f"extract_{s}.0", c, c, 3, bias=True)
-            f.conv(m + f"SA_{s}.attention.0", c // 2, c, 3)
-            f.conv(m + f"SA_{s}.conv", c // 2, c, 3)
-            for x in ("conv_b", "conv_c", "conv_d"):
-                f.conv(m + f"SxTAM_{s}.{x}.0", c, c, 1)
-                f.bn(m + f"SxTAM_{s}.{x}.1", c)
-            f.arr(m + f"SxTAM_{s}.alpha", 1, c, 1, 1)
-            f.conv(m + f"proj_{s}.0", c, c + c // 2, 1)
-            f.bn(m + f"proj_{s}.1", c)
-        f.conv(m + "post.0", c, 2 * c, 1)
-        f.bn(m + "post.1", c)
-    # The reference's per-task parameter groups repeat heads.<t> / m.<t> in the state_dict.
-    for name in list(f.sd):
-        parts = name.split(".")
-        if parts[0] in ("heads", "m"):
-            alias = f"params.{parts[1]}.{0 if parts[0] == 'heads' else 1}.{'.'.join(parts[2:])}"
-            f.sd[alias] = f.sd[name]
+    f = StateDict(seed)
+    ours_att(f, "", {t: Head(out, (0, 1)) for t, out in tasks.items()}, ENC, dec, fc=10)
     return f.sd
 
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from densemtl_reference import Head, StateDict, ours_att, resnet18
 
 from mtl_jax.errors import UserError
 from mtl_jax.models import build_model, converters
@@ -26,100 +27,18 @@ MODEL = dict(encoder="resnet18", encoder_kwargs=dict(
 POSE = ml_collections.ConfigDict(dict(sde=dict(pose=dict(encoder="resnet18", width=4))))
 
 
-class _StateDict:
-    """Random arrays under the reference's names, PyTorch layouts (OIHW)."""
-
-    def __init__(self, seed):
-        self.rng = np.random.default_rng(seed)
-        self.sd = {}
-
-    def arr(self, name, *shape):
-        self.sd[name] = self.rng.standard_normal(shape).astype(np.float32)
-
-    def conv(self, name, o, i, k, bias=False):
-        self.arr(f"{name}.weight", o, i, k, k)
-        if bias:
-            self.arr(f"{name}.bias", o)
-
-    def bn(self, name, c):
-        for leaf in ("weight", "bias", "running_mean"):
-            self.arr(f"{name}.{leaf}", c)
-        self.sd[f"{name}.running_var"] = self.rng.uniform(0.5, 1.5, c).astype(np.float32)
-        self.sd[f"{name}.num_batches_tracked"] = np.array(7, np.int64)
-
-    def resnet18(self, p, in_channels):
-        """torchvision's ResNet-18 at width 4 after remove_resnet_tail_ (no fc)."""
-        self.conv(p + "conv1", ENC[0], in_channels, 7)
-        self.bn(p + "bn1", ENC[0])
-        cin = ENC[0]
-        for stage, c in enumerate(ENC[1:], start=1):
-            for b in range(2):
-                q = f"{p}layer{stage}.{b}."
-                self.conv(q + "conv1", c, cin if b == 0 else c, 3)
-                self.bn(q + "bn1", c)
-                self.conv(q + "conv2", c, c, 3)
-                self.bn(q + "bn2", c)
-                if b == 0 and cin != c:
-                    self.conv(q + "downsample.0", c, cin, 1)
-                    self.bn(q + "downsample.1", c)
-            cin = c
-
-
 def reference_sde_state_dict(seed=0, pose_net=True):
     """The state_dict names of the released setup 'ours-cxatt_monodepth' (training/__init__.py
     get_setup -> MultiSetup(main=OursAtt(ResnetEncoder, {t: DecoderHead}, ablation=[SA, SxTAM,
     add], stages=[1]), monodepth=Monodepth(PoseNetwork, imnet_encoder=None))), written from
     the reference's modules; shapes at widths ENC / DEC and a 256-channel pose decoder."""
-    f = _StateDict(seed)
-    f.resnet18("main.backbone.encoder.", 3)
-    for t, out in TASKS.items():
-        h = f"main.heads.{t}.decoder."
-        # ('upconv', 4, 0): ASPP(num_ch_enc[-1], [6, 12, 18], True, num_ch_dec[4]).
-        f.conv(h + "0.convs.0.0", DEC[4], ENC[4], 1)
-        f.bn(h + "0.convs.0.1", DEC[4])
-        for n in (1, 2, 3):
-            f.conv(h + f"0.convs.{n}.0", DEC[4], ENC[4], 3)
-            f.bn(h + f"0.convs.{n}.1", DEC[4])
-        f.conv(h + "0.convs.4.1", DEC[4], ENC[4], 1)
-        f.bn(h + "0.convs.4.2", DEC[4])
-        f.conv(h + "0.project.0", DEC[4], 5 * DEC[4], 1)
-        f.bn(h + "0.project.1", DEC[4])
-        # 1: skip_proj Identity; ConvBlock = Sequential(Conv3x3(pad, conv), Identity, ELU, ..).
-        f.conv(h + "2.block.0.conv", DEC[4], DEC[4] + ENC[3], 3, bias=True)
-        for stage, (i0, i1) in {3: (3, 5), 2: (6, 8), 1: (9, 11)}.items():
-            f.conv(h + f"{i0}.block.0.conv", DEC[stage], DEC[stage + 1], 3, bias=True)
-            f.conv(h + f"{i1}.block.0.conv", DEC[stage], DEC[stage] + ENC[stage - 1], 3,
-                   bias=True)
-        f.conv(h + "12.block.0.conv", DEC[0], DEC[1], 3, bias=True)
-        f.conv(h + "13.block.0.conv", DEC[0], DEC[0], 3, bias=True)
-        for index, scale in enumerate(SCALES[t], start=14):  # ('side', i), active_scales order
-            if t == "disp":  # is_regression: Conv3x3(num_ch_dec[i], 1) = ReflectionPad + conv
-                f.conv(h + f"{index}.conv", out, DEC[scale], 3, bias=True)
-            else:
-                f.conv(h + f"{index}", out, DEC[scale], 1, bias=True)
-    c = DEC[1]
-    for t in TASKS:
-        s = next(x for x in TASKS if x != t)
-        m = f"main.m.{t}.1."
-        f.conv(m + f"extract_{s}.0", c, c, 3, bias=True)
-        f.conv(m + f"SA_{s}.attention.0", c // 2, c, 3)
-        f.conv(m + f"SA_{s}.conv", c // 2, c, 3)
-        for x in ("conv_b", "conv_c", "conv_d"):
-            f.conv(m + f"SxTAM_{s}.{x}.0", c, c, 1)
-            f.bn(m + f"SxTAM_{s}.{x}.1", c)
-        f.arr(m + f"SxTAM_{s}.alpha", 1, c, 1, 1)
-        f.conv(m + f"proj_{s}.0", c, c + c // 2, 1)
-        f.bn(m + f"proj_{s}.1", c)
-        f.conv(m + "post.0", c, c, 1)
-        f.bn(m + "post.1", c)
-    for name in list(f.sd):  # OursAtt.params: ModuleDict {t: [heads[t], m[t]]}
-        parts = name.split(".")
-        if parts[1] in ("heads", "m"):
-            group = 0 if parts[1] == "heads" else 1
-            f.sd[f"main.params.{parts[2]}.{group}.{'.'.join(parts[3:])}"] = f.sd[name]
+    f = StateDict(seed, variances="uniform", batches_tracked=7)
+    # disp is_regression: its sides are Conv3x3(num_ch_dec[i], 1) = ReflectionPad + conv.
+    heads = {t: Head(out, SCALES[t], regression=t == "disp") for t, out in TASKS.items()}
+    ours_att(f, "main.", heads, ENC, DEC)
     if pose_net:
         p = "monodepth.pose_net."
-        f.resnet18(p + "encoder.encoder.", 6)  # ResNetMultiImageInput(num_input_images=2)
+        resnet18(f, p + "encoder.encoder.", ENC, 6)  # ResNetMultiImageInput(num_input_images=2)
         # PoseDecoder(num_ch_enc, 1, 2).net = [squeeze, pose 0, pose 1, pose 2].
         f.conv(p + "decoder.net.0", 256, ENC[4], 1, bias=True)
         f.conv(p + "decoder.net.1", 256, 256, 3, bias=True)
