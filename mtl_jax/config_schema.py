@@ -1,7 +1,8 @@
 """The config schema: the range or choice set of every numeric and enumerated config key, and
 the rules between keys, declared once here and checked before a run writes anything.
 
-:data:`FIELDS` declares one rule per key (dotted, ``*`` matches any one key), :data:`CROSS`
+:data:`FIELDS` declares one rule per key (dotted, ``*`` matches any one key),
+:data:`mtl_jax.config_cross.CROSS`
 the rules that relate several keys or the devices. :func:`check` applies them and raises a
 :class:`~mtl_jax.errors.UserError` of one line naming the key, its value, the rule and a valid
 example, e.g.::
@@ -25,6 +26,7 @@ import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from mtl_jax.config_cross import CROSS
 from mtl_jax.errors import UserError
 
 _MISSING = object()
@@ -295,117 +297,6 @@ def fields() -> list[Field]:
     if _FIELDS is None:
         _FIELDS = _fields()
     return _FIELDS
-
-
-# ---------------------------------------------------------------------------------------------
-# Rules between keys. Each returns an error message (without the "config." key prefix rules
-# above use) or None; ``devices`` is (devices of the mesh, processes) or None when unknown.
-
-
-@dataclasses.dataclass(frozen=True)
-class Cross:
-    keys: str
-    rule: str
-    check: Callable[[dict, tuple[int, int] | None], str | None]
-
-
-def _get(flat: dict, key: str, default: Any = None) -> Any:
-    return flat.get(key, default)
-
-
-def _batch_vs_devices(flat: dict, devices: tuple[int, int] | None) -> str | None:
-    if devices is None:
-        return None
-    n_dev, n_proc = devices
-    for key in ("batch_size", "eval_batch_size"):
-        value = _get(flat, key) or flat["batch_size"]
-        for n, what in ((n_dev, "devices of the data-parallel mesh"), (n_proc, "processes")):
-            if value % n:
-                return (f"config.{key}={value} is not divisible by the {n} {what} "
-                        f"(config.num_devices={_get(flat, 'num_devices', -1)}); set "
-                        f"config.{key} to a multiple of {n} or config.num_devices to a "
-                        f"divisor of {value}")
-    return None
-
-
-def _uda_batch(flat: dict, devices: tuple[int, int] | None) -> str | None:
-    if not any(k.startswith("uda.") for k in flat):
-        return None
-    bs = flat["batch_size"]
-    n_dev = devices[0] if devices else 1
-    if bs % 2 or (bs // 2) % n_dev:
-        return (f"config.batch_size={bs}: a domain-adaptation batch is half source, half "
-                f"target: it must be even and each half divisible by the {n_dev} devices "
-                f"(e.g. --config.batch_size={2 * n_dev * max(1, bs // (2 * n_dev))})")
-    return None
-
-
-def _num_devices(flat: dict, devices: tuple[int, int] | None) -> str | None:
-    n = _get(flat, "num_devices", -1)
-    if devices is None or n == -1:
-        return None
-    import jax
-
-    visible = len(jax.devices())
-    if n > visible:
-        return (f"config.num_devices={n} but only {visible} devices are visible "
-                f"(e.g. --config.num_devices={visible}, or -1 for all)")
-    return None
-
-
-def _schedule(flat: dict, devices: tuple[int, int] | None) -> str | None:
-    del devices
-    total = flat["num_train_steps"]
-    for prefix in ("optimizer", "uda.optimizer"):
-        warmup = _get(flat, f"{prefix}.warmup_steps", 0) or 0
-        if warmup >= total:
-            return (f"config.{prefix}.warmup_steps={warmup} must be below "
-                    f"config.num_train_steps={total} (the learning rate would never reach its "
-                    f"base value), e.g. --config.{prefix}.warmup_steps={total // 10}")
-        if _get(flat, f"{prefix}.schedule", "constant") != "step":
-            continue
-        bounds = list(_get(flat, f"{prefix}.decay_steps", ()) or ())
-        bad = [b for b in bounds if not warmup < b < total]
-        if bad or bounds != sorted(set(bounds)):
-            return (f"config.{prefix}.decay_steps={tuple(bounds)} with "
-                    f"config.num_train_steps={total}"
-                    + (f" and warmup_steps={warmup}" if warmup else "")
-                    + ": the decay boundaries must increase strictly and lie within the run, "
-                    f"between {warmup} and {total} (exclusive), or they are ignored, e.g. "
-                    f"--config.{prefix}.decay_steps=({max(warmup + 1, int(total * 0.75))},)")
-    return None
-
-
-def _stage_switch(flat: dict, devices: tuple[int, int] | None) -> str | None:
-    del devices
-    frac = _get(flat, "model.stage_switch", 0.0) or 0.0
-    if not frac:
-        return None
-    total = flat["num_train_steps"]
-    switch = int(frac * total)
-    if not 1 <= switch < total:
-        return (f"config.model.stage_switch={frac} with config.num_train_steps={total} puts the "
-                f"stage switch at step {switch}, outside the run (steps 1..{total - 1}): "
-                "one stage would never train; raise config.num_train_steps or set "
-                "config.model.stage_switch=0 (no staging)")
-    return None
-
-
-#: The rules between keys, in the order they are checked.
-CROSS: tuple[Cross, ...] = (
-    Cross("num_devices", "at most the devices visible (-1: all of them)", _num_devices),
-    Cross("batch_size, eval_batch_size, num_devices",
-          "divisible by the devices of the data-parallel mesh and by the processes "
-          "(train, eval)", _batch_vs_devices),
-    Cross("batch_size, uda", "a domain-adaptation batch is even, each half divisible by the "
-          "devices", _uda_batch),
-    Cross("optimizer.warmup_steps, optimizer.decay_steps, num_train_steps (also uda.optimizer)",
-          "warmup below num_train_steps; 'step' decay boundaries increase strictly and lie "
-          "between warmup_steps and num_train_steps (exclusive)", _schedule),
-    Cross("model.stage_switch, num_train_steps",
-          "staged ATI-Net: the switch step int(stage_switch * num_train_steps) lies within "
-          "1 .. num_train_steps - 1", _stage_switch),
-)
 
 
 # ---------------------------------------------------------------------------------------------

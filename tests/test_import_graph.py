@@ -151,7 +151,7 @@ LAYERS = [
     {"optim", "run_config", "workdir_lock", "checkpointing", "distributed", "compile_cache",
      "writers", "data", "weighting"},
     {"tasks"},
-    {"models", "evaluation", "config_utils", "config_schema"},
+    {"models", "evaluation", "config_utils", "config_schema", "config_cross"},
     {"steps", "staging"},
     {"experiment"},
     {"run_support", "compare"},

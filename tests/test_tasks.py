@@ -260,9 +260,10 @@ def test_all_invalid_gives_zero_loss_finite_grads_and_metrics(name):
     task = _tasks()[name]
     batch, preds = _random(0)
     batch = _invalid(batch)
-    assert _loss(task, preds[name], batch) == 0.0
-    grad = _jit_grad(task, jnp.asarray(preds[name]), batch)
-    assert np.all(np.isfinite(grad))
+    if task.label_loss:  # disp learns from video: its loss is the SDE run's (test_sde.py)
+        assert _loss(task, preds[name], batch) == 0.0
+        grad = _jit_grad(task, jnp.asarray(preds[name]), batch)
+        assert np.all(np.isfinite(grad))
     out = _scalars(_metrics(task, preds[name], batch))
     assert all(np.isfinite(v) for v in out.values()), out
     assert all(np.isfinite(v) for v in _scalars(task.empty_metrics()).values())
@@ -275,8 +276,9 @@ def test_padded_examples_contribute_nothing(name):
     batch["example_mask"] = np.array([1.0, 0.0, 1.0], np.float32)
     keep = [0, 2]
     small = {k: v[keep] for k, v in batch.items()}
-    loss_all, loss_kept = _loss(task, preds[name], batch), _loss(task, preds[name][keep], small)
-    assert loss_all == pytest.approx(loss_kept, rel=1e-5)
+    if task.label_loss:
+        loss_all = _loss(task, preds[name], batch)
+        assert loss_all == pytest.approx(_loss(task, preds[name][keep], small), rel=1e-5)
     full, kept = _metrics(task, preds[name], batch), _metrics(task, preds[name][keep], small)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), full, kept)
 
@@ -295,6 +297,8 @@ def test_merge_of_two_batches_equals_one_batch_and_jit_equals_eager(name):
     eager = {k: float(v) for k, v in whole.compute().items()}
     assert _scalars(jitted) == pytest.approx(eager, rel=1e-5)
     assert set(task.directions) == set(eager)
+    if not task.label_loss:
+        return
     eager_loss = float(task.loss(preds[name], batch))
     assert _loss(task, preds[name], batch) == pytest.approx(eager_loss, rel=1e-5)
     half = jnp.asarray(preds[name], jnp.bfloat16)
@@ -316,7 +320,7 @@ def test_evaluation_helpers_collect_merge_compute():
 
 
 def test_make_task_errors():
-    with pytest.raises(ValueError, match="valid tasks: depth, edges, normals"):
+    with pytest.raises(ValueError, match="valid tasks: depth, disp, edges, normals"):
         make_task("segmentation")
     with pytest.raises(TypeError, match="unknown argument.*lossx.*accepts: loss"):
         make_task("depth", lossx="l1")

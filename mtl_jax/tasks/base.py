@@ -113,6 +113,10 @@ class Task:
     name: ClassVar[str] = ""
     letter: ClassVar[str] = ""
     label_key: ClassVar[str] = ""
+    #: whether :meth:`loss` is a function of the prediction and the batch's labels; a task
+    #: learnt otherwise (``disp``: from video, by the self-supervised run) says False and its
+    #: ``loss`` refuses with one line
+    label_loss: ClassVar[bool] = True
     #: channels of :meth:`discriminator_input` when they differ from the head's (``None``)
     discriminator_channels: ClassVar[int | None] = None
     resize_methods: ClassVar[Mapping[str, str]] = {}

@@ -61,6 +61,7 @@ class VideoDepth(Task):
     eval_max_depth: float = 80.0
     median_scaling: bool = True
 
+    label_loss: ClassVar[bool] = False
     name: ClassVar[str] = "disp"
     letter: ClassVar[str] = "v"
     label_key: ClassVar[str] = "depth"
