@@ -88,7 +88,7 @@ def test_predict_matches_the_step_on_the_same_input(run, images, tmp_path):
     out = tmp_path / "one"
     predict.predict(wd, str(images / "a.png"), str(out))
     exp = build_experiment(config)
-    state, _, _ = predict._restore(exp, wd, None)
+    state, _, _ = predict._restore(exp.abstract_state, wd, None)
     image = predict.read_image(str(images / "a.png"), config.input_size)
     ref = jax.device_get(exp.predict_step(state, image[None]))
     np.testing.assert_array_equal(np.load(out / "a_semseg.npy"), ref["semseg"][0])
