@@ -87,12 +87,19 @@ def test_the_model_part_fills_the_sde_model(converted):
         sd["main.m.disp.1.SxTAM_semseg.alpha"].reshape(-1))
 
 
-def test_the_pose_part_fills_the_pose_network(converted):
-    sd, dst = converted
+def _converted_pose_network(dst):
+    """``(network, params, batch_stats)``: the pose network of ``POSE`` loaded from the
+    converted file's ``pose_net/`` part, strictly (every leaf, every shape)."""
     flat = converters.load_variables(dst, part="pose_net")
     network = build_pose_network(POSE)
     shapes = jax.eval_shape(lambda: init_pose_network(network, jax.random.key(0), (32, 48)))
     params, stats = converters.apply_variables(shapes["params"], shapes["batch_stats"], flat)
+    return network, params, stats
+
+
+def test_the_pose_part_fills_the_pose_network(converted):
+    sd, dst = converted
+    _, params, stats = _converted_pose_network(dst)
     p = "monodepth.pose_net."
     np.testing.assert_array_equal(params["encoder"]["conv1"]["kernel"],
                                   np.transpose(sd[p + "encoder.encoder.conv1.weight"],
@@ -125,10 +132,7 @@ def _reference_pose_decoder(sd, feature_BxCxhxw):
 
 def test_the_converted_pose_decoder_computes_the_reference(converted):
     sd, dst = converted
-    flat = converters.load_variables(dst, part="pose_net")
-    network = build_pose_network(POSE)
-    shapes = jax.eval_shape(lambda: init_pose_network(network, jax.random.key(0), (32, 48)))
-    params, _ = converters.apply_variables(shapes["params"], shapes["batch_stats"], flat)
+    network, params, _ = _converted_pose_network(dst)
     feature = np.random.default_rng(1).standard_normal((2, 3, 4, ENC[4])).astype(np.float32)
     aa, tr = network.decoder.apply({"params": params["decoder"]}, jnp.asarray(feature))
     ref_aa, ref_tr = _reference_pose_decoder(sd, jnp.asarray(feature.transpose(0, 3, 1, 2)))
