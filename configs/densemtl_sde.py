@@ -6,7 +6,7 @@ the centre frame t to t-1 and t+1, the predicted depth and poses warp the neighb
 centre frame, and Monodepth2's photometric loss (SSIM + L1, per-pixel minimum, auto-masking,
 multi-scale, edge-aware smoothness) trains both networks. The paper compares the "3-ways"
 architecture of Hoyer et al. with PAD-Net's distillation (3ways_padnet) and with its mTEB
-(3ways_mteb) at the same place (docs/models/densemtl.md, "Self-supervised depth").
+(3ways_mteb) between its decoder stages (docs/models/densemtl.md, "Self-supervised depth").
 
 Commands::
 
@@ -26,7 +26,8 @@ Arguments (comma-separated after the colon):
   dataset=NAME   synthetic (default: procedural triplets with known poses and depth) |
                  cityscapes_seq (leftImg8bit_sequence + gtFine + camera, 16 classes)
   model=NAME     3ways_mteb (default; the mTEB at stage 1, SA + SxTAM, add fusion) |
-                 3ways_padnet (PAD-Net distillation at the same place) | 3ways (no exchange)
+                 3ways_padnet (PAD-Net distillation of decoder stage 2's output, the
+                 reference's PadnetPlus) | 3ways (no exchange)
   steps=N        iterations (paper: 40,000, all learning rates x0.1 at 30,000)
   width=N        ResNet base width (paper 64); decoder and exchange channels scale with it
   smoke          tiny data and model (ResNet-18 at width 4, 32x48 frames, 3 steps)
