@@ -145,7 +145,9 @@ def _compat_ok(value: Any) -> bool:
     return True
 
 
-def _frame_ids_ok(value: Any) -> bool:
+def valid_frame_ids(value: Any) -> bool:
+    """Whether ``value`` is a valid ``config.sde.frame_ids``: 0 first, then neighbours among
+    -1 and 1, each once."""
     if not isinstance(value, (tuple, list)) or not all(_is_int(x) for x in value):
         return False
     ids = list(value)
@@ -273,7 +275,7 @@ def _fields() -> list[Field]:
         *_dataset_fields("uda.source_eval_dataset"),
         # Self-supervised depth from video (config.sde; the disp task's depth ranges).
         custom("sde.frame_ids", "0 first, then neighbours among -1 and 1", "(0, -1, 1)",
-               _frame_ids_ok),
+               valid_frame_ids),
         counts("sde.scales", 0, "(0, 1, 2, 3)"),
         real("sde.disparity_smoothness", 0.0, None, 1e-3),
         flag("sde.no_ssim", False),

@@ -25,6 +25,7 @@ from mtl_jax import config_schema, optim, run_config, staging, steps
 from mtl_jax.data import DATASETS, augment, registry
 from mtl_jax.errors import UserError
 from mtl_jax.models import build_model
+from mtl_jax.models.options import as_dict
 from mtl_jax.tasks import TASKS, make_task
 from mtl_jax.tasks.compat import parse_compat
 from mtl_jax.weighting import make_weighting
@@ -53,12 +54,6 @@ class Experiment:
                                     step)
 
 
-def _to_dict(cfg: Any) -> dict:
-    if cfg is None:
-        return {}
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-
-
 def task_order(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The order of the tasks: ``config.task_order`` (a list naming every key of
     ``config.tasks`` once), else the task names sorted alphabetically.
@@ -68,7 +63,7 @@ def task_order(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     mTEB fusion, cross-stitch units), and the converters' output (``mtl-jax convert-weights
     --config``). Never the order of a dict's keys: ``ConfigDict`` sorts them, a plain dict
     keeps insertion order, and a config saved as JSON may do either."""
-    names = list(_to_dict(config.tasks))
+    names = list(as_dict(config.tasks))
     given = config.get("task_order", None)
     if not given:
         return tuple(sorted(names))
@@ -86,9 +81,9 @@ def build_tasks(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
     The dataset's ``TASK_DEFAULTS`` (e.g. the depth evaluation range of VKITTI2) come first;
     the options in ``config.tasks`` override them."""
-    dataset = _to_dict(config.get("dataset", None)).get("name")
+    dataset = as_dict(config.get("dataset", None)).get("name")
     implied = getattr(DATASETS[dataset], "TASK_DEFAULTS", {}) if dataset in DATASETS else {}
-    options_of = _to_dict(config.tasks)
+    options_of = as_dict(config.tasks)
     unknown = [name for name in options_of if name not in TASKS]
     if unknown:
         raise UserError(f"config.tasks has unknown task {unknown[0]!r}; available: "
@@ -99,7 +94,7 @@ def build_tasks(config: ml_collections.ConfigDict) -> dict[str, Any]:
     for name in task_order(config):
         try:
             tasks[name] = make_task(name, **{**implied.get(name, {}),
-                                             **_to_dict(options_of[name])})
+                                             **as_dict(options_of[name])})
         except (TypeError, ValueError) as e:
             raise UserError(f"config.tasks.{name}: {e}") from e
     return tasks
@@ -108,7 +103,7 @@ def build_tasks(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def _eval_compat(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """``config.eval.compat``: reference-code metric modes (``mtl_jax.tasks.compat``)."""
     try:
-        return parse_compat(_to_dict(config.get("eval", None)).get("compat"))
+        return parse_compat(as_dict(config.get("eval", None)).get("compat"))
     except ValueError as e:
         raise UserError(f"config.eval.compat: {e}") from e
 
@@ -201,7 +196,7 @@ def build_experiment(config: ml_collections.ConfigDict,
             switch, (train_step, eval_step, predict_step),
             compile_steps(model.stage_one()), reset)
 
-    aug_cfg = _to_dict(config.get("augment", None))
+    aug_cfg = as_dict(config.get("augment", None))
     aug = None
     if aug_cfg.get("enabled", True):
         aug = augment.JointAugment(scales=tuple(aug_cfg.get("scales", augment.DEFAULT_SCALES)),
@@ -268,7 +263,7 @@ def _init_from_state(path: str, init_state: Callable[[], steps.TrainState],
 def dataset_normals_from_depth(config: ml_collections.ConfigDict) -> bool:
     """``config.dataset.normals_from_depth`` (default False): compute the ``normals`` of every
     example from its ``depth`` and ``intrinsics`` when decoding it (docs/datasets.md)."""
-    return bool(_to_dict(config.dataset).get("normals_from_depth", False))
+    return bool(as_dict(config.dataset).get("normals_from_depth", False))
 
 
 def open_data(config: ml_collections.ConfigDict, splits: Sequence[str] = ("train", "val"),
@@ -282,7 +277,7 @@ def open_data(config: ml_collections.ConfigDict, splits: Sequence[str] = ("train
     checked at build time); the train and eval steps count out-of-range labels of every batch
     (``config.label_check``).
     """
-    ds = _to_dict(config.dataset)
+    ds = as_dict(config.dataset)
     name = ds.get("name")
     if name not in DATASETS:
         raise UserError(f"config.dataset.name={name!r} is not a dataset; available: "

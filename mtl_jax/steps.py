@@ -15,6 +15,7 @@ then stops with an error naming the step and the task, or goes on when
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -344,14 +345,23 @@ def finite_flags(total: jax.Array, grad_norm: jax.Array, losses: Mapping[str, ja
     loss are finite (the update is applied only then), and each task loss's own flag."""
     finite_task = {t: jnp.isfinite(losses[t]) for t in tasks}
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-    for f in finite_task.values():
-        finite &= f
-    return finite, finite_task
+    return functools.reduce(jnp.logical_and, finite_task.values(), finite), finite_task
 
 
 def keep_where(finite: jax.Array, new: PyTree, old: PyTree) -> PyTree:
     """``new`` where ``finite``, else ``old``, leaf by leaf (a skipped non-finite step)."""
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
+def task_metrics(total: jax.Array, losses: Mapping[str, jax.Array], wout, finite_task,
+                 tasks) -> dict[str, jax.Array]:
+    """What every kind of train step logs of its tasks: ``loss/total``, ``loss/<task>``,
+    ``weight/<task>``, ``nonfinite/<task>``, the weighting's ``weighting/<key>``."""
+    metrics = {"loss/total": total}
+    for t in tasks:
+        metrics.update({f"loss/{t}": losses[t], f"weight/{t}": wout.weights[t],
+                        f"nonfinite/{t}": ~finite_task[t]})
+    return metrics | {f"weighting/{k}": v for k, v in wout.diagnostics.items()}
 
 
 def train_step(state: TrainState, batch: Batch, *, model, tasks: Mapping[str, Any],
@@ -375,9 +385,7 @@ def train_step(state: TrainState, batch: Batch, *, model, tasks: Mapping[str, An
     grad_norms = part_norms(grads, "grad_norm")
     finite, finite_task = finite_flags(total, grad_norms["grad_norm"], losses, tasks)
 
-    def keep_if_finite(new, old):
-        return keep_where(finite, new, old)
-
+    keep_if_finite = functools.partial(keep_where, finite)
     new_state = state.replace(
         step=state.step + 1,
         params=keep_if_finite(new_params, state.params),
@@ -385,18 +393,13 @@ def train_step(state: TrainState, batch: Batch, *, model, tasks: Mapping[str, An
         opt_state=keep_if_finite(new_opt_state, state.opt_state),
         weighting_state=keep_if_finite(wout.state, state.weighting_state),
     )
-    metrics = {"loss/total": total, "nonfinite": ~finite}
-    for t in tasks:
-        metrics[f"loss/{t}"] = losses[t]
-        metrics[f"weight/{t}"] = wout.weights[t]
-        metrics[f"nonfinite/{t}"] = ~finite_task[t]
+    metrics = task_metrics(total, losses, wout, finite_task, tasks)
+    metrics["nonfinite"] = ~finite
     metrics.update(grad_norms)
     metrics.update(part_norms(state.params, "param_norm"))
     metrics.update(alpha_summaries(new_state.params))
     metrics["update_norm"] = optax.global_norm(updates)
     metrics.update({f"bad_labels/{t}": n for t, n in bad_label_counts(tasks, batch).items()})
-    for k, v in wout.diagnostics.items():
-        metrics[f"weighting/{k}"] = v
     return new_state, metrics
 
 

@@ -97,28 +97,36 @@ def supervised_run(config: ml_collections.ConfigDict, *, training: bool = True) 
                                                val_source, exp.tasks, from_depth))
 
 
+#: The kinds of run besides the supervised one: the config key that selects each, its
+#: :class:`~mtl_jax.run_support.Run` and its experiment (model + what the checkpoints hold).
+KINDS = (
+    ("uda", uda_run, build_uda_experiment),  # domain adaptation: two datasets, two players
+    ("sde", sde_run, build_sde_experiment),  # depth from video: triplets and a pose network
+)
+
+
+def _kind(config: ml_collections.ConfigDict):
+    return next((k for k in KINDS if config.get(k[0], None)), None)
+
+
 def build_run(config: ml_collections.ConfigDict, *, training: bool = True) -> Run:
     """The kind of run ``config`` describes. A new kind (its own state, step and data) is a
-    new implementation of :class:`~mtl_jax.run_support.Run` and one line here."""
-    if config.get("uda", None):  # domain adaptation: two datasets, two players
-        return uda_run(config, training=training)
-    if config.get("sde", None):  # depth from video: frame triplets and a pose network
-        return sde_run(config, training=training)
-    return supervised_run(config, training=training)
+    new implementation of :class:`~mtl_jax.run_support.Run` and one line of :data:`KINDS`."""
+    kind = _kind(config)
+    return kind[1](config, training=training) if kind else supervised_run(config,
+                                                                         training=training)
 
 
 def run_experiment(config: ml_collections.ConfigDict) -> tuple[Experiment, Any]:
     """The model's :class:`~mtl_jax.experiment.Experiment` and the abstract state that the
     checkpoints of the kind of run ``config`` describes hold (with a UDA run's discriminators
     or an SDE run's pose network), without opening any data: what ``predict`` restores."""
-    if config.get("uda", None):
-        uexp = build_uda_experiment(config)
-        return uexp.exp, uexp.abstract_state
-    if config.get("sde", None):
-        sexp = build_sde_experiment(config)
-        return sexp.exp, sexp.abstract_state
-    exp = build_experiment(config)
-    return exp, exp.abstract_state
+    kind = _kind(config)
+    if kind is None:
+        exp = build_experiment(config)
+        return exp, exp.abstract_state
+    built = kind[2](config)
+    return built.exp, built.abstract_state
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

@@ -34,11 +34,12 @@ import jax
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mtl_jax import optim
+from mtl_jax import config_schema, optim
 from mtl_jax.data import pipeline
 from mtl_jax.errors import UserError
 from mtl_jax.experiment import Experiment, build_experiment, open_data
 from mtl_jax.models.architectures.posenet import build_pose_network
+from mtl_jax.models.options import as_dict
 from mtl_jax.run_support import (
     Run,
     add_delta_m,
@@ -55,38 +56,31 @@ KNOWN = ("frame_ids", "scales", "disparity_smoothness", "no_ssim", "avg_reprojec
 POSE_LR = 1e-6
 
 
-def _to_dict(cfg: Any) -> dict:
-    if cfg is None:
-        return {}
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-
-
 def sde_options(config: ml_collections.ConfigDict) -> dict:
     """``config.sde`` with its defaults filled in, checked."""
-    opts = _to_dict(config.get("sde", None))
+    opts = as_dict(config.get("sde", None))
     unknown = sorted(set(opts) - set(KNOWN))
     if unknown:
         raise UserError(f"config.sde has unknown keys {unknown}; known: {sorted(KNOWN)}")
-    frame_ids = tuple(int(f) for f in opts.get("frame_ids", (0, -1, 1)))
-    if frame_ids[:1] != (0,) or not set(frame_ids[1:]) <= set(sde_steps.FRAME_KEYS) \
-            or len(set(frame_ids)) != len(frame_ids) or len(frame_ids) < 2:
-        raise UserError(f"config.sde.frame_ids={list(frame_ids)}: the centre frame 0 first, "
-                        "then neighbours among -1 and 1 (e.g. (0, -1, 1), the released "
+    frame_ids = tuple(opts.get("frame_ids", (0, -1, 1)))
+    if not config_schema.valid_frame_ids(frame_ids):
+        raise UserError(f"config.sde.frame_ids={list(frame_ids)}: the centre frame 0 first, then "
+                        "neighbours among -1 and 1 (e.g. (0, -1, 1), the released "
                         "configuration)")
     scales = tuple(int(s) for s in opts.get("scales", (0, 1, 2, 3)))
     if 0 not in scales or any(s < 0 or s > 3 for s in scales):
         raise UserError(f"config.sde.scales={list(scales)}: scale 0 and any of 1..3 (the disp "
                         "decoder's side outputs)")
     opts.update(frame_ids=frame_ids, scales=scales)
-    opts["pose"] = _to_dict(opts.get("pose", None))
-    opts["pose_optimizer"] = {"learning_rate": POSE_LR, **_to_dict(opts.get("pose_optimizer",
+    opts["pose"] = as_dict(opts.get("pose", None))
+    opts["pose_optimizer"] = {"learning_rate": POSE_LR, **as_dict(opts.get("pose_optimizer",
                                                                             None))}
     return opts
 
 
-def monodepth_options(config: ml_collections.ConfigDict, task) -> MonodepthOptions:
-    """The loss's options: ``config.sde`` and the ``disp`` task's depth range."""
-    opts = sde_options(config)
+def monodepth_options(opts: dict, task) -> MonodepthOptions:
+    """The loss's options: ``opts`` (:func:`sde_options`) and the ``disp`` task's depth
+    range."""
     return MonodepthOptions(
         frame_ids=opts["frame_ids"], scales=opts["scales"], min_depth=task.min_depth,
         max_depth=task.max_depth,
@@ -96,13 +90,14 @@ def monodepth_options(config: ml_collections.ConfigDict, task) -> MonodepthOptio
         disable_automasking=bool(opts.get("disable_automasking", False)))
 
 
-def _optimizer_configs(config: ml_collections.ConfigDict) -> tuple[dict, dict, float | None]:
+def _optimizer_configs(config: ml_collections.ConfigDict, opts: dict
+                       ) -> tuple[dict, dict, float | None]:
     """The model's and the pose network's optimiser configs without clipping, and the one
     clipping norm the step applies to both gradients together."""
-    model_cfg = _to_dict(config.optimizer)
+    model_cfg = as_dict(config.optimizer)
     clip = model_cfg.pop("grad_clip_norm", None)
     pose_cfg = {k: v for k, v in model_cfg.items() if k != "part_lr_multipliers"}
-    pose_cfg.update(sde_options(config)["pose_optimizer"])
+    pose_cfg.update(opts["pose_optimizer"])
     pose_cfg.pop("grad_clip_norm", None)
     return model_cfg, pose_cfg, (float(clip) if clip else None)
 
@@ -128,7 +123,7 @@ def build_sde_experiment(config: ml_collections.ConfigDict,
         raise UserError(f"config.sde needs the self-supervised depth task "
                         f"'{sde_steps.SDE_TASK}' in config.tasks (its head predicts the "
                         "disparity the photometric loss trains)")
-    model_opt, pose_opt, clip = _optimizer_configs(config)
+    model_opt, pose_opt, clip = _optimizer_configs(config, opts)
     model_config = ml_collections.ConfigDict(config.to_dict())
     model_config.optimizer = ml_collections.ConfigDict(model_opt)
     exp = build_experiment(model_config, steps_per_epoch=steps_per_epoch)
@@ -136,13 +131,13 @@ def build_sde_experiment(config: ml_collections.ConfigDict,
         raise UserError(f"the SDE run supports loss-based task weightings (fixed, uw, dwa, "
                         f"...); {config.weighting.name!r} needs {exp.weighting.requires!r}")
     task = exp.tasks[sde_steps.SDE_TASK]
-    options = monodepth_options(config, task)
+    options = monodepth_options(opts, task)
     pose_net = build_pose_network(config)
     total = int(config.num_train_steps)
     pose_tx = optim.make_optimizer(pose_opt, total)
     h, w = (int(x) for x in config.input_size)
     pose_rng = jax.random.key(int(config.seed) + 2, impl="rbg")
-    init_pose = functools.partial(sde_steps.init_pose, image_shape=(1, h, w, 3),
+    init_pose = functools.partial(sde_steps.init_pose, input_size=(h, w),
                                   pose_net=pose_net, pose_tx=pose_tx)
     replicated = NamedSharding(exp.mesh, PartitionSpec())
     pose_abstract = jax.eval_shape(init_pose, pose_rng)

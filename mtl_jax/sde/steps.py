@@ -28,6 +28,7 @@ keeps both networks as they were (the step counter advances), as in :mod:`mtl_ja
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from mtl_jax import steps
+from mtl_jax.models.architectures.posenet import init_pose_network, pose_pair
 from mtl_jax.sde.geometry import transformation_from_parameters
 from mtl_jax.sde.photometric import MonodepthOptions, monodepth_loss
 from mtl_jax.tasks.base import bad_label_counts
@@ -61,12 +63,10 @@ class SDETrainState(steps.TrainState):
     pose_opt_state: PyTree
 
 
-def init_pose(rng: jax.Array, image_shape: tuple[int, ...], *, pose_net,
+def init_pose(rng: jax.Array, input_size: tuple[int, int], *, pose_net,
               pose_tx: optax.GradientTransformation) -> tuple[PyTree, PyTree, PyTree]:
     """``(pose_params, pose_stats, pose_opt_state)`` of a fresh pose network."""
-    b, h, w, _ = image_shape
-    variables = pose_net.init({"params": rng}, jnp.zeros((b, h, w, 6), jnp.float32),
-                              train=False)
+    variables = init_pose_network(pose_net, rng, input_size)
     params = variables["params"]
     return params, variables.get("batch_stats", {}), pose_tx.init(params)
 
@@ -75,11 +75,9 @@ def predict_poses(pose_net, params: PyTree, stats: PyTree, batch: Mapping[str, j
                   frame_ids, *, train: bool) -> tuple[dict[int, jax.Array], PyTree, dict]:
     """``({frame_id: T [B,4,4]}, new pose stats, {frame_id: (axisangle, translation)})``: one
     pose-network pass per neighbour, the pair in temporal order, T of negative ids inverted."""
-    centre = batch["image"]
     poses, raw = {}, {}
     for f in frame_ids[1:]:
-        nb = batch[FRAME_KEYS[f]]
-        pair = jnp.concatenate([nb, centre] if f < 0 else [centre, nb], axis=-1)
+        pair = pose_pair(batch["image"], batch[FRAME_KEYS[f]], f)
         variables = {"params": params, "batch_stats": stats}
         if train:
             (axisangle, translation), mutated = pose_net.apply(
@@ -146,8 +144,7 @@ def sde_train_step(state: SDETrainState, batch: Mapping[str, jax.Array], *, mode
 
     finite, finite_task = steps.finite_flags(total, norm, losses, tasks)
 
-    def keep(new, old):
-        return steps.keep_where(finite, new, old)
+    keep = functools.partial(steps.keep_where, finite)
 
     new_state = state.replace(
         step=state.step + 1,
@@ -159,11 +156,8 @@ def sde_train_step(state: SDETrainState, batch: Mapping[str, jax.Array], *, mode
                          state.pose_params),
         pose_stats=keep(new_pose_stats, state.pose_stats),
         pose_opt_state=keep(new_pose_opt, state.pose_opt_state))
-    metrics = {"loss/total": total, "nonfinite": ~finite}
-    for t in tasks:
-        metrics[f"loss/{t}"] = losses[t]
-        metrics[f"weight/{t}"] = wout.weights[t]
-        metrics[f"nonfinite/{t}"] = ~finite_task[t]
+    metrics = steps.task_metrics(total, losses, wout, finite_task, tasks)
+    metrics["nonfinite"] = ~finite
     for s, value in extra["per_scale"].items():
         metrics[f"loss/{SDE_TASK}/scale_{s}"] = value
     metrics["sde/automask_fraction"] = jnp.mean(extra["automask"].astype(jnp.float32))
@@ -173,6 +167,4 @@ def sde_train_step(state: SDETrainState, batch: Mapping[str, jax.Array], *, mode
     metrics.update(grad_metrics)
     metrics.update(steps.alpha_summaries(new_state.params))
     metrics.update({f"bad_labels/{t}": n for t, n in bad_label_counts(tasks, batch).items()})
-    for k, v in wout.diagnostics.items():
-        metrics[f"weighting/{k}"] = v
     return new_state, metrics

@@ -33,6 +33,7 @@ from mtl_jax import optim
 from mtl_jax.data import pipeline
 from mtl_jax.errors import UserError
 from mtl_jax.experiment import Experiment, build_experiment, dataset_normals_from_depth, open_data
+from mtl_jax.models.options import as_dict
 from mtl_jax.run_support import NamedIterators, Run, evaluate_split, write_pictures
 from mtl_jax.uda import inputs as uda_inputs
 from mtl_jax.uda import steps as uda_steps
@@ -40,12 +41,6 @@ from mtl_jax.uda.discriminator import TaskDiscriminators
 
 DISC_OPTIMIZER = dict(name="adam", learning_rate=1e-4, b1=0.9, b2=0.99, schedule="poly",
                       power=0.9)
-
-
-def _to_dict(cfg: Any) -> dict:
-    if cfg is None:
-        return {}
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
 @dataclasses.dataclass
@@ -64,7 +59,7 @@ class UDAExperiment:
 
 def uda_options(config: ml_collections.ConfigDict) -> dict:
     """``config.uda`` with defaults filled in and checked."""
-    opts = _to_dict(config.get("uda", None))
+    opts = as_dict(config.get("uda", None))
     known = {"adversarial", "lambda_adv", "scales", "target_dataset", "source_eval_dataset",
              "discriminator", "optimizer"}
     unknown = set(opts) - known
@@ -76,14 +71,14 @@ def uda_options(config: ml_collections.ConfigDict) -> dict:
     opts.setdefault("adversarial", True)
     opts.setdefault("lambda_adv", 0.005)
     opts["scales"] = tuple(int(s) for s in (opts.get("scales", None) or (0,)))
-    opts["discriminator"] = _to_dict(opts.get("discriminator", None))
-    opts["optimizer"] = {**DISC_OPTIMIZER, **_to_dict(opts.get("optimizer", None))}
+    opts["discriminator"] = as_dict(opts.get("discriminator", None))
+    opts["optimizer"] = {**DISC_OPTIMIZER, **as_dict(opts.get("optimizer", None))}
     return opts
 
 
 def _with_dataset(config: ml_collections.ConfigDict, dataset: Any) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(config.to_dict())
-    cfg.dataset = ml_collections.ConfigDict(_to_dict(dataset))
+    cfg.dataset = ml_collections.ConfigDict(as_dict(dataset))
     return cfg
 
 

@@ -128,18 +128,10 @@ def generator_step(state: UDATrainState, batch: Mapping[str, Mapping[str, jax.Ar
                               batch_stats=new_stats, opt_state=new_opt_state,
                               weighting_state=wout.state)
     grad_norms = steps.part_norms(grads, "grad_norm")  # as the supervised step logs them
-    finite_task = {t: jnp.isfinite(losses[t]) for t in names}
-    finite = jnp.isfinite(total) & jnp.isfinite(grad_norms["grad_norm"])
-    for f in finite_task.values():
-        finite &= f
-    metrics = {"loss/total": total, "loss/supervised": supervised, **grad_norms,
-               "update_norm": optax.global_norm(updates)}
-    for t in names:
-        metrics[f"loss/{t}"] = losses[t]
-        metrics[f"weight/{t}"] = wout.weights[t]
-        metrics[f"nonfinite/{t}"] = ~finite_task[t]
-    for k, v in wout.diagnostics.items():
-        metrics[f"weighting/{k}"] = v
+    finite, finite_task = steps.finite_flags(total, grad_norms["grad_norm"], losses, names)
+    metrics = steps.task_metrics(total, losses, wout, finite_task, names)
+    metrics.update({"loss/supervised": supervised, **grad_norms,
+                    "update_norm": optax.global_norm(updates)})
     if adversarial:
         metrics["loss/adversarial"] = adv_total
         metrics.update({f"adv/{k}": v for k, v in adv.items()})
